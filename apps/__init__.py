@@ -1,0 +1,1 @@
+"""The vision tasks, synthetic datasets and accuracy-aware adapter generation."""

@@ -1,0 +1,53 @@
+"""EngineConfig: the typed settings of the serving engine (composed into the root settings by pipeline.config)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    """Settings of one engine replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["valora", "hf"] = Field(
+        "valora",
+        description="Engine implementation: 'valora' (our runner, paged KV cache, multi-LoRA) "
+        "or 'hf' (transformers + peft, one request at a time; the reference baseline).",
+    )
+    model: str = Field(
+        "models/base",
+        description="Hugging Face checkpoint directory of a Qwen2 / Qwen2.5-VL model, "
+        "or 'dummy:<preset>' for the right architecture with random weights.",
+    )
+    adapters: str = Field("models/adapters", description="Directory of PEFT adapters, one sub-folder each.")
+    device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu' or 'cuda[:N]'.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; 'auto' is bfloat16 on GPU and float32 on CPU."
+    )
+    max_num_seqs: int = Field(64, ge=1, le=1024, description="Most sequences running in one iteration.")
+    max_num_batched_tokens: int = Field(
+        2048, ge=16, description="Token budget of one iteration (prefill chunks + decode tokens)."
+    )
+    max_model_len: int = Field(2048, ge=16, description="Longest prompt + output, in tokens.")
+    kv_block_size: int = Field(16, ge=1, le=256, description="Tokens per paged KV-cache block.")
+    kv_cache_blocks: int = Field(
+        0, ge=0, description="KV-cache blocks to allocate; 0 sizes the cache from free memory."
+    )
+    gpu_memory_fraction: float = Field(
+        0.85, gt=0.0, le=1.0, description="Share of GPU memory the engine may use (weights, KV, adapters)."
+    )
+    lora_slots: int = Field(32, ge=1, le=1024, description="Adapter slots in the device pool.")
+    max_lora_rank: int = Field(64, ge=1, le=256, description="Largest adapter rank the pool accepts.")
+    pinned_adapters: list[str] = Field(
+        default_factory=list, description="Adapters kept resident in the device pool."
+    )
+    policy: Literal["valora", "slora", "dlora", "punica", "merged-only"] = Field(
+        "valora", description="Orchestration policy choosing merged / unmerged / mixture per iteration."
+    )
+    cuda_graphs: bool = Field(True, description="Capture decode iterations in CUDA graphs on GPU.")
+    vision_cache_size: int = Field(256, ge=0, description="Encoded pictures kept in the vision cache.")
+    engine_id: str = Field("", description="Name of this replica in results and health keys; default host:pid.")
+    seed: int = Field(0, description="Seed for dummy weights and sampled decoding.")

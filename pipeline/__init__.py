@@ -1,0 +1,1 @@
+"""Operator-facing backbone: config, CLI, stream registry, ingestors, Redis Streams transport, workers, metrics."""

@@ -1,0 +1,1 @@
+"""The Streamlit operator dashboard (talks to Redis through pipeline clients, never to engine internals)."""

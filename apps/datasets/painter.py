@@ -12,6 +12,8 @@ from apps.datasets.vocab import COLORS
 
 _SHIFT = 3  # sub-pixel bits for OpenCV drawing, so slow motion stays smooth
 _ONE = 1 << _SHIFT
+# Boxes put pixel i over [i, i + 1); OpenCV puts pixel i's centre at i.
+_CENTER = 0.5
 TIRE = (30, 30, 32)
 HUB = (150, 150, 155)
 GLASS = (150, 190, 215)
@@ -20,8 +22,12 @@ TROUSERS = (55, 60, 80)
 CHASSIS = (60, 60, 64)
 
 
+def _fixed(v: float) -> int:
+    return round((v - _CENTER) * _ONE)
+
+
 def _pts(points: list[tuple[float, float]]) -> np.ndarray:
-    return np.array([[round(x * _ONE), round(y * _ONE)] for x, y in points], dtype=np.int32)
+    return np.array([[_fixed(x), _fixed(y)] for x, y in points], dtype=np.int32)
 
 
 def _poly(img: np.ndarray, points: list[tuple[float, float]], color: tuple[int, int, int]) -> None:
@@ -33,13 +39,12 @@ def _rect(img: np.ndarray, x1: float, y1: float, x2: float, y2: float, color: tu
 
 
 def _disc(img: np.ndarray, x: float, y: float, r: float, color: tuple[int, int, int], thickness: int = -1) -> None:
-    center = (round(x * _ONE), round(y * _ONE))
+    center = (_fixed(x), _fixed(y))
     cv2.circle(img, center, max(1, round(r * _ONE)), color, thickness, lineType=cv2.LINE_AA, shift=_SHIFT)
 
 
 def _line(img: np.ndarray, a: tuple[float, float], b: tuple[float, float], color, thickness: float) -> None:
-    pa = (round(a[0] * _ONE), round(a[1] * _ONE))
-    pb = (round(b[0] * _ONE), round(b[1] * _ONE))
+    pa, pb = (_fixed(a[0]), _fixed(a[1])), (_fixed(b[0]), _fixed(b[1]))
     cv2.line(img, pa, pb, color, max(1, round(thickness)), lineType=cv2.LINE_AA, shift=_SHIFT)
 
 

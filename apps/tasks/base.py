@@ -17,6 +17,13 @@ logger = logging.getLogger(__name__)
 RAW_LIMIT = 2000  # characters of model text kept in an output
 
 
+def clean_text(text: object) -> str:
+    """Model text made safe to parse and to serialise: non-strings become '', lone surrogates become '?'."""
+    if not isinstance(text, str):
+        return ""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 class Task(ABC):
     """One vision task. Subclasses set the class attributes and implement the text format and metrics."""
 
@@ -99,7 +106,7 @@ class Task(ABC):
     def parse(self, result: EngineResult, request: EngineRequest | None = None) -> TaskOutput:
         """The typed output of an engine result; never raises. Failed requests give an empty parse-error output."""
         meta = request.meta if request is not None else result.meta
-        item = meta.get("item") if isinstance(meta.get("item"), str) else None
+        item = clean_text(meta.get("item")) if isinstance(meta.get("item"), str) else None
         if result.error is not None:
             return self.output_type(item=item, parse_error=True)
         try:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from apps.datasets.schema import FrameTruth
 from apps.datasets.vocab import COLOR_NAMES, NUMBER_WORDS, PLURALS
-from apps.tasks.base import RAW_LIMIT, Task
+from apps.tasks.base import RAW_LIMIT, Task, clean_text
 from apps.tasks.metrics.bleu import corpus_bleu
 from apps.tasks.metrics.cider import CiderD, cider_d
 from apps.tasks.metrics.text import tokenize
@@ -59,6 +59,7 @@ class CaptioningTask(Task):
 
     def parse_text(self, text: str, item: str | None = None) -> CaptionOutput:
         """The first line, whitespace collapsed; empty text is a parse error."""
+        text = clean_text(text)
         lines = text.strip().splitlines()
         caption = " ".join(lines[0].split())[:RAW_LIMIT] if lines else ""
         return CaptionOutput(raw=text[:RAW_LIMIT], caption=caption, parse_error=not caption)

@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from apps.datasets.schema import FrameTruth
-from apps.tasks.base import RAW_LIMIT, Task
+from apps.tasks.base import RAW_LIMIT, Task, clean_text
 from apps.tasks.output import CountingOutput, TaskOutput
 
 SEPARATOR = ", "
 MAX_COUNT = 999
-_ITEM = re.compile(r"([a-z][a-z ]{0,39}?) +(\d{1,3})")
+_ITEM = re.compile(r"([a-z][a-z ]{0,39}?) +([0-9]{1,3})")
 
 
 def _count(value: Any) -> int | None:
@@ -40,6 +40,7 @@ class CountingTask(Task):
     def parse_text(self, text: str, item: str | None = None) -> CountingOutput:
         """Parts split on ','; a malformed part, an unknown or repeated class, or a missing class flags
         parse_error (the well-formed counts are kept)."""
+        text = clean_text(text)
         counts: dict[str, int] = {}
         error = False
         for part in filter(None, (p.strip() for p in " ".join(text.lower().split()).split(","))):

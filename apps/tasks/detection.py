@@ -8,14 +8,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from apps.datasets.schema import FrameTruth
-from apps.tasks.base import RAW_LIMIT, Task
+from apps.tasks.base import RAW_LIMIT, Task, clean_text
 from apps.tasks.metrics.ap import mean_ap
 from apps.tasks.metrics.boxes import GRID, format_grid, from_grid, normalise, to_grid
 from apps.tasks.output import Detection, DetectionOutput, TaskOutput
 
 NONE = "none"
 SEPARATOR = "; "
-_ITEM = re.compile(r"([a-z][a-z ]{0,39}?) +(\d{1,3}) +(\d{1,3}) +(\d{1,3}) +(\d{1,3})")
+MAX_DETECTIONS = 100  # as COCO's maxDets; anything past it is dropped and flags parse_error
+_ITEM = re.compile(r"([a-z][a-z ]{0,39}?) +([0-9]{1,3}) +([0-9]{1,3}) +([0-9]{1,3}) +([0-9]{1,3})")
 
 
 def _valid_box(box: Any) -> list[float] | None:
@@ -51,6 +52,7 @@ class DetectionTask(Task):
     def parse_text(self, text: str, item: str | None = None) -> DetectionOutput:
         """Items are split on ';'. Bad items (unknown words, numbers off the grid, empty boxes, truncation) are
         dropped and flag parse_error; the good ones are kept, each with score 1.0."""
+        text = clean_text(text)
         raw = text[:RAW_LIMIT]
         body = " ".join(text.strip().lower().split())
         if body == NONE:
@@ -66,6 +68,8 @@ class DetectionTask(Task):
                 error = True
                 continue
             detections.append(Detection(cls=cls, box=from_grid(cells), score=1.0))
+        if len(detections) > MAX_DETECTIONS:
+            detections, error = detections[:MAX_DETECTIONS], True
         return DetectionOutput(raw=raw, detections=detections, parse_error=error)
 
     def head_target(self, truth: FrameTruth) -> dict[str, Any]:
@@ -92,6 +96,9 @@ class DetectionTask(Task):
                 error = True
                 continue
             detections.append(Detection(cls=cls, box=box, score=float(score)))
+        if len(detections) > MAX_DETECTIONS:
+            detections.sort(key=lambda d: -d.score)
+            detections, error = detections[:MAX_DETECTIONS], True
         return DetectionOutput(detections=detections, parse_error=error, source="head")
 
     @staticmethod

@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from apps.datasets.schema import FrameTruth
-from apps.tasks.base import RAW_LIMIT, Task
+from apps.tasks.base import RAW_LIMIT, Task, clean_text
 from apps.tasks.metrics.boxes import GRID, format_grid, from_grid, iou, normalise, to_grid
 from apps.tasks.output import GroundingOutput, TaskOutput
 from apps.tasks.vqa import check_strings
 
-_BOX = re.compile(r"(?<!\d)(\d{1,3}) +(\d{1,3}) +(\d{1,3}) +(\d{1,3})(?!\d)")
+_BOX = re.compile(r"(?<![0-9])([0-9]{1,3}) +([0-9]{1,3}) +([0-9]{1,3}) +([0-9]{1,3})(?![0-9])")
 IOU_THRESHOLD = 0.5
 
 
@@ -52,6 +52,7 @@ class GroundingTask(Task):
 
     def parse_text(self, text: str, item: str | None = None) -> GroundingOutput:
         """Exactly four grid integers; otherwise the first four-integer run is used and parse_error is set."""
+        text = clean_text(text)
         body = " ".join(text.strip().split())
         exact = _BOX.fullmatch(body)
         if exact is not None and (box := _grid_box(exact)) is not None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from apps.datasets.schema import FrameTruth
-from apps.tasks.base import RAW_LIMIT, Task
+from apps.tasks.base import RAW_LIMIT, Task, clean_text
 from apps.tasks.metrics.text import normalise_answer
 from apps.tasks.output import TaskOutput, VQAOutput
 
@@ -47,6 +47,7 @@ class VQATask(Task):
 
     def parse_text(self, text: str, item: str | None = None) -> VQAOutput:
         """The first line, trimmed; empty or overlong text is a parse error."""
+        text = clean_text(text)
         lines = text.strip().splitlines()
         answer = lines[0].strip() if lines else ""
         error = not answer or len(answer) > MAX_ANSWER

@@ -15,7 +15,7 @@ from apps.datasets.scene import SHAPES, Agent, Scene
 from apps.datasets.splits import SynthDataset, iter_samples, iter_truths
 from apps.datasets.synth import clip_frames, parse_size, read_truth, sidecar_path, write_clip
 from apps.datasets.video import read_frames
-from apps.datasets.vocab import CLASSES, COLOR_NAMES
+from apps.datasets.vocab import CLASSES, COLOR_NAMES, VQA_ANSWERS
 from tests.apps.refexpr import answer, resolve
 
 
@@ -70,6 +70,7 @@ def test_vqa_answers_follow_from_the_objects(truths):
         assert 2 <= len(truth.vqa) <= 4
         for qa in truth.vqa:
             assert qa.answer == answer(qa.question, truth.objects, truth.width), (qa, truth.objects)
+            assert qa.answer in VQA_ANSWERS
             kinds[qa.question.split()[0] + qa.question.split()[1]] += 1
     assert set(kinds) == {"isthere", "howmany", "whatcolor", "whatis"}, kinds
     answers = Counter(qa.answer for t in truths for qa in t.vqa if qa.question.startswith("is there"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from apps.datasets.schema import FrameTruth
 from pipeline.config import IngestConfig
 from pipeline.frames import TruthSidecar, encode_jpeg, scale_truth
 from pipeline.registry import StreamRegistry, describe_validation
@@ -214,7 +215,7 @@ class Ingestor:
         gt = truth.get(frame.index) if truth is not None else None
         entry = FrameEntry(stream=self.spec.id, seq=self.seq, ts=time.time(), pts=pts, source_frame=frame.index,
                            width=width, height=height, jpeg=jpeg,
-                           truth=scale_truth(gt, width, height) if gt is not None else None)
+                           truth=FrameTruth.model_validate(scale_truth(gt, width, height)) if gt else None)
         try:
             self.transport.publish_frame(entry, self.cfg.stream_maxlen, self.cfg.frame_ttl_s)
         except REDIS_DOWN as exc:

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from apps.datasets.schema import FrameTruth
+
 SourceKind = Literal["rtsp", "http", "file", "device"]
 StreamState = Literal["connecting", "running", "reconnecting", "stalled", "error", "finished", "stopped"]
 
@@ -171,7 +173,7 @@ class FrameEntry(BaseModel):
     height: int
     jpeg: bytes | None = Field(None, description="Encoded frame, when carried inline.")
     key: str | None = Field(None, description="Key holding the encoded frame, when not inline.")
-    truth: dict[str, Any] | None = Field(None, description="Ground truth scaled to this frame's size.")
+    truth: FrameTruth | None = Field(None, description="Ground truth, boxes scaled to this frame's size.")
 
     @property
     def image_id(self) -> str:
@@ -183,7 +185,7 @@ class Latency(BaseModel):
 
     frame_to_result_ms: float = Field(0.0, description="Frame decode to result stored.")
     worker_ms: float = Field(0.0, description="Worker read to result stored.")
-    engine_ms: float = Field(0.0, description="Engine end to end, summed over the task's requests.")
+    engine_ms: float = Field(0.0, description="Engine end to end of the slowest of the task's requests.")
     queue_ms: float = 0.0
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
@@ -201,10 +203,14 @@ class TaskResult(BaseModel):
     frame_key: str | None = Field(None, description="Key of the frame's JPEG while it lives (for overlays).")
     width: int
     height: int
-    output: dict[str, Any] = Field(default_factory=dict, description="The task's parsed output.")
+    outputs: list[dict[str, Any]] = Field(
+        default_factory=list, description="The task's parsed outputs, one per request (question, expression...)."
+    )
     ok: bool = True
     error: str | None = None
-    accuracy: float | None = Field(None, description="Live score (0-100) against the frame's ground truth.")
+    accuracy: float | None = Field(
+        None, description="Live score (0-100, the task's primary metric) against the frame's ground truth."
+    )
     adapters: list[str | None] = Field(default_factory=list)
     modes: list[str] = Field(default_factory=list)
     engine_ids: list[str] = Field(default_factory=list)

@@ -368,6 +368,22 @@ class Transport:
             entries = self.client.xrevrange(key, count=count)
         return [(eid.decode(), TaskResult.model_validate_json(fields[b"json"])) for eid, fields in entries]
 
+    def all_results(self, stream_id: str, page: int = 500) -> list[TaskResult]:
+        """Every result still retained for a stream, oldest first."""
+        out: list[TaskResult] = []
+        after = "-"
+        while True:
+            entries = self.client.xrange(Keys.results(stream_id), min=after, count=page)
+            out += [TaskResult.model_validate_json(fields[b"json"]) for _, fields in entries]
+            if len(entries) < page:
+                return out
+            after = "(" + entries[-1][0].decode()
+
+    def delete_stream(self, stream_id: str) -> None:
+        """Forget a stream entirely: registry entry, health, counters, frames and results."""
+        self.registry_delete(stream_id)
+        self.client.delete(Keys.frames(stream_id), Keys.results(stream_id))
+
     def results_length(self, stream_id: str) -> int:
         return int(self.client.xlen(Keys.results(stream_id)))
 

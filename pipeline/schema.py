@@ -117,6 +117,10 @@ class StreamSpec(BaseModel):
         unknown = sorted(set(tasks) - set(known))
         if unknown:
             raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(known)})")
+        from apps.tasks import get_task
+
+        for name, task in tasks.items():
+            get_task(name).check_params(task.params)
         return tasks
 
     @model_validator(mode="after")

@@ -50,9 +50,10 @@ class Demo:
 
     def run(self) -> int:
         try:
-            self.init_clip()
+            self.check_options()
             self.init_redis()
             self.init_transport()
+            self.init_clip()
             self.init_stream()
             self.start_engine()
             self.start_workers()
@@ -70,16 +71,21 @@ class Demo:
         finally:
             self.stop()
 
+    def check_options(self) -> None:
+        """Refuse bad arguments before anything starts."""
+        if self.options.video and not Path(self.options.video).is_file():
+            raise FileNotFoundError(f"video not found: {self.options.video}")
+        if self.options.seconds <= 0:
+            raise ValueError(f"--seconds must be positive, got {self.options.seconds:g}")
+        if not 0.1 <= self.options.fps <= 60:
+            raise ValueError(f"--fps must be within 0.1..60, got {self.options.fps:g}")
+
     def init_clip(self) -> None:
         from apps.datasets.synth import write_clip
 
         if self.options.video:
             self.video = Path(self.options.video).resolve()
-            if not self.video.is_file():
-                raise FileNotFoundError(f"video not found: {self.options.video}")
             return
-        if self.options.seconds <= 0:
-            raise ValueError(f"--seconds must be positive, got {self.options.seconds:g}")
         out = (self.settings.redis.state_dir / "media" / f"demo-{self.options.seconds:g}s").resolve()
         self.video = out / f"traffic-{CLIP_SEED}.mp4"
         if not (self.video.is_file() and self.video.with_suffix(".jsonl").is_file()):

@@ -16,6 +16,7 @@ from apps.tasks.base import Task
 from engine.request import EngineRequest, EngineResult, ImageRef
 from pipeline.config import WorkerConfig
 from pipeline.engine_client import EngineClient, LocalClient
+from pipeline.frames import Sampler
 from pipeline.metrics import METRICS
 from pipeline.registry import StreamRegistry
 from pipeline.schema import FrameEntry, Latency, StreamSpec, TaskResult
@@ -39,20 +40,6 @@ class _Job:
     results: list[EngineResult] = field(default_factory=list)
 
 
-class _Sampler:
-    """Per-stream fps sampling on media time: take a frame when 1/fps has passed since the last one taken."""
-
-    def __init__(self) -> None:
-        self.last: dict[str, float] = {}
-
-    def take(self, stream: str, pts: float, fps: float) -> bool:
-        last = self.last.get(stream)
-        if last is None or pts < last or pts - last >= 1.0 / fps - 1e-3:
-            self.last[stream] = pts
-            return True
-        return False
-
-
 class TaskWorker:
     """Runs one task over every enabled stream that asks for it; XACKs a frame only with its stored result."""
 
@@ -66,7 +53,7 @@ class TaskWorker:
         self.cfg = cfg
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.specs: dict[str, StreamSpec] = {}
-        self.sampler = _Sampler()
+        self.sampler = Sampler()
         self.processed = 0
         self._specs_at = 0.0
         self._janitor_at = time.monotonic()

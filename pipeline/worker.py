@@ -57,6 +57,7 @@ class TaskWorker:
         self.processed = 0
         self._specs_at = 0.0
         self._janitor_at = time.monotonic()
+        self._rotation = 0
 
     def run(self, stop_event: threading.Event) -> None:
         """Consume until ``stop_event`` is set; rides out Redis restarts."""
@@ -77,7 +78,13 @@ class TaskWorker:
             time.sleep(self.cfg.block_ms / 1000)
             return 0
         stored = self._janitor(keys)
-        deliveries = self.transport.read_group(self.group, self.worker_id, keys, count=self.cfg.batch_size,
+        # At most batch_size frames in flight: XREADGROUP's COUNT is per stream, so read a rotating subset of
+        # the streams, sharing the batch between them (every stream gets its turn).
+        start = self._rotation % len(keys)
+        chosen = (keys[start:] + keys[:start])[: self.cfg.batch_size]
+        self._rotation += len(chosen)
+        deliveries = self.transport.read_group(self.group, self.worker_id, chosen,
+                                               count=max(1, self.cfg.batch_size // len(chosen)),
                                                block_ms=self.cfg.block_ms)
         return stored + self._process(deliveries, sample=True)
 

@@ -3,7 +3,7 @@
 Reports ingest fps, frame-to-result latency p50/p95/p99 per task, dropped (stale) frames, and the resident memory
 of the pipeline process, the engine replica and Redis over time (it must not grow).
 
-    PYTHONPATH=. python bench/pipeline.py --streams 16 --duration 180 --json bench/pipeline.json
+    PYTHONPATH=. python bench/pipeline.py --streams 16 --duration 300 --json bench/pipeline.json
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
                           WorkerConfig(batch_size=args.batch, request_timeout_s=120), worker_id="bench").start()
         for worker in pool.workers:
             worker.prepare()
-        ingest = IngestManager(transport, registry, IngestConfig(media_dir=media))
+        ingest = IngestManager(transport, registry, IngestConfig(media_dir=media, stream_maxlen=args.maxlen))
         ingest_thread = threading.Thread(target=ingest.run, args=(stop,), daemon=True)
         started = time.time()
         ingest_thread.start()
@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> dict:
             f"{psutil.cpu_count()} CPU, {psutil.virtual_memory().total / 2**30:.0f} GiB",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "streams": args.streams,
             "duration_s": round(elapsed, 1), "stream_fps": args.stream_fps, "task_fps": args.task_fps,
-            "max_tokens": args.max_tokens, "backend": args.backend,
+            "max_tokens": args.max_tokens, "backend": args.backend, "batch": args.batch, "maxlen": args.maxlen,
+            "max_frame_age_s": args.max_frame_age,
             "frames_published": published, "ingest_fps": round(published / elapsed, 2),
             "results": len(results), "results_per_s": round(len(results) / elapsed, 2),
             "errors": sum(not r.ok for r in results),
@@ -179,14 +180,15 @@ def table(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--duration", type=float, default=180.0, help="Seconds of load after startup.")
+    parser.add_argument("--duration", type=float, default=300.0, help="Seconds of load after startup.")
     parser.add_argument("--stream-fps", type=float, default=2.0, help="Frames per second each stream publishes.")
     parser.add_argument("--task-fps", type=float, default=0.2, help="Frames per second each task samples.")
     parser.add_argument("--max-tokens", type=int, default=8, help="Decode cap per request (random weights never stop).")
     parser.add_argument("--max-frame-age", type=float, default=10.0, help="Workers skip older frames (latest-wins).")
     parser.add_argument("--clip-seconds", type=float, default=20.0, help="Length of each looping synthetic clip.")
-    parser.add_argument("--batch", type=int, default=8, help="Frames a task worker reads at once.")
-    parser.add_argument("--sample-every", type=float, default=15.0, help="Seconds between RSS samples.")
+    parser.add_argument("--batch", type=int, default=2, help="Frames a task worker keeps in flight.")
+    parser.add_argument("--maxlen", type=int, default=200, help="Approximate cap of each frames stream.")
+    parser.add_argument("--sample-every", type=float, default=30.0, help="Seconds between RSS samples.")
     parser.add_argument("--backend", default="hf", help="Engine backend.")
     parser.add_argument("--model", help="Checkpoint dir (default: a random tiny one).")
     parser.add_argument("--adapters", help="Adapter dir with one adapter per task name.")

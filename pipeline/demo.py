@@ -154,14 +154,13 @@ class Demo:
         self._cleanup.append(self.ingestor.stop)
 
     def start_ui(self) -> None:
-        from pipeline.cli import build_parser
-
-        commands = build_parser()._subparsers._group_actions[0].choices  # the registered sub-commands
-        if "ui" not in commands:
-            raise DemoError("--ui needs the dashboard (`valora ui`), which this installation does not have")
+        """The dashboard (`valora ui`) on this demo's Redis, as a child process stopped with the demo."""
         env = dict(os.environ, REDIS_URL=self.redis_url)
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui"], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--port", str(self.settings.ui.port)],
+                                env=env)
         self._cleanup.append(proc.terminate)
+        if self.stop_event.wait(3.0) or proc.poll() is not None:
+            raise DemoError(f"the dashboard did not start (`valora ui` exited with {proc.returncode})")
         print(f"dashboard on http://127.0.0.1:{self.settings.ui.port} (Ctrl-C stops the demo)", flush=True)
 
     def wait_until_processed(self) -> None:

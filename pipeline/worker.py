@@ -15,7 +15,7 @@ from apps.tasks import get_task
 from apps.tasks.base import Task
 from engine.request import EngineRequest, EngineResult, ImageRef
 from pipeline.config import WorkerConfig
-from pipeline.engine_client import EngineClient, LocalClient
+from pipeline.engine_client import EngineClient
 from pipeline.frames import Sampler
 from pipeline.metrics import METRICS
 from pipeline.registry import StreamRegistry
@@ -147,7 +147,7 @@ class TaskWorker:
         if spec.max_frame_age_s is not None and time.time() - frame.ts > spec.max_frame_age_s:
             return self._drop(delivery, frame, "stale")
         image = ImageRef(id=frame.image_id, jpeg=frame.jpeg, key=frame.key)
-        if isinstance(self.client, LocalClient) and image.jpeg is None:
+        if self.client.inline_images and image.jpeg is None:
             image.jpeg = self.transport.frame_jpeg(frame)
             image.key = None
             if image.jpeg is None:

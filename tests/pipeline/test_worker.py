@@ -14,9 +14,10 @@ from engine.base import create_engine
 from pipeline.config import ServiceConfig
 from pipeline.engine_client import LocalClient, ServiceClient
 from pipeline.engine_service import EngineService
-from pipeline.frames import encode_jpeg
+from pipeline.frames import decode_jpeg, encode_jpeg
 from pipeline.ingest import Ingestor
 from pipeline.registry import StreamRegistry
+from pipeline.results import ResultsReader
 from pipeline.schema import FrameEntry
 from pipeline.transport import Keys
 from pipeline.worker import TaskWorker, WorkerPool
@@ -63,6 +64,15 @@ def test_workers_sample_score_and_ack(transport, clip, ingest_cfg, worker_cfg, e
                       if (s := task.score_frame(task.output_type.model_validate(o), truth))]
             assert r.accuracy == pytest.approx(sum(scores) / len(scores))
     assert pending(transport, key, Keys.task_group("vqa")) == 0
+
+    # What the dashboard reads back: the newest frame with all its results, and its JPEG for overlays.
+    reader = ResultsReader(transport)
+    assert set(reader.latest_by_task("cam")) == {"counting", "vqa"}
+    seq, on_frame = reader.latest_frame_results("cam")
+    assert seq == max(r.seq for r in results) and {r.seq for r in on_frame} == {seq}
+    assert decode_jpeg(reader.frame_jpeg(on_frame[0])).shape == (frames[seq].height, frames[seq].width, 3)
+    last_id, tailed = reader.tail("cam", "0-0", count=1000)
+    assert len(tailed) == len(results) and reader.tail("cam", last_id) == (last_id, [])
 
 
 def test_killed_worker_frames_processed_exactly_once(transport, clip, ingest_cfg, worker_cfg, engine_config, procs,

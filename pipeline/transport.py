@@ -121,7 +121,7 @@ redis.call('XDEL', KEYS[2], ARGV[2])
 return sent
 """
 
-DONE_TTL_S = 24 * 3600
+DONE_TTL_S = 3600  # outlives any re-delivery of a frame or request (streams are trimmed long before)
 
 
 class Transport:

@@ -197,7 +197,11 @@ class Transport:
     # -- stream health --------------------------------------------------------------------------------------
 
     def health_put(self, health: StreamHealth) -> None:
-        self.client.hset(Keys.health(health.stream), mapping={"json": health.model_dump_json()})
+        """The typed record under 'json', plus the fields an operator greps with redis-cli."""
+        self.client.hset(Keys.health(health.stream), mapping={
+            "json": health.model_dump_json(), "state": health.state, "last_error": health.last_error or "",
+            "reconnects": health.reconnects, "fps_out": health.fps_out, "frames_published": health.frames_published,
+        })
 
     def health_get(self, stream_id: str) -> StreamHealth | None:
         raw = self.client.hget(Keys.health(stream_id), "json")

@@ -71,6 +71,8 @@ def test_bad_sources_fail_alone(transport, clip, ingest_cfg, tmp_path):
         assert health.last_error == errors[stream_id] and health.frames_published == 0
         assert transport.client.xlen(Keys.frames(stream_id)) == 0
     assert transport.health_get("unreachable").state == "stopped"
+    flat = transport.client.hgetall(Keys.health("corrupt"))  # what an operator sees with redis-cli HGETALL
+    assert flat[b"state"] == b"error" and flat[b"last_error"].decode() == errors["corrupt"]
 
 
 def test_stop_while_connecting(transport, clip, ingest_cfg):

@@ -38,6 +38,17 @@ class IngestConfig(BaseModel):
     max_side: int = Field(640, ge=32, le=4096, description="Frames are resized so their longer side fits.")
     stream_maxlen: int = Field(500, ge=10, description="Approximate length cap of each frames stream.")
     media_dir: Path = Field(Path("media"), description="Only files under this directory may be registered.")
+    frame_ttl_s: int = Field(
+        120, ge=0, description="Seconds a frame's JPEG lives in its own key; 0 carries JPEGs inline in the stream."
+    )
+    open_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for a source to open or send data.")
+    stall_timeout_s: float = Field(10.0, gt=0, description="The watchdog restarts a decoder silent this long.")
+    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; it doubles on each failure.")
+    reconnect_max_s: float = Field(10.0, gt=0, description="Longest reconnect delay (plus up to 25% jitter).")
+    rtsp_transport: str = Field("tcp", description="RTSP lower transport: 'tcp' (default) or 'udp'.")
+    decoders: list[str] = Field(
+        default_factory=lambda: ["pyav", "opencv"], description="Decoders to try, in order (pyav, opencv)."
+    )
 
 
 class WorkerConfig(BaseModel):
@@ -48,6 +59,11 @@ class WorkerConfig(BaseModel):
     request_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for an engine result.")
     claim_idle_ms: int = Field(30_000, ge=100, description="Pending entries idle this long are reclaimed.")
     max_deliveries: int = Field(3, ge=1, description="Deliveries before an entry goes to the dead-letter stream.")
+    batch_size: int = Field(4, ge=1, le=256, description="Frames a task worker reads and sends to the engine at once.")
+    block_ms: int = Field(500, ge=10, le=10_000, description="Milliseconds a worker blocks waiting for frames.")
+    janitor_interval_s: float = Field(5.0, gt=0, description="Seconds between the janitor's pending-entry sweeps.")
+    results_maxlen: int = Field(2000, ge=10, description="Approximate length cap of each results stream.")
+    summary_interval_s: float = Field(5.0, gt=0, description="Seconds between refreshes of the metrics summary.")
 
 
 class MetricsConfig(BaseModel):
@@ -56,6 +72,34 @@ class MetricsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prometheus_port: int = Field(0, ge=0, le=65535, description="Port of the Prometheus exporter; 0 disables it.")
+
+
+class ServiceConfig(BaseModel):
+    """How the engine service shares valora:engine:requests with its replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    claim_idle_ms: int = Field(
+        60_000, ge=100, description="Requests pending on another replica this long are taken over."
+    )
+    max_deliveries: int = Field(3, ge=1, description="Deliveries of a request before it is answered with an error.")
+    health_ttl_s: int = Field(10, ge=2, description="Seconds the engine health key lives without a refresh.")
+    reply_ttl_s: int = Field(600, ge=10, description="Seconds an idle reply stream is kept.")
+    requests_maxlen: int = Field(
+        100_000, ge=100, description="Safety cap of the requests stream (answered ones are deleted)."
+    )
+
+
+class ApiConfig(BaseModel):
+    """The small HTTP API other tools use to register streams."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address the HTTP API binds.")
+    port: int = Field(8600, ge=0, le=65535, description="Port of the HTTP API (0 picks a free one).")
+    token: str | None = Field(
+        None, description="Bearer token every API call must carry; the API refuses to start without one."
+    )
 
 
 class UIConfig(BaseModel):
@@ -79,6 +123,8 @@ class Settings(BaseSettings):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
     ui: UIConfig = Field(default_factory=UIConfig)
 
     @classmethod

@@ -1,0 +1,241 @@
+"""`valora demo`: Redis, the engine service, five task workers and an ingestor over a synthetic clip, then a report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.cli import CommandError
+from pipeline.config import Settings
+from pipeline.schema import StreamSpec, TaskResult
+
+logger = logging.getLogger(__name__)
+
+TASKS = ["detection", "captioning", "vqa", "counting", "grounding"]
+CLIP_SEED = 7
+CLIP_FPS = 10.0
+
+
+class DemoError(CommandError):
+    """The demo could not finish; the message is the one line the operator sees."""
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    video: str | None = None
+    seconds: float = 8.0
+    fps: float = 2.0
+    report: str | None = None
+    timeout_s: float = 600.0
+    ui: bool = False
+
+
+class Demo:
+    """Startup is a list of init_* / start_* steps; stop() undoes them in reverse, whatever happened."""
+
+    def __init__(self, settings: Settings, options: DemoOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.stop_event = threading.Event()
+        self.stream_id = f"demo-{os.getpid()}"
+        self._cleanup: list = []
+
+    def run(self) -> int:
+        try:
+            self.check_options()
+            self.init_redis()
+            self.init_transport()
+            self.init_clip()
+            self.init_stream()
+            self.start_engine()
+            self.start_workers()
+            self.start_ingest()
+            started = time.monotonic()
+            self.wait_until_processed()
+            report = self.report(time.monotonic() - started)
+            print(format_table(report), flush=True)
+            if self.options.report:
+                Path(self.options.report).write_text(json.dumps(report, indent=2))
+            if self.options.ui:
+                self.start_ui()
+                self.stop_event.wait()
+            return 0
+        finally:
+            self.stop()
+
+    def check_options(self) -> None:
+        """Refuse bad arguments before anything starts."""
+        if self.options.video and not Path(self.options.video).is_file():
+            raise FileNotFoundError(f"video not found: {self.options.video}")
+        if self.options.seconds <= 0:
+            raise ValueError(f"--seconds must be positive, got {self.options.seconds:g}")
+        if not 0.1 <= self.options.fps <= 60:
+            raise ValueError(f"--fps must be within 0.1..60, got {self.options.fps:g}")
+
+    def init_clip(self) -> None:
+        from apps.datasets.synth import write_clip
+
+        if self.options.video:
+            self.video = Path(self.options.video).resolve()
+            return
+        out = (self.settings.redis.state_dir / "media" / f"demo-{self.options.seconds:g}s").resolve()
+        self.video = out / f"traffic-{CLIP_SEED}.mp4"
+        if not (self.video.is_file() and self.video.with_suffix(".jsonl").is_file()):
+            logger.info("writing a %g s synthetic clip to %s", self.options.seconds, out)
+            self.video, _ = write_clip(out, self.options.seconds, CLIP_SEED, fps=CLIP_FPS)
+
+    def init_redis(self) -> None:
+        from pipeline.redis_server import RedisServer
+
+        if self.settings.redis.url:
+            self.redis_url = self.settings.redis.url
+            return
+        server = RedisServer(self.settings.redis.state_dir / "redis", persist=False).start()
+        self._cleanup.append(server.stop)
+        self.redis_url = server.url
+
+    def init_transport(self) -> None:
+        from pipeline.transport import Transport
+
+        self.transport = Transport.connect(self.redis_url, self.settings.redis.connect_timeout_s)
+        self._cleanup.append(self.transport.close)
+
+    def init_stream(self) -> None:
+        from pipeline.registry import StreamRegistry
+
+        self.ingest_cfg = self.settings.ingest.model_copy(update={"media_dir": self.video.parent})
+        self.registry = StreamRegistry(self.transport, self.video.parent)
+        self.spec: StreamSpec = self.registry.add({
+            "id": self.stream_id, "url": str(self.video), "fps": self.options.fps,
+            "tasks": {name: {} for name in TASKS},
+        })
+        self._cleanup.append(lambda: self.transport.delete_stream(self.stream_id))
+
+    def start_engine(self) -> None:
+        from pipeline.engine_service import EngineService, build_engine, wait_for_engines
+
+        engine = build_engine(self.settings.engine)
+        self._cleanup.append(engine.close)
+        engine_id = self.settings.engine.engine_id or f"demo-engine-{os.getpid()}"
+        service = EngineService(self.transport, engine, self.settings.service, engine_id)
+        self.engine_thread = self._thread("engine-service", service.run)
+        wait_for_engines(self.transport, 1, timeout_s=60, stop_event=self.stop_event)
+
+    def start_workers(self) -> None:
+        from pipeline.engine_client import ServiceClient
+        from pipeline.metrics import SummaryPublisher
+        from pipeline.worker import WorkerPool
+
+        client = ServiceClient(self.transport, self.settings.service.requests_maxlen)
+        self._cleanup.append(client.close)
+        pool = WorkerPool(TASKS, self.transport, self.registry, client, self.settings.worker,
+                          worker_id=f"demo-worker-{os.getpid()}").start()
+        self._cleanup.append(pool.stop)
+        summary = SummaryPublisher(self.transport, lambda: [self.stream_id], self.settings.worker.summary_interval_s)
+        self._cleanup.append(summary.stop)
+        summary.start()
+        self.summary = summary
+        # The groups must exist before the first frame so that every frame reaches every task.
+        for worker in pool.workers:
+            worker.prepare()
+
+    def start_ingest(self) -> None:
+        from pipeline.ingest import Ingestor
+
+        self.ingestor = Ingestor(self.spec, self.transport, self.registry, self.ingest_cfg).start()
+        self._cleanup.append(self.ingestor.stop)
+
+    def start_ui(self) -> None:
+        """The dashboard (`valora ui`) on this demo's Redis, as a child process stopped with the demo."""
+        env = dict(os.environ, REDIS_URL=self.redis_url)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--port", str(self.settings.ui.port)],
+                                env=env)
+        self._cleanup.append(proc.terminate)
+        if self.stop_event.wait(3.0) or proc.poll() is not None:
+            raise DemoError(f"the dashboard did not start (`valora ui` exited with {proc.returncode})")
+        print(f"dashboard on http://127.0.0.1:{self.settings.ui.port} (Ctrl-C stops the demo)", flush=True)
+
+    def wait_until_processed(self) -> None:
+        """Until the clip is ingested and every task group has taken and acknowledged every frame."""
+        from pipeline.transport import Keys
+
+        deadline = time.monotonic() + self.options.timeout_s
+        key = Keys.frames(self.stream_id)
+        while time.monotonic() < deadline:
+            if not self.engine_thread.is_alive():
+                raise DemoError("the engine service stopped unexpectedly (see the log above)")
+            health = self.ingestor.health
+            if health.state == "error":
+                raise DemoError(f"cannot ingest {self.video}: {health.last_error}")
+            if self.ingestor.finished and all(self.transport.group_drained(key, Keys.task_group(t)) for t in TASKS):
+                return
+            time.sleep(0.2)
+        raise DemoError(f"the clip was not processed within {self.options.timeout_s:.0f} s (--timeout)")
+
+    def report(self, wall_s: float) -> dict[str, Any]:
+        from pipeline.metrics import summarise
+
+        results = self.transport.all_results(self.stream_id)
+        summary = summarise(results, self.transport.dropped(self.stream_id))
+        tasks: dict[str, Any] = {}
+        for name in TASKS:
+            stats = summary.tasks.get(name)
+            tasks[name] = {
+                "requests": stats.requests if stats else 0, "results": stats.results if stats else 0,
+                "errors": stats.errors if stats else 0,
+                "p50_ms": _round(stats.p50_ms if stats else None), "p95_ms": _round(stats.p95_ms if stats else None),
+                "accuracy": _round(stats.accuracy if stats else None), "metric": primary_metric(name),
+                "first_error": first_error(results, name),
+            }
+        return {"video": str(self.video), "frames": self.ingestor.health.frames_published, "fps": self.options.fps,
+                "backend": self.settings.engine.backend, "model": self.settings.engine.model,
+                "wall_s": round(wall_s, 2), "tasks": tasks}
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        while self._cleanup:
+            step = self._cleanup.pop()
+            try:
+                step()
+            except Exception:  # one failing cleanup must not skip the others (e.g. Redis already gone)
+                logger.debug("cleanup step failed", exc_info=True)
+
+    def _thread(self, name: str, target) -> threading.Thread:
+        thread = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
+        thread.start()
+        self._cleanup.append(lambda: thread.join(30))
+        return thread
+
+
+def primary_metric(task: str) -> str:
+    from apps.tasks import get_task
+
+    return get_task(task).primary_metric
+
+
+def first_error(results: list[TaskResult], task: str) -> str | None:
+    return next((r.error for r in results if r.task == task and r.error), None)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"VaLoRA demo: {report['frames']} frames of {report['video']} at {report['fps']:g} fps per task, "
+             f"{report['backend']} engine, {report['wall_s']:.1f} s",
+             f"{'task':<12} {'requests':>8} {'errors':>6} {'p50 ms':>9} {'p95 ms':>9} {'accuracy':>9}  metric"]
+    for name, row in report["tasks"].items():
+        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.1f}"
+        p50 = "-" if row["p50_ms"] is None else f"{row['p50_ms']:.0f}"
+        p95 = "-" if row["p95_ms"] is None else f"{row['p95_ms']:.0f}"
+        lines.append(f"{name:<12} {row['requests']:>8} {row['errors']:>6} {p50:>9} {p95:>9} {acc:>9}  {row['metric']}")
+    return "\n".join(lines)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

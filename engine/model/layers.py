@@ -48,6 +48,23 @@ class FusedOps:
             self.apply_rope = torch.compile(apply_rope, dynamic=True)
 
 
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Run each compiled op once; if compilation fails on this machine, fall back to the eager ops."""
+        if not self.compiled:
+            return
+        try:
+            x = torch.randn(3, 64, device=device, dtype=dtype)  # [tokens, hidden]
+            w = torch.ones(64, device=device, dtype=dtype)
+            self.rms_norm(x, w, 1e-6)
+            self.add_rms_norm(x, x, w, 1e-6)
+            self.silu_and_mul(x)
+            q = x.view(3, 2, 32)
+            self.apply_rope(q, q, x[:, :32], x[:, :32])
+        except (RuntimeError, ImportError, OSError) as exc:  # inductor's failures are RuntimeError subclasses
+            logger.warning("torch.compile of the element-wise ops failed (%s); running them eagerly", exc)
+            self.__init__(compiled=False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float, ops: FusedOps) -> None:
         super().__init__()

@@ -50,6 +50,8 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     vision = VisionTower(spec, checkpoint.image_processor, device, dtype) if spec.has_vision else None
     if checkpoint.is_dummy:
         init_dummy(lm, seed)
+        if vision is not None:
+            init_dummy(vision.module, seed + 1)
     else:
         vision_weights = load_weights(lm, checkpoint.tensors(device))
         if vision is not None:

@@ -40,4 +40,4 @@ class TorchAddLoRA:
             out = torch.empty(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)  # [n, out_total]
             for i in range(weights.n_slices):
                 out[:, bounds[i]:bounds[i + 1]] = xa[:, i * rank:(i + 1) * rank] @ b[bounds[i]:bounds[i + 1]].t()
-            y.index_add_(0, rows, out * scales[s])
+            y.index_put_((rows,), out * scales[s], accumulate=True)  # (CPU index_add_ is ~1000x slower)

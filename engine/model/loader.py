@@ -79,13 +79,15 @@ def _fused_target(local: str) -> tuple[str, int | None]:
     return f"layers.{layer}.{module}.{kind}", index
 
 
-def init_dummy(lm: Qwen2LM, seed: int, std: float = 0.02) -> None:
-    """Random weights with the right shapes: norms at one, everything else N(0, std²)."""
-    device = next(lm.parameters()).device
+def init_dummy(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Seeded random weights with the right shapes: norms at one, vision biases at zero, the rest N(0, std²)."""
+    device = next(module.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, param in lm.named_parameters():
-            if name.endswith("norm.weight"):
+        for name, param in module.named_parameters():
+            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
                 param.fill_(1.0)
+            elif name.endswith("bias") and not isinstance(module, Qwen2LM):
+                param.zero_()
             else:
                 param.normal_(0.0, std, generator=gen)

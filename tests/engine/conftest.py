@@ -10,6 +10,9 @@ from engine.base import create_engine
 from engine.config import EngineConfig
 from engine.heads import TaskHead
 
+# Tiny models: a second intra-op thread costs more in hand-offs than it saves, on 2 shared cores many times more.
+torch.set_num_threads(1)
+
 
 class HiddenHead(TaskHead):
     """Answers with the final-norm hidden states it reads, so tests can compare prefill logits."""
@@ -31,9 +34,10 @@ def make_engine(tiny_checkpoint):
     """make_engine(**config overrides) -> a CPU `valora` engine on the tiny checkpoint; closed after the module."""
     engines = []
 
-    def make(adapters=None, **overrides):
-        cfg = EngineConfig(model=str(tiny_checkpoint / "base"), device="cpu",
-                           adapters=str(adapters or tiny_checkpoint / "adapters"), **overrides)
+    def make(**overrides):
+        settings = {"model": str(tiny_checkpoint / "base"), "adapters": str(tiny_checkpoint / "adapters"),
+                    "device": "cpu", **{k: str(v) if k in ("model", "adapters") else v for k, v in overrides.items()}}
+        cfg = EngineConfig(**settings)
         engine = create_engine(cfg)
         engines.append(engine)
         return engine

@@ -15,6 +15,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.device import resolve_device, resolve_dtype
+from engine.heads import TaskHead
 from engine.intake import RequestIntake
 from engine.lora.layout import LoRALayout
 from engine.lora.manager import LoRAManager
@@ -77,6 +78,9 @@ class ValoraEngine(EngineBackend):
                                     blocks.capacity_tokens, self.config.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.scheduler, Detokenizer(self.checkpoint.tokenizer, self.checkpoint.eos_ids),
                                        self.runner.sampler, self.engine_id)
+
+    def register_head(self, name: str, head: TaskHead) -> None:
+        super().register_head(name, head.to(self.device).eval())
 
     def add_request(self, request: EngineRequest, on_token: TokenCallback | None = None) -> None:
         try:

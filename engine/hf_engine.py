@@ -16,6 +16,7 @@ from engine.adapter_store import AdapterError, AdapterStore
 from engine.base import EngineBackend, TokenCallback, error_result, register_backend
 from engine.config import EngineConfig
 from engine.device import resolve_device, resolve_dtype
+from engine.heads import TaskHead
 from engine.images import ImageDecodeError, decode_image
 from engine.model.checkpoint import load_checkpoint_parts
 from engine.prompt import PromptBuilder
@@ -47,6 +48,9 @@ class HFEngine(EngineBackend):
         self.prompts = PromptBuilder(self.tokenizer, self.model.config.vision_config.spatial_merge_size)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.max_len = min(self.config.max_model_len, self.model.config.text_config.max_position_embeddings)
+
+    def register_head(self, name: str, head: TaskHead) -> None:
+        super().register_head(name, head.to(self.device).eval())
 
     def add_request(self, request: EngineRequest, on_token: TokenCallback | None = None) -> None:
         self.queue.append((request, on_token, time.time()))

@@ -48,6 +48,7 @@ class FusedOps:
             self.apply_rope = torch.compile(apply_rope, dynamic=True)
 
 
+    @torch.inference_mode()
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """Run each compiled op once; if compilation fails on this machine, fall back to the eager ops."""
         if not self.compiled:

@@ -21,7 +21,8 @@ def engine_logits(engine, root, adapter, prompt, images, last: int | None = None
                         images=[ImageRef(id=f"img{i}", jpeg=b) for i, b in enumerate(images)])
     (res,) = engine.generate([req])
     assert res.ok and res.finish_reason == "head", res.error
-    return engine.model.compute_logits(res.head_output["hidden"])
+    weight = next(engine.model.parameters())
+    return engine.model.compute_logits(res.head_output["hidden"].to(weight)).cpu()
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)

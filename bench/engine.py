@@ -211,20 +211,30 @@ def bench_baseline(args, spec: ModelSpec, adapters: list[tuple[str, int]], ids: 
     return out
 
 
-def floors(spec: ModelSpec, adapters, batches, bandwidth: float, flops: float) -> dict[str, float]:
-    """Physical bounds: every weight read once per step; 2 FLOPs per weight per token."""
+def floors(spec: ModelSpec, adapters, batches, bandwidth: float, flops: float, prompt_tokens: int,
+           new_tokens: int) -> dict[str, float]:
+    """Physical bounds of what is measured: each step reads every weight once and does 2 FLOPs per weight per token.
+
+    A throughput run is one prefill of B x prompt tokens (yielding the first token) plus new_tokens - 1 decode
+    steps; its floor is B x new_tokens over the sum of those steps' floors (KV-cache traffic left out).
+    """
     linear = spec.num_layers * (spec.hidden_size * (spec.q_size + 2 * spec.kv_size) + spec.q_size * spec.hidden_size
                                 + 3 * spec.hidden_size * spec.intermediate_size) + spec.hidden_size * spec.vocab_size
     # Per unit of rank: A rows (in dims of q/k/v/gate/up, o, down) plus B columns (their out dims).
     per_rank = spec.num_layers * (7 * spec.hidden_size + 2 * spec.q_size + 2 * spec.kv_size
                                   + 3 * spec.intermediate_size)
-    out = {"weight_bytes": 2.0 * linear, "decode_ms_b1": max(2 * linear / bandwidth, 2 * linear / flops) * 1000}
+
+    def step(weights: float, token_flops: float) -> float:
+        return max(2 * weights / bandwidth, token_flops / flops)
+
+    out = {"weight_bytes": 2.0 * linear, "decode_ms_b1": step(linear, 2 * linear) * 1000}
     for b in batches:
-        used = [r for _, r in adapters[:b]]
-        lora = per_rank * sum(used)
-        out[f"tps_base_b{b}"] = b / max(2 * linear / bandwidth, 2 * linear * b / flops)
-        out[f"tps_lora_b{b}"] = b / max(2 * (linear + lora) / bandwidth,
-                                        2 * (linear * b + per_rank * sum(RANKS[i % 4] for i in range(b))) / flops)
+        ranks = [adapters[i % len(adapters)][1] for i in range(b)] if adapters else [0] * b
+        lora_bytes = per_rank * sum(r for _, r in adapters[:b])  # each adapter in use read once per step
+        for kind, extra_w, extra_f in (("base", 0, 0), ("lora", lora_bytes, 2 * per_rank * sum(ranks))):
+            prefill = step(linear + extra_w, (2 * linear * b + extra_f) * prompt_tokens)
+            decode = step(linear + extra_w, 2 * linear * b + extra_f)
+            out[f"tps_{kind}_b{b}"] = b * new_tokens / (prefill + (new_tokens - 1) * decode)
     return out
 
 
@@ -276,7 +286,7 @@ def main() -> None:
         except Exception:  # the harness's edge: keep our numbers even if the baseline cannot run here
             logger.exception("transformers + peft baseline failed")
     print("baseline:", json.dumps(base), flush=True)
-    floor = floors(spec, adapters, args.batches, bandwidth, flops)
+    floor = floors(spec, adapters, args.batches, bandwidth, flops, args.prompt_tokens, new_tokens)
     rows = table(ours, base, floor, args.batches, args.adapters, args.baseline_adapters)
     head = ("metric", "baseline", "ours", "speedup_vs_baseline", "floor", "of_floor")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))

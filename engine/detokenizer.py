@@ -25,7 +25,7 @@ class Detokenizer:
             seq.token_ids.append(token)
             if seq.on_token is not None or self._stops(seq):
                 self._update_text(seq)
-            if seq.finish_reason is None and len(seq.output_ids) >= seq.max_tokens:
+            if seq.finish_reason is None and seq.num_output >= seq.max_tokens:
                 seq.finish_reason = "length"
         return self._stream(seq), seq.finish_reason
 

@@ -42,7 +42,7 @@ class RequestIntake:
         positions, delta = mrope_positions(ids, grids, self.spec.image_token_id, self.spec.spatial_merge_size)
         image_positions = np.flatnonzero(np.asarray(ids) == self.spec.image_token_id) if images else None
         return Sequence(
-            request=request, prompt_ids=ids, positions=positions, rope_delta=delta,
+            request=request, prompt_ids=ids, positions=positions.numpy(), rope_delta=delta,
             max_tokens=0 if head else min(request.sampling.max_tokens, self.max_len - len(ids)),
             images=images, head=head, on_token=on_token,
             **({"image_positions": image_positions} if image_positions is not None else {}),

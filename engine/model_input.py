@@ -34,44 +34,53 @@ class ModelInput:
 
 def build_model_input(sched: ScheduleOutput, block_size: int, slot_of: dict[str, int], device: torch.device,
                       use_triton: bool) -> ModelInput:
-    """Lay out ``sched`` as tensors on ``device``; ``slot_of`` maps adapter names to their pool slots."""
+    """Lay out ``sched`` as tensors on ``device``; ``slot_of`` maps adapter names to their pool slots.
+
+    Host work is numpy and plain ints (decode steps of 100+ sequences must not cost milliseconds).
+    """
+    chunks = sched.chunks
+    total = sum(c.count for c in chunks)
     ids: list[int] = []
-    positions: list[torch.Tensor] = []
-    slots: list[np.ndarray] = []
-    qlens, ctxs, tables = [], [], []
+    positions = np.empty((3, total), dtype=np.int64)
+    slots = np.empty(total, dtype=np.int64)
+    width = max(len(c.seq.block_table) for c in chunks)
+    block_tables = np.zeros((len(chunks), width), dtype=np.int32)
+    qlens, ctxs = [c.count for c in chunks], [c.start + c.count for c in chunks]
     image_rows: list[np.ndarray] = []
     image_embeds: list[torch.Tensor] = []
     out_rows: dict[str, list] = {"sample_rows": [], "sample_seqs": [], "head_rows": [], "lora_rows": []}
     row = 0
-    for chunk in sched.chunks:
-        seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.count
-        ids.extend(seq.token_ids[start:end])
-        positions.append(seq.positions_of(start, end))
-        table = np.asarray(seq.block_table, dtype=np.int64)
-        idx = np.arange(start, end)
-        slots.append(table[idx // block_size] * block_size + idx % block_size)
-        qlens.append(chunk.count)
-        ctxs.append(end)
-        tables.append(seq.block_table)
-        lo, hi = np.searchsorted(seq.image_positions, [start, end])
-        if hi > lo:
-            image_rows.append(seq.image_positions[lo:hi] - start + row)
-            image_embeds.append(seq.image_embeds(int(lo), int(hi)))
+    for i, chunk in enumerate(chunks):
+        seq, start, count = chunk.seq, chunk.start, chunk.count
+        end = start + count
+        table = seq.block_table
+        block_tables[i, :len(table)] = table
+        if count == 1:
+            ids.append(seq.token_ids[start])
+            slots[row] = table[start // block_size] * block_size + start % block_size
+        else:
+            ids.extend(seq.token_ids[start:end])
+            idx = np.arange(start, end)
+            blocks = np.asarray(table, dtype=np.int64)[idx // block_size]
+            slots[row:row + count] = blocks * block_size + idx % block_size
+        seq.write_positions(positions, row, start, end)
+        if len(seq.image_positions) and start < seq.prompt_len:
+            lo, hi = np.searchsorted(seq.image_positions, [start, end])
+            if hi > lo:
+                image_rows.append(seq.image_positions[lo:hi] - start + row)
+                image_embeds.append(seq.image_embeds(int(lo), int(hi)))
         if chunk.completes and seq.head is None:
-            out_rows["sample_rows"].append(row + chunk.count - 1)
+            out_rows["sample_rows"].append(row + count - 1)
             out_rows["sample_seqs"].append(seq)
         elif chunk.completes:
-            out_rows["head_rows"].append((seq, slice(row + chunk.count - seq.head.positions, row + chunk.count)))
+            out_rows["head_rows"].append((seq, slice(row + count - seq.head.positions, row + count)))
         if seq.adapter is not None:
-            out_rows["lora_rows"].append(LoRARows(slot_of[seq.adapter], row, chunk.count))
-        row += chunk.count
-    width = max(len(t) for t in tables)
-    block_tables = np.zeros((len(tables), width), dtype=np.int32)
-    for i, t in enumerate(tables):
-        block_tables[i, :len(t)] = t
-    cu = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
+            out_rows["lora_rows"].append(LoRARows(slot_of[seq.adapter], row, count))
+        row += count
+    cu = np.zeros(len(chunks) + 1, dtype=np.int32)
+    np.cumsum(qlens, out=cu[1:])
     attn = AttentionMetadata(
-        slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),
+        slot_mapping=torch.from_numpy(slots).to(device),
         block_tables=torch.from_numpy(block_tables).to(device),
         cu_query_lens=torch.from_numpy(cu).to(device),
         context_lens=torch.tensor(ctxs, dtype=torch.int32).to(device),
@@ -79,7 +88,7 @@ def build_model_input(sched: ScheduleOutput, block_size: int, slot_of: dict[str,
     )
     return ModelInput(
         input_ids=torch.tensor(ids, dtype=torch.long).to(device),
-        positions=torch.cat(positions, dim=1).to(device),
+        positions=torch.from_numpy(positions).to(device),
         attn=attn,
         image_rows=torch.from_numpy(np.concatenate(image_rows)).to(device) if image_rows else None,
         image_embeds=torch.cat(image_embeds) if image_embeds else None,

@@ -86,8 +86,9 @@ class ModelRunner:
     def run(self, sched: ScheduleOutput) -> RunOutput:
         if sched.mode != "unmerged":
             raise ValueError(f"mode {sched.mode!r} needs merged weights, which this runner does not keep yet")
-        if self.vision_cache is not None:
-            self.vision_cache.encode((c.seq for c in sched.chunks), self.lora.vision_lora)
+        pending = [c.seq for c in sched.chunks if any(img.embeds is None for img in c.seq.images)]
+        if pending and self.vision_cache is not None:
+            self.vision_cache.encode(pending, self.lora.vision_lora)
         inp = build_model_input(sched, self.kv.block_size, self.lora.pool.slot_of, self.device, self.use_triton)
         hidden = self._forward(inp, sched.is_decode)
         out = RunOutput()

@@ -69,7 +69,7 @@ class OutputProcessor:
         text = "" if seq.finish_reason in ("head", "error") else self.detok.final_text(seq)
         return EngineResult(
             request_id=seq.request.request_id, text=text, head_output=seq.head_output,
-            prompt_tokens=seq.prompt_len, output_tokens=len(seq.output_ids), token_ids=seq.output_ids,
+            prompt_tokens=seq.prompt_len, output_tokens=seq.num_output, token_ids=seq.output_ids,
             finish_reason=seq.finish_reason,
             mode="+".join(sorted(seq.modes)) or "unmerged", adapter=seq.adapter, engine_id=self.engine_id,
             timings=timings, meta=seq.request.meta,

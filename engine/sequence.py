@@ -50,7 +50,7 @@ class Sequence:
 
     request: EngineRequest
     prompt_ids: list[int]
-    positions: torch.Tensor  # [3, prompt_len] int64 M-RoPE positions of the prompt (CPU)
+    positions: np.ndarray  # [3, prompt_len] int64 M-RoPE positions of the prompt
     rope_delta: int  # later tokens sit at index + rope_delta on every axis
     max_tokens: int  # output budget after clipping to the context
     images: list[SeqImage] = field(default_factory=list)
@@ -108,15 +108,17 @@ class Sequence:
         """Embeddings [hi - lo, hidden] of image tokens lo..hi-1 (counted over all pictures, in prompt order)."""
         return torch.cat([img.embeds for img in self.images])[lo:hi]
 
-    def positions_of(self, start: int, end: int) -> torch.Tensor:
-        """M-RoPE positions [3, end - start] of token indices start..end-1."""
-        if end <= self.prompt_len:
-            return self.positions[:, start:end]
-        tail = torch.arange(max(start, self.prompt_len), end) + self.rope_delta
-        tail = tail.expand(3, -1)
-        if start >= self.prompt_len:
-            return tail
-        return torch.cat([self.positions[:, start:], tail], dim=1)
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    def write_positions(self, out: np.ndarray, row: int, start: int, end: int) -> None:
+        """M-RoPE positions of tokens start..end-1 into ``out[:, row:row + end - start]`` (out: [3, T])."""
+        split = min(max(start, self.prompt_len), end)  # first index past the prompt
+        if split > start:
+            out[:, row:row + split - start] = self.positions[:, start:split]
+        if end > split:
+            out[:, row + split - start:row + end - start] = np.arange(split + self.rope_delta, end + self.rope_delta)
 
     def reset_for_recompute(self) -> None:
         """After preemption: the cache is gone; prompt and outputs so far are recomputed as one prefill."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -80,6 +81,7 @@ class Scheduler:
         out.chunks.sort(key=lambda c: c.count > 1 or c.start < c.seq.prompt_len)  # decodes first
         if not out.chunks and not out.failed:
             self._unblock(out)
+        self._prefetch_queued()
         return out
 
     def finish(self, seq: Sequence) -> None:
@@ -155,6 +157,12 @@ class Scheduler:
             return None
         seq.holds_slot = status is SlotStatus.READY
         return status
+
+    def _prefetch_queued(self, depth: int = 8) -> None:
+        """Adapters of the next queued requests move into empty device slots while they wait."""
+        for seq in itertools.islice(self.waiting, depth):
+            if seq.adapter is not None and not seq.holds_slot:
+                self.lora.prefetch_to_device(seq.adapter)
 
     def _unblock(self, out: ScheduleOutput) -> None:
         """Nothing ran: wait for an adapter read, or fail the oldest request if it can never be scheduled."""

@@ -62,6 +62,18 @@ class LoRAManager:
         pin = self.device.type == "cuda"
         self._loading[name] = self._executor.submit(read_host_adapter, spec, self.layout, self.dtype, pin)
 
+    def prefetch_to_device(self, name: str) -> None:
+        """Copy a queued request's adapter into an empty slot ahead of its admission (never evicts another)."""
+        if name in self.pool.slot_of or not self.pool.has_empty_slot():
+            return
+        try:
+            host = self._host_copy(name)
+        except AdapterError:
+            return  # surfaces, with its message, when the request is admitted
+        if host is not None:
+            self.pool.acquire(name, host)
+            self.pool.release(name)
+
     def acquire(self, name: str) -> SlotStatus:
         """Hold a device slot for one more sequence of ``name``; AdapterError if its files turned out bad."""
         host = None if name in self.pool.slot_of else self._host_copy(name)

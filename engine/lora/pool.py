@@ -55,6 +55,9 @@ class AdapterPool:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
 
+    def has_empty_slot(self) -> bool:
+        return None in self.name_in
+
     def resident(self) -> list[str]:
         return sorted(self.slot_of)
 

@@ -69,3 +69,30 @@ def test_plain_qwen2_config_parses(tmp_path):
     with pytest.raises(ValueError, match="not a Qwen2"):
         (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
         load_spec(f"dummy:{tmp_path / 'config.json'}")
+
+
+def test_text_only_qwen2_checkpoint_with_tied_head(make_engine, tiny_checkpoint, tmp_path):
+    """A Qwen2ForCausalLM checkpoint (1-D RoPE, tied embeddings) against transformers."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from engine.request import EngineRequest
+    from tests.engine.conftest import HiddenHead
+    from tests.engine.reference import processors
+
+    tokenizer = processors(tiny_checkpoint / "base")[0]
+    torch.manual_seed(4)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                         tie_word_embeddings=True, rope_theta=5000.0)).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    engine = make_engine(model=str(tmp_path))
+    prompt = "the leftmost person is green"
+    ids = engine.intake.prompts.build(prompt, [])
+    engine.register_head("all", HiddenHead(len(ids)))
+    (res,) = engine.generate([EngineRequest(prompt=prompt, head="all")])
+    ours = engine.model.compute_logits(res.head_output["hidden"])
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0]
+    assert engine.model.lm_head is None
+    assert ((ours - ref).norm() / ref.norm()).item() < 1e-4

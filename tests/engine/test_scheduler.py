@@ -97,3 +97,18 @@ def test_unschedulable_adapter_fails_instead_of_hanging(make_engine):
     bad, good = engine.generate([EngineRequest(prompt="hi", adapter="ad8"),
                                  EngineRequest(prompt="hi", adapter="ad16", sampling=SamplingParams(max_tokens=2))])
     assert "pinned" in bad.error and good.ok
+
+
+def test_queued_adapter_is_prefetched_into_a_free_slot(make_engine):
+    engine = make_engine(max_num_seqs=1, lora_slots=4)
+    first = EngineRequest(prompt="hi", adapter="ad8", sampling=SamplingParams(max_tokens=6))
+    queued = EngineRequest(prompt="hi", adapter="ad4", sampling=SamplingParams(max_tokens=2))
+    engine.add_request(first)
+    engine.add_request(queued)
+    engine.step()
+    engine.lora.wait_for_load()
+    engine.step()
+    assert [s.request.request_id for s in engine.scheduler.waiting] == [queued.request_id]
+    assert "ad4" in engine.health()["adapters_resident"], "the waiting request's adapter was not prefetched"
+    while engine.has_unfinished():
+        engine.step()

@@ -8,6 +8,7 @@ from torch import nn
 
 from engine.attention import paged_attention, write_kv
 from engine.forward_context import ForwardContext
+from engine.lora.delta import LayerKey
 from engine.model.layers import AdaptedLinear, FusedOps, RMSNorm
 from engine.model.rope import MRotaryEmbedding
 from engine.model.spec import ModelSpec
@@ -109,9 +110,10 @@ class Qwen2LM(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 
+    def adapted_linears(self) -> dict[LayerKey, AdaptedLinear]:
+        """Every adapted projection by (layer, group): the base weights a merged mode would fold adapters into."""
+        return {m.key: m for m in self.modules() if isinstance(m, AdaptedLinear)}
+
     def lora_group_shapes(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """group -> (in_dim, output widths of its slices), as the adapter pool allocates them."""
-        layer = self.layers[0]
-        mods = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj,
-                "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
-        return {g: (m.in_dim, m.out_dims) for g, m in mods.items()}
+        return {g: (m.in_dim, m.out_dims) for (layer, g), m in self.adapted_linears().items() if layer == 0}

@@ -33,5 +33,5 @@ def resolve_lora_op(name: str, device: torch.device) -> AddLoRAOp:
 
 
 def graph_safe(op: AddLoRAOp) -> bool:
-    """Whether decode iterations that run this op may be captured in CUDA graphs."""
-    return bool(getattr(op, "cuda_graph_safe", True))
+    """Whether decode iterations that run this op may be captured in CUDA graphs (the torch paths read on host)."""
+    return bool(getattr(op, "cuda_graph_safe", getattr(op, "name", "") != "torch"))

@@ -56,28 +56,28 @@ def _route_gate(id_ptr, gate_ptr, offs_m, mask_m, expert, top_k, TOP_K_POW2: tl.
     return tl.sum(tl.where(ids == expert, gates, 0.0), axis=1)
 
 
-@triton.jit(do_not_specialize=["num_segments", "num_rows", "n_terms", "top_k"])
+@triton.jit(do_not_specialize=["num_segments", "num_rows", "n_terms", "top_k", "r_blocks"])
 def _shrink_kernel(
     # pointers
     x_ptr, a_ptr, tmp_ptr, tok_ptr, indptr_ptr, slot_ptr, rank_ptr, route_id_ptr, route_gate_ptr,
     # sizes
-    num_segments, num_rows, in_dim, n_terms, top_k,
+    num_segments, num_rows, in_dim, n_terms, top_k, r_blocks,
     # strides
     stride_x_row, stride_a_slot, stride_a_slice, stride_a_rank,
     stride_t_split, stride_t_pos, stride_t_term, stride_t_slice,
     # meta
-    N_SLICES: tl.constexpr, R_BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr, SEG_POW2: tl.constexpr,
+    N_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, SEG_POW2: tl.constexpr,
     ROUTED: tl.constexpr, TOP_K_POW2: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    inner = n_terms * (N_SLICES * R_BLOCKS * SPLIT_K)
+    inner = n_terms * r_blocks * (N_SLICES * SPLIT_K)
     pid_m = pid // inner
     rest = pid % inner
     split = rest % SPLIT_K
     rest = rest // SPLIT_K
-    r_block = rest % R_BLOCKS
-    rest = rest // R_BLOCKS
+    r_block = rest % r_blocks
+    rest = rest // r_blocks
     slice_id = rest % N_SLICES
     term = rest // N_SLICES
     if ROUTED:
@@ -130,17 +130,18 @@ def _shrink_kernel(
     tl.store(t_ptrs, acc, mask=t_mask)
 
 
-@triton.jit(do_not_specialize=["num_segments", "num_rows", "n_terms", "top_k", "n_blocks", "first1", "first2",
-                               "first3"])
+@triton.jit(do_not_specialize=["num_segments", "num_rows", "n_terms", "top_k", "n_splits", "n_blocks", "first1",
+                               "first2", "first3"])
 def _expand_kernel(
     # pointers
     y_ptr, tmp_ptr, b_ptr, tok_ptr, indptr_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr, route_gate_ptr,
     # sizes
-    num_segments, num_rows, n_terms, top_k, n_blocks, out_total, bound1, bound2, bound3, first1, first2, first3,
+    num_segments, num_rows, n_terms, top_k, n_splits, n_blocks, out_total,
+    bound1, bound2, bound3, first1, first2, first3,
     # strides
     stride_y_row, stride_b_slot, stride_b_row, stride_t_split, stride_t_pos, stride_t_term, stride_t_slice,
     # meta
-    N_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, SEG_POW2: tl.constexpr, ROUTED: tl.constexpr,
+    N_SLICES: tl.constexpr, SEG_POW2: tl.constexpr, ROUTED: tl.constexpr,
     TOP_K_POW2: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -195,7 +196,7 @@ def _expand_kernel(
                 mask_r = offs_r < rank
                 t_mask = mask_m[:, None] & mask_r[None, :]
                 part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for split in tl.static_range(SPLIT_K):
+                for split in range(0, n_splits):
                     part += tl.load(t_base + split * stride_t_split + offs_r[None, :], mask=t_mask, other=0.0)
                 part = (part * scale).to(b_ptr.dtype.element_ty)  # [BM, BR]
                 b_tile = tl.load(b_base + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
@@ -254,6 +255,11 @@ def _pow2(value: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(max(value, 1)))
 
 
+def _seg_pow2(plan: RowPlan) -> int:
+    """Width of the in-kernel segment scan; one value (64) for up to 64 segments keeps recompiles rare."""
+    return 1 if plan.routed else _pow2(plan.num_segments, 64)
+
+
 def workspace_shape(plan: RowPlan, weights: LoRAWeights, config: AtmmConfig) -> tuple[int, ...]:
     """Shape of the fp32 shrink output: [split_k, positions, terms, slices, max_rank]."""
     return (config.shrink.split_k, plan.num_positions, plan.n_terms, weights.n_slices, max(plan.max_rank, 1))
@@ -272,10 +278,10 @@ def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
     routes = (plan.route_ids, plan.route_gates) if plan.routed else (plan.slots, plan.scales)
     _shrink_kernel[grid](
         x, weights.a, tmp, plan.tok, plan.indptr, plan.slots, plan.ranks, *routes,
-        plan.num_segments, plan.num_positions, weights.in_dim, plan.n_terms, plan.top_k,
+        plan.num_segments, plan.num_positions, weights.in_dim, plan.n_terms, plan.top_k, r_blocks,
         x.stride(0), weights.a.stride(0), weights.a.stride(1), weights.a.stride(2),
         tmp.stride(0), tmp.stride(1), tmp.stride(2), tmp.stride(3),
-        N_SLICES=weights.n_slices, R_BLOCKS=r_blocks, SPLIT_K=cfg.split_k, SEG_POW2=_pow2(plan.num_segments, 16),
+        N_SLICES=weights.n_slices, SPLIT_K=cfg.split_k, SEG_POW2=_seg_pow2(plan),
         ROUTED=plan.routed, TOP_K_POW2=_pow2(plan.top_k), IEEE=x.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -300,11 +306,11 @@ def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
     routes = (plan.route_ids, plan.route_gates) if plan.routed else (plan.slots, plan.scales)
     _expand_kernel[grid](
         y, tmp, weights.b, plan.tok, plan.indptr, plan.slots, plan.ranks, plan.scales, *routes,
-        plan.num_segments, plan.num_positions, plan.n_terms, plan.top_k, n_blocks, weights.out_dim,
+        plan.num_segments, plan.num_positions, plan.n_terms, plan.top_k, tmp.shape[0], n_blocks, weights.out_dim,
         bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
         y.stride(0), weights.b.stride(0), weights.b.stride(1),
         tmp.stride(0), tmp.stride(1), tmp.stride(2), tmp.stride(3),
-        N_SLICES=weights.n_slices, SPLIT_K=tmp.shape[0], SEG_POW2=_pow2(plan.num_segments, 16), ROUTED=plan.routed,
+        N_SLICES=weights.n_slices, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed,
         TOP_K_POW2=_pow2(plan.top_k), IEEE=y.dtype == torch.float32 and weights.b.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

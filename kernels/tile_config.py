@@ -109,7 +109,8 @@ def heuristic_config(key: ShapeKey) -> AtmmConfig:
     row_blocks = key.segments * max(1, -(-rows_per_seg // block_m))
     rank_blocks = max(1, -(-key.max_rank // block_r))
     split_k = 1
-    while row_blocks * rank_blocks * split_k < 264 and split_k < 8 and key.in_dim // (split_k * 2) >= 256:
+    while (rows_per_seg <= 32 and row_blocks * rank_blocks * split_k < 264 and split_k < 8
+           and key.in_dim // (split_k * 2) >= 256):
         split_k *= 2
     shrink = ShrinkConfig(block_m=block_m, block_r=block_r, block_k=128 if block_m <= 32 else 64,
                           split_k=split_k, num_warps=4, num_stages=3)
@@ -190,7 +191,8 @@ class TileTable:
         merge = {}
         for row in data.get("merge", []):
             row = dict(row)
-            merge[int(row.pop("max_rank"))] = MergeConfig(**row)
+            rank = int(row.pop("max_rank"))
+            merge[rank] = MergeConfig(**row)
         return cls(data["device"], entries, merge, timings)
 
     def save(self, path: Path) -> None:

@@ -12,6 +12,7 @@ logger = logging.getLogger(__name__)
 # Modules that each expose `register(subparsers)`; their heavy imports happen inside the handlers.
 COMMAND_MODULES = [
     "pipeline.commands",
+    "kernels.cli",
 ]
 
 

@@ -1,0 +1,188 @@
+"""Offline tile tuning: profile ATMM and merge tiles over a grid of shapes on this GPU and write its table.
+
+For every shape the shrink candidates are timed alone, then the expand candidates on the winner's output; the
+best pair is the entry. Candidates come from two fixed pools (so the number of distinct compiled kernels stays
+small) filtered by shape: row tiles no taller than twice the rows per segment, rank tiles no wider than the
+rank, and K splits only while the K range per split still holds a tile. Timing: CUDA-graph replay, L2 flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from kernels.tile_config import (
+    AtmmConfig,
+    ExpandConfig,
+    MergeConfig,
+    ShapeKey,
+    ShrinkConfig,
+    TileTable,
+    current_device_slug,
+    table_path,
+)
+
+logger = logging.getLogger(__name__)
+
+# (block_m, block_r, block_k, split_k, num_warps, num_stages)
+SHRINK_POOL = [ShrinkConfig(*c) for c in (
+    (16, 16, 128, 1, 4, 3), (16, 16, 256, 2, 4, 3), (16, 16, 256, 4, 4, 3), (16, 16, 128, 8, 4, 3),
+    (16, 32, 256, 2, 4, 3), (16, 32, 128, 4, 4, 3), (16, 64, 128, 1, 4, 3), (16, 64, 128, 4, 4, 3),
+    (32, 32, 128, 1, 4, 3), (32, 64, 128, 1, 4, 3), (32, 16, 128, 2, 4, 3),
+    (64, 64, 64, 1, 4, 3), (64, 64, 128, 1, 8, 3), (64, 32, 128, 1, 4, 4),
+    (128, 64, 64, 1, 8, 3), (128, 128, 64, 1, 8, 3), (64, 128, 64, 1, 8, 3),
+)]
+# (block_m, block_n, block_r, num_warps, num_stages)
+EXPAND_POOL = [ExpandConfig(*c) for c in (
+    (16, 64, 16, 4, 2), (16, 128, 16, 4, 2), (16, 64, 32, 4, 2), (16, 128, 32, 4, 3), (16, 256, 32, 4, 2),
+    (16, 256, 64, 8, 2), (16, 32, 64, 4, 2),
+    (32, 128, 32, 4, 2), (32, 64, 64, 4, 2), (32, 256, 64, 8, 2),
+    (64, 64, 64, 4, 2), (64, 128, 32, 4, 3), (64, 128, 64, 8, 2), (64, 256, 64, 8, 2),
+    (128, 128, 64, 8, 2), (128, 256, 32, 8, 3),
+)]
+MERGE_POOL = [MergeConfig(*c) for c in (
+    (64, 128, 16, 4, 2), (64, 128, 32, 4, 2), (128, 128, 32, 8, 2), (64, 256, 32, 8, 2), (32, 256, 32, 4, 2),
+    (128, 64, 32, 4, 2), (128, 256, 64, 8, 2),
+)]
+
+DIMS = ((3584, 3584), (3584, 512), (3584, 18944), (18944, 3584))  # Qwen2.5-VL-7B projections
+TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
+SEGMENTS = (1, 8, 32)
+RANKS = (16, 64, 128)
+
+
+def default_grid(quick: bool = False) -> list[ShapeKey]:
+    """The shapes to profile: 7B dims x tokens x segments (<= tokens) x max rank; --quick keeps a corner set."""
+    tokens = (1, 32, 128, 2048, 8192) if quick else TOKENS
+    dims = DIMS[:3] if quick else DIMS
+    ranks = (16, 128) if quick else RANKS
+    return [ShapeKey(s, t, i, o, r) for (i, o) in dims for r in ranks for t in tokens for s in SEGMENTS if s <= t]
+
+
+def _pow2(value: int) -> int:
+    return 1 << max(0, (max(value, 1) - 1).bit_length())
+
+
+def shrink_candidates(key: ShapeKey) -> list[ShrinkConfig]:
+    rows = max(1, key.tokens // key.segments)
+    out = [c for c in SHRINK_POOL
+           if c.block_m <= max(16, 2 * _pow2(rows)) and c.block_r <= max(16, _pow2(key.max_rank))
+           and key.in_dim // c.split_k >= c.block_k]
+    return out or SHRINK_POOL[:1]
+
+
+def expand_candidates(key: ShapeKey) -> list[ExpandConfig]:
+    rows = max(1, key.tokens // key.segments)
+    out = [c for c in EXPAND_POOL
+           if c.block_m <= max(16, 2 * _pow2(rows)) and c.block_r <= max(16, _pow2(key.max_rank))]
+    return out or EXPAND_POOL[:1]
+
+
+def synthetic_problem(key: ShapeKey, device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """x, y, weights and a batch of ``key``'s shape: tokens spread evenly over segments, every adapter at max rank."""
+    from kernels.lora_batch import LoRABatch, LoRAWeights
+
+    segments = min(key.segments, key.tokens)
+    a = torch.randn(segments, 1, key.max_rank, key.in_dim, device=device, dtype=dtype) / key.in_dim**0.5
+    b = torch.randn(segments, key.out_dim, key.max_rank, device=device, dtype=dtype) / key.max_rank**0.5
+    weights = LoRAWeights(a, b, (0, key.out_dim))
+    token_slots = torch.arange(key.tokens) % segments
+    batch = LoRABatch.from_token_slots(token_slots, [key.max_rank] * segments, [1.0] * segments, device=device)
+    x = torch.randn(key.tokens, key.in_dim, device=device, dtype=dtype)
+    y = torch.randn(key.tokens, key.out_dim, device=device, dtype=dtype)
+    return x, y, weights, batch
+
+
+def _best(timer, candidates: Iterable, run: Callable) -> tuple[object, float]:
+    best, best_us = None, float("inf")
+    for cfg in candidates:
+        try:
+            us = timer.graph_time_us(lambda cfg=cfg: run(cfg))
+        except Exception as exc:  # a tile that does not fit this GPU (shared memory, registers): skip it
+            logger.debug("skip %s: %s", cfg, exc)
+            continue
+        if us < best_us:
+            best, best_us = cfg, us
+    if best is None:
+        raise RuntimeError("no candidate tile config ran")
+    return best, best_us
+
+
+def profile_shape(timer, key: ShapeKey) -> tuple[AtmmConfig, float]:
+    """The fastest shrink, then the fastest expand after it, for one shape; returns the pair and its total us."""
+    from kernels.atmm import RowPlan, launch_expand, launch_shrink, workspace_shape
+
+    x, y, weights, batch = synthetic_problem(key, timer.device)
+    plan = RowPlan.from_batch(batch)
+    tmps: dict[int, torch.Tensor] = {}
+
+    def tmp_for(split: int) -> torch.Tensor:
+        if split not in tmps:
+            probe = AtmmConfig(ShrinkConfig(16, 16, 64, split, 4, 2), EXPAND_POOL[0])
+            tmps[split] = torch.zeros(workspace_shape(plan, weights, probe), device=timer.device)
+        return tmps[split]
+
+    shrink, shrink_us = _best(timer, shrink_candidates(key),
+                              lambda c: launch_shrink(x, weights, plan, tmp_for(c.split_k), c))
+    tmp = tmp_for(shrink.split_k)
+    launch_shrink(x, weights, plan, tmp, shrink)
+    expand, expand_us = _best(timer, expand_candidates(key), lambda c: launch_expand(y, weights, plan, tmp, c))
+    return AtmmConfig(shrink, expand), shrink_us + expand_us
+
+
+def profile_merge(timer, rank: int, targets: int = 8, dim: int = 3584) -> tuple[MergeConfig, float]:
+    """The fastest merge tiles for one adapter of ``rank`` into ``targets`` square bf16 matrices."""
+    from kernels.lora_batch import LoRAWeights
+    from kernels.merge_plan import DeltaTerms, MergePlan, MergeTarget
+    from kernels.swift_merge import swift_merge
+
+    dev, dt = timer.device, torch.bfloat16
+    items = []
+    for _ in range(targets):
+        lora = LoRAWeights(torch.randn(2, 1, rank, dim, device=dev, dtype=dt) * 0.01,
+                           torch.randn(2, dim, rank, device=dev, dtype=dt) * 0.01, (0, dim))
+        items.append(MergeTarget(torch.randn(dim, dim, device=dev, dtype=dt), lora))
+    plan = MergePlan(items)
+    terms = DeltaTerms.of_adapter(1, rank, 0.5, dev)
+    pool = [MergeConfig(c.block_m, c.block_n, min(c.block_r, _pow2(rank)), c.num_warps, c.num_stages)
+            for c in MERGE_POOL]
+    return _best(timer, dict.fromkeys(pool), lambda c: swift_merge(plan, add=terms, config=c))
+
+
+def tune(
+    grid: list[ShapeKey] | None = None,
+    out_path: Path | None = None,
+    budget_s: float | None = None,
+    merge_ranks: Iterable[int] = RANKS,
+) -> Path:
+    """Profile ``grid`` (default: ``default_grid()``) on the current GPU and write the device's table.
+
+    Shapes past ``budget_s`` seconds are left out (lookups fall back to the nearest profiled shape).
+    """
+    from kernels.timing import Timer
+
+    slug = current_device_slug()
+    if slug is None:
+        raise ValueError("tuning needs a CUDA GPU (kernels are timed on the device whose table is written)")
+    out_path = out_path or table_path(slug)
+    grid = grid if grid is not None else default_grid()
+    timer = Timer()
+    table = TileTable(slug)
+    started = time.monotonic()
+    for rank in merge_ranks:
+        table.merge[rank], us = profile_merge(timer, rank)
+        logger.info("merge rank %d: %s %.1f us", rank, table.merge[rank], us)
+    for i, key in enumerate(grid):
+        if budget_s is not None and time.monotonic() - started > budget_s:
+            logger.warning("time budget spent: %d of %d shapes profiled", i, len(grid))
+            break
+        config, us = profile_shape(timer, key)
+        table.entries[key], table.timings_us[key] = config, us
+        logger.info("[%d/%d] %s: %.1f us %s", i + 1, len(grid), key, us, config)
+        table.save(out_path)  # keep what is done if the run is cut short
+    table.save(out_path)
+    return out_path

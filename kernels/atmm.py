@@ -141,7 +141,7 @@ def _expand_kernel(
     # strides
     stride_y_row, stride_b_slot, stride_b_row, stride_t_split, stride_t_pos, stride_t_term, stride_t_slice,
     # meta
-    N_SLICES: tl.constexpr, SEG_POW2: tl.constexpr, ROUTED: tl.constexpr,
+    N_SLICES: tl.constexpr, SEG_POW2: tl.constexpr, ROUTED: tl.constexpr, ONE_SPLIT: tl.constexpr,
     TOP_K_POW2: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -178,8 +178,19 @@ def _expand_kernel(
         ids = tl.load(route_id_ptr + offs_m[:, None] * top_k + offs_j[None, :], mask=id_mask, other=-1)
     else:
         rows = tl.load(tok_ptr + offs_m, mask=mask_m, other=0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     hits = 0
+    for term in range(0, n_terms):  # scalar pass: leave y untouched (and unread) when no term is live
+        live = (tl.load(slot_ptr + seg * n_terms + term) >= 0) & (tl.load(rank_ptr + seg * n_terms + term) > 0)
+        if ROUTED:
+            live = live & (tl.sum((ids == term).to(tl.int32)) > 0)
+        hits += live.to(tl.int32)
+    if hits == 0:
+        return
+    # Issue the y tile's load before the rank loop so that its latency overlaps the B tiles' loads and the dots.
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_y_row + offs_n[None, :]
+    y_mask = mask_m[:, None] & mask_n[None, :]
+    y_tile = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for term in range(0, n_terms):
         slot = tl.load(slot_ptr + seg * n_terms + term)
         rank = tl.load(rank_ptr + seg * n_terms + term)
@@ -188,27 +199,25 @@ def _expand_kernel(
         if ROUTED:
             live = live & (tl.sum((ids == term).to(tl.int32)) > 0)
         if live:
-            hits += 1
             b_base = b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[None, :] * stride_b_row
             t_base = tmp_ptr + offs_m[:, None] * stride_t_pos + term * stride_t_term + slice_id * stride_t_slice
             for r_lo in range(0, rank, BLOCK_R):
                 offs_r = r_lo + tl.arange(0, BLOCK_R)
                 mask_r = offs_r < rank
                 t_mask = mask_m[:, None] & mask_r[None, :]
-                part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for split in range(0, n_splits):
-                    part += tl.load(t_base + split * stride_t_split + offs_r[None, :], mask=t_mask, other=0.0)
+                if ONE_SPLIT:
+                    part = tl.load(t_base + offs_r[None, :], mask=t_mask, other=0.0)
+                else:
+                    part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                    for split in range(0, n_splits):
+                        part += tl.load(t_base + split * stride_t_split + offs_r[None, :], mask=t_mask, other=0.0)
                 part = (part * scale).to(b_ptr.dtype.element_ty)  # [BM, BR]
                 b_tile = tl.load(b_base + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
                 if IEEE:
                     acc += tl.dot(part, b_tile, input_precision="ieee")
                 else:
                     acc += tl.dot(part, b_tile)
-    if hits > 0:
-        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_y_row + offs_n[None, :]
-        y_mask = mask_m[:, None] & mask_n[None, :]
-        y_tile = tl.load(y_ptrs, mask=y_mask, other=0.0)
-        tl.store(y_ptrs, (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+    tl.store(y_ptrs, (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @dataclass(frozen=True)
@@ -261,8 +270,12 @@ def _seg_pow2(plan: RowPlan) -> int:
 
 
 def workspace_shape(plan: RowPlan, weights: LoRAWeights, config: AtmmConfig) -> tuple[int, ...]:
-    """Shape of the fp32 shrink output: [split_k, positions, terms, slices, max_rank]."""
-    return (config.shrink.split_k, plan.num_positions, plan.n_terms, weights.n_slices, max(plan.max_rank, 1))
+    """Shape of the fp32 shrink output: [split_k, positions, terms, slices, max_rank rounded up to 16].
+
+    The rounding keeps every row 64-byte aligned, and the kernels' stride specialisation the same for every rank.
+    """
+    rank = -(-max(plan.max_rank, 1) // 16) * 16
+    return (config.shrink.split_k, plan.num_positions, plan.n_terms, weights.n_slices, rank)
 
 
 def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor, cfg: ShrinkConfig) -> None:
@@ -310,7 +323,7 @@ def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
         bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
         y.stride(0), weights.b.stride(0), weights.b.stride(1),
         tmp.stride(0), tmp.stride(1), tmp.stride(2), tmp.stride(3),
-        N_SLICES=weights.n_slices, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed,
+        N_SLICES=weights.n_slices, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed, ONE_SPLIT=tmp.shape[0] == 1,
         TOP_K_POW2=_pow2(plan.top_k), IEEE=y.dtype == torch.float32 and weights.b.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

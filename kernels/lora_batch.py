@@ -86,6 +86,7 @@ class LoRABatch:
         pad_segments_to: int | None = None,
         max_seg_len: int | None = None,
         max_rank: int | None = None,
+        include_base_rows: bool = False,
     ) -> LoRABatch:
         """Group tokens by adapter slot into segments (host-side work, no device sync).
 
@@ -99,6 +100,9 @@ class LoRABatch:
             pad_segments_to: append empty segments up to this count (a static grid for CUDA graphs).
             max_seg_len: a static upper bound to report instead of the longest segment (CUDA graphs).
             max_rank: a static upper bound to report instead of the largest rank (CUDA graphs).
+            include_base_rows: also give rows without terms (base rows; M's rows in mixture) an inactive segment,
+                so that ``token_indices`` always has T entries (a fixed shape for CUDA graphs). They still cost
+                nothing: their programs exit before any load.
 
         Segments are ordered longest first so that the tail of the grid holds the short ones.
         """
@@ -109,7 +113,10 @@ class LoRABatch:
             raise ValueError(f"token slot {int(slots.max())} has no rank (slot_ranks has {ranks.numel()} entries)")
         if merged_slot is not None and not 0 <= merged_slot < ranks.numel():
             raise ValueError(f"merged_slot {merged_slot} is not a pool slot (0..{ranks.numel() - 1})")
-        keep = slots != merged_slot if merged_slot is not None else slots >= 0
+        if include_base_rows:
+            keep = torch.ones_like(slots, dtype=torch.bool)
+        else:
+            keep = slots != merged_slot if merged_slot is not None else slots >= 0
         rows = torch.nonzero(keep).reshape(-1)  # [T_lora] ascending
         keys, counts = torch.unique(slots[rows], return_counts=True)  # sorted slots and their sizes
         order = torch.argsort(counts, descending=True, stable=True)
@@ -153,6 +160,8 @@ class LoRABatch:
         own = (slot, int(ranks[slot]), float(scales[slot])) if slot >= 0 else None
         if merged_slot is None:
             return [own] if own is not None else [(-1, 0, 0.0)]
+        if slot == merged_slot:  # M's rows run on the merged base alone (only present with include_base_rows)
+            return [(-1, 0, 0.0), (-1, 0, 0.0)]
         minus_m = (merged_slot, int(ranks[merged_slot]), -float(scales[merged_slot]))
         return [own, minus_m] if own is not None else [minus_m, (-1, 0, 0.0)]
 

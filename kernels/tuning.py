@@ -136,21 +136,68 @@ def profile_shape(timer, key: ShapeKey) -> tuple[AtmmConfig, float]:
 
 def profile_merge(timer, rank: int, targets: int = 8, dim: int = 3584) -> tuple[MergeConfig, float]:
     """The fastest merge tiles for one adapter of ``rank`` into ``targets`` square bf16 matrices."""
-    from kernels.lora_batch import LoRAWeights
-    from kernels.merge_plan import DeltaTerms, MergePlan, MergeTarget
     from kernels.swift_merge import swift_merge
 
-    dev, dt = timer.device, torch.bfloat16
+    plan, terms = _merge_problem(rank, targets, dim, str(timer.device))
+    return _best(timer, _merge_pool(rank), lambda c: swift_merge(plan, add=terms, config=c))
+
+
+def _warm_worker(job: tuple[list[ShrinkConfig], list[ExpandConfig], list[MergeConfig]]) -> int:
+    """Compile (by running once on a tiny problem) the given configs; the disk cache then serves the parent."""
+    from kernels.atmm import RowPlan, launch_expand, launch_shrink, workspace_shape
+    from kernels.swift_merge import swift_merge
+
+    shrinks, expands, merges = job
+    # The same argument specialisation as the 7B shapes: dims and strides divisible by 16.
+    x, y, weights, batch = synthetic_problem(ShapeKey(2, 4, 3584, 512, 16))
+    plan = RowPlan.from_batch(batch)
+    for cfg in shrinks:
+        tmp = torch.zeros(workspace_shape(plan, weights, AtmmConfig(cfg, EXPAND_POOL[0])), device="cuda")
+        launch_shrink(x, weights, plan, tmp, cfg)
+    tmp1 = torch.zeros(workspace_shape(plan, weights, AtmmConfig(SHRINK_POOL[0], EXPAND_POOL[0])), device="cuda")
+    tmp2 = torch.zeros((2, *tmp1.shape[1:]), device="cuda")
+    for cfg in expands:  # one K split and several: the expand compiles both variants
+        launch_expand(y, weights, plan, tmp1, cfg)
+        launch_expand(y, weights, plan, tmp2, cfg)
+    for cfg in merges:
+        plan_m, terms = _merge_problem(16, targets=1, dim=512)
+        swift_merge(plan_m, add=terms, config=cfg)
+    torch.cuda.synchronize()
+    return len(shrinks) + len(expands) + len(merges)
+
+
+def warm_cache(extra: Iterable[AtmmConfig] = (), processes: int = 8) -> None:
+    """Compile every pool config in parallel worker processes (Triton's disk cache is shared)."""
+    import multiprocessing
+
+    shrinks = list(dict.fromkeys(SHRINK_POOL + [c.shrink for c in extra]))
+    expands = list(dict.fromkeys(EXPAND_POOL + [c.expand for c in extra]))
+    merges = list(dict.fromkeys(_merge_pool(r) for r in RANKS))
+    merges = [c for group in merges for c in group]
+    jobs = [(shrinks[i::processes], expands[i::processes], list(dict.fromkeys(merges))[i::processes])
+            for i in range(processes)]
+    started = time.monotonic()
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        done = sum(pool.map(_warm_worker, jobs))
+    logger.info("compiled %d kernel configs in %.0f s", done, time.monotonic() - started)
+
+
+def _merge_pool(rank: int) -> tuple[MergeConfig, ...]:
+    return tuple(dict.fromkeys(MergeConfig(c.block_m, c.block_n, min(c.block_r, _pow2(rank)), c.num_warps,
+                                           c.num_stages) for c in MERGE_POOL))
+
+
+def _merge_problem(rank: int, targets: int, dim: int, device: str = "cuda"):
+    from kernels.lora_batch import LoRAWeights
+    from kernels.merge_plan import DeltaTerms, MergePlan, MergeTarget
+
+    dt = torch.bfloat16
     items = []
     for _ in range(targets):
-        lora = LoRAWeights(torch.randn(2, 1, rank, dim, device=dev, dtype=dt) * 0.01,
-                           torch.randn(2, dim, rank, device=dev, dtype=dt) * 0.01, (0, dim))
-        items.append(MergeTarget(torch.randn(dim, dim, device=dev, dtype=dt), lora))
-    plan = MergePlan(items)
-    terms = DeltaTerms.of_adapter(1, rank, 0.5, dev)
-    pool = [MergeConfig(c.block_m, c.block_n, min(c.block_r, _pow2(rank)), c.num_warps, c.num_stages)
-            for c in MERGE_POOL]
-    return _best(timer, dict.fromkeys(pool), lambda c: swift_merge(plan, add=terms, config=c))
+        lora = LoRAWeights(torch.randn(2, 1, rank, dim, device=device, dtype=dt) * 0.01,
+                           torch.randn(2, dim, rank, device=device, dtype=dt) * 0.01, (0, dim))
+        items.append(MergeTarget(torch.randn(dim, dim, device=device, dtype=dt), lora))
+    return MergePlan(items), DeltaTerms.of_adapter(1, rank, 0.5, device)
 
 
 def tune(
@@ -170,6 +217,9 @@ def tune(
         raise ValueError("tuning needs a CUDA GPU (kernels are timed on the device whose table is written)")
     out_path = out_path or table_path(slug)
     grid = grid if grid is not None else default_grid()
+    from kernels.tile_config import FIXED_CONFIG
+
+    warm_cache(extra=[FIXED_CONFIG])
     timer = Timer()
     table = TileTable(slug)
     started = time.monotonic()

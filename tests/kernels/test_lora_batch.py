@@ -67,3 +67,13 @@ def test_weights_check_catches_layout_errors():
         LoRAWeights(a, torch.zeros(2, 10, 4), (0, 6, 9)).check()
     with pytest.raises(ValueError, match="does not match"):
         LoRAWeights(a, torch.zeros(2, 10, 5), (0, 6, 10)).check()
+
+
+def test_include_base_rows_keeps_every_row_in_an_inactive_segment():
+    batch = LoRABatch.from_token_slots([2, -1, 0, 2], RANKS, SCALES, include_base_rows=True)
+    assert batch.num_lora_tokens == 4
+    assert sorted(batch.token_indices.tolist()) == [0, 1, 2, 3]
+    assert -1 in batch.seg_slots.tolist()
+    mixture = LoRABatch.from_token_slots([2, -1, 0, 2], RANKS, SCALES, merged_slot=2, include_base_rows=True)
+    slots, _, _ = mixture.terms()
+    assert mixture.num_lora_tokens == 4 and [-1, -1] in slots.tolist()

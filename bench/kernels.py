@@ -233,11 +233,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     timer = Timer()
     bw, rate = copy_bandwidth(timer), matmul_rate(timer)
-    print(f"# {torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s "
+    one = torch.zeros(1, device="cuda")
+    empty_us = timer.graph_time_us(lambda: one.add_(1.0))  # one trivial kernel: the method's own latency floor
+    two_us = timer.graph_time_us(lambda: (one.add_(1.0), one.add_(1.0)))
+    print(f"# {torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; "
+          f"a graph of 1 / 2 trivial kernels: {empty_us:.1f} / {two_us:.1f} us "
           f"(times in us, CUDA-graph replay, L2 flushed)")
     cases = [run_case(timer, c, bw, rate) for c in grid(args.quick)]
     print_cases(cases)
     result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "bf16_flops_per_s": rate,
+              "trivial_graph_us": [empty_us, two_us],
               "cases": [asdict(c) for c in cases]}
     if not args.no_merge:
         result["merge"] = bench_merge(timer, bw)

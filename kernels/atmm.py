@@ -27,15 +27,23 @@ from kernels.lora_batch import LoRABatch, LoRAWeights
 from kernels.tile_config import AtmmConfig, ExpandConfig, ShapeKey, ShrinkConfig, device_table
 
 MAX_SLICES = 4
+PRELOAD_ELEMENTS = 64 * 128  # the expand keeps [BM, terms x rank] of shrink output in registers up to this
 
 
 @triton.jit
-def _segment_block(indptr_ptr, num_segments, pid_m, SEG_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Row block ``pid_m`` -> (segment, first position, end position); segment >= num_segments past the last."""
+def _segment_block(indptr_ptr, slot_ptr, rank_ptr, num_segments, n_terms, term, pid_m,
+                   SEG_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row block ``pid_m`` -> (segment, first position, end position, slot and rank of ``term``).
+
+    The segment is >= num_segments past the last block. The term's slot and rank are loaded as vectors in the
+    same round trip as the segment boundaries (one dependent DRAM access fewer on a cold cache).
+    """
     idx = tl.arange(0, SEG_POW2)
     valid = idx < num_segments
     lo = tl.load(indptr_ptr + idx, mask=valid, other=0)
     hi = tl.load(indptr_ptr + idx + 1, mask=valid, other=0)
+    slots = tl.load(slot_ptr + idx * n_terms + term, mask=valid, other=-1)
+    ranks = tl.load(rank_ptr + idx * n_terms + term, mask=valid, other=0)
     blocks = (hi - lo + BLOCK_M - 1) // BLOCK_M
     ends = tl.cumsum(blocks, axis=0)
     seg = tl.sum((ends <= pid_m).to(tl.int32), axis=0)
@@ -43,7 +51,9 @@ def _segment_block(indptr_ptr, num_segments, pid_m, SEG_POW2: tl.constexpr, BLOC
     first = tl.sum(tl.where(here, ends - blocks, 0), axis=0)
     seg_lo = tl.sum(tl.where(here, lo, 0), axis=0)
     seg_hi = tl.sum(tl.where(here, hi, 0), axis=0)
-    return seg, seg_lo + (pid_m - first) * BLOCK_M, seg_hi
+    slot = tl.sum(tl.where(here, slots, 0), axis=0)
+    rank = tl.sum(tl.where(here, ranks, 0), axis=0)
+    return seg, seg_lo + (pid_m - first) * BLOCK_M, seg_hi, slot, rank
 
 
 @triton.jit
@@ -84,12 +94,13 @@ def _shrink_kernel(
         seg = 0
         m_lo = pid_m * BLOCK_M
         m_hi = num_rows
+        slot = tl.load(slot_ptr + term)
+        rank = tl.load(rank_ptr + term)
     else:
-        seg, m_lo, m_hi = _segment_block(indptr_ptr, num_segments, pid_m, SEG_POW2, BLOCK_M)
+        seg, m_lo, m_hi, slot, rank = _segment_block(indptr_ptr, slot_ptr, rank_ptr, num_segments, n_terms, term,
+                                                     pid_m, SEG_POW2, BLOCK_M)
         if seg >= num_segments:
             return
-    slot = tl.load(slot_ptr + seg * n_terms + term)
-    rank = tl.load(rank_ptr + seg * n_terms + term)
     r_lo = r_block * BLOCK_R
     if (slot < 0) | (r_lo >= rank):
         return
@@ -130,45 +141,73 @@ def _shrink_kernel(
     tl.store(t_ptrs, acc, mask=t_mask)
 
 
-@triton.jit(do_not_specialize=["num_segments", "num_rows", "n_terms", "top_k", "n_splits", "n_blocks", "first1",
+@triton.jit
+def _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, term, n_splits, offs_m, mask_m, offs_r,
+               stride_t_split, stride_t_pos, stride_t_term, t_slice_off, ONE_SPLIT: tl.constexpr):
+    """One term's shrink output for a row block, summed over K splits and scaled -> ([BM, BR] fp32, slot, rank)."""
+    slot = tl.load(slot_ptr + seg * n_terms + term)
+    rank = tl.load(rank_ptr + seg * n_terms + term)
+    scale = tl.load(scale_ptr + seg * n_terms + term)
+    rank = tl.where(slot >= 0, rank, 0)
+    t_ptrs = tmp_ptr + offs_m[:, None] * stride_t_pos + term * stride_t_term + t_slice_off + offs_r[None, :]
+    t_mask = mask_m[:, None] & (offs_r < rank)[None, :]
+    if ONE_SPLIT:
+        t = tl.load(t_ptrs, mask=t_mask, other=0.0)
+    else:
+        t = tl.zeros((offs_m.shape[0], offs_r.shape[0]), dtype=tl.float32)
+        for split in range(0, n_splits):
+            t += tl.load(t_ptrs + split * stride_t_split, mask=t_mask, other=0.0)
+    return t * scale, slot, rank
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit(do_not_specialize=["num_segments", "num_rows", "n_terms", "top_k", "n_splits", "n_groups", "first1",
                                "first2", "first3"])
 def _expand_kernel(
     # pointers
-    y_ptr, tmp_ptr, b_ptr, tok_ptr, indptr_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr, route_gate_ptr,
+    y_ptr, tmp_ptr, b_ptr, tok_ptr, indptr_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr,
     # sizes
-    num_segments, num_rows, n_terms, top_k, n_splits, n_blocks, out_total,
+    num_segments, num_rows, n_terms, top_k, n_splits, n_groups, out_total,
     bound1, bound2, bound3, first1, first2, first3,
     # strides
-    stride_y_row, stride_b_slot, stride_b_row, stride_t_split, stride_t_pos, stride_t_term, stride_t_slice,
+    stride_y_row, stride_b_slot, stride_b_row, stride_t_split, stride_t_pos, stride_t_slice, stride_t_term,
     # meta
     N_SLICES: tl.constexpr, SEG_POW2: tl.constexpr, ROUTED: tl.constexpr, ONE_SPLIT: tl.constexpr,
-    TOP_K_POW2: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    TOP_K_POW2: tl.constexpr, IEEE: tl.constexpr, PRELOAD_TERMS: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_m = pid // n_blocks
-    n_block = pid % n_blocks
+    pid_m = pid // n_groups
+    group = pid % n_groups
     if ROUTED:
         seg = 0
         m_lo = pid_m * BLOCK_M
         m_hi = num_rows
     else:
-        seg, m_lo, m_hi = _segment_block(indptr_ptr, num_segments, pid_m, SEG_POW2, BLOCK_M)
+        seg, m_lo, m_hi, slot0, rank0 = _segment_block(indptr_ptr, slot_ptr, rank_ptr, num_segments, n_terms, 0,
+                                                       pid_m, SEG_POW2, BLOCK_M)
         if seg >= num_segments:
             return
+    # Groups of GROUP_N output blocks never straddle slices: slice i owns groups [first_i, first_{i+1}).
     if N_SLICES == 1:
         slice_id = 0
-        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < out_total
+        n_lo = 0
+        n_hi = out_total
+        g0 = 0
     else:
-        # Output blocks never straddle slices: slice i owns blocks [first_i, first_{i+1}).
-        slice_id = (n_block >= first1).to(tl.int32) + (n_block >= first2).to(tl.int32) + (n_block >= first3)
+        slice_id = (group >= first1).to(tl.int32) + (group >= first2).to(tl.int32) + (group >= first3)
         n_lo = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, bound1, tl.where(slice_id == 2, bound2, bound3)))
         n_hi = tl.where(slice_id == 0, bound1,
                         tl.where(slice_id == 1, bound2, tl.where(slice_id == 2, bound3, out_total)))
-        blk0 = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, first1, tl.where(slice_id == 2, first2, first3)))
-        offs_n = n_lo + (n_block - blk0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_hi
+        g0 = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, first1, tl.where(slice_id == 2, first2, first3)))
+    nb_lo = (group - g0) * GROUP_N
+    nb_hi = tl.minimum(nb_lo + GROUP_N, tl.cdiv(n_hi - n_lo, BLOCK_N))
     offs_m = m_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < m_hi
     if ROUTED:
@@ -178,46 +217,76 @@ def _expand_kernel(
         ids = tl.load(route_id_ptr + offs_m[:, None] * top_k + offs_j[None, :], mask=id_mask, other=-1)
     else:
         rows = tl.load(tok_ptr + offs_m, mask=mask_m, other=0)
-    hits = 0
-    for term in range(0, n_terms):  # scalar pass: leave y untouched (and unread) when no term is live
-        live = (tl.load(slot_ptr + seg * n_terms + term) >= 0) & (tl.load(rank_ptr + seg * n_terms + term) > 0)
-        if ROUTED:
-            live = live & (tl.sum((ids == term).to(tl.int32)) > 0)
-        hits += live.to(tl.int32)
-    if hits == 0:
-        return
-    # Issue the y tile's load before the rank loop so that its latency overlaps the B tiles' loads and the dots.
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_y_row + offs_n[None, :]
-    y_mask = mask_m[:, None] & mask_n[None, :]
-    y_tile = tl.load(y_ptrs, mask=y_mask, other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for term in range(0, n_terms):
-        slot = tl.load(slot_ptr + seg * n_terms + term)
-        rank = tl.load(rank_ptr + seg * n_terms + term)
-        scale = tl.load(scale_ptr + seg * n_terms + term)
-        live = (slot >= 0) & (rank > 0)
-        if ROUTED:
-            live = live & (tl.sum((ids == term).to(tl.int32)) > 0)
-        if live:
-            b_base = b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[None, :] * stride_b_row
-            t_base = tmp_ptr + offs_m[:, None] * stride_t_pos + term * stride_t_term + slice_id * stride_t_slice
-            for r_lo in range(0, rank, BLOCK_R):
-                offs_r = r_lo + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < rank
-                t_mask = mask_m[:, None] & mask_r[None, :]
-                if ONE_SPLIT:
-                    part = tl.load(t_base + offs_r[None, :], mask=t_mask, other=0.0)
-                else:
-                    part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                    for split in range(0, n_splits):
-                        part += tl.load(t_base + split * stride_t_split + offs_r[None, :], mask=t_mask, other=0.0)
-                part = (part * scale).to(b_ptr.dtype.element_ty)  # [BM, BR]
-                b_tile = tl.load(b_base + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                if IEEE:
-                    acc += tl.dot(part, b_tile, input_precision="ieee")
-                else:
-                    acc += tl.dot(part, b_tile)
-    tl.store(y_ptrs, (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+    y_rows = y_ptr + rows.to(tl.int64)[:, None] * stride_y_row
+    t_slice_off = slice_id * stride_t_slice
+    dtype = b_ptr.dtype.element_ty
+    if PRELOAD_TERMS > 0:
+        # One or two terms whose ranks fit a tile: load their shrink output once, then stream y and B over the
+        # output blocks (the loop body is loads -> dot -> store, which the compiler software-pipelines).
+        offs_r = tl.arange(0, R_PAD)
+        t0, slot0, rank0 = _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, 0, n_splits, offs_m,
+                                      mask_m, offs_r, stride_t_split, stride_t_pos, stride_t_term, t_slice_off,
+                                      ONE_SPLIT)
+        b0 = b_ptr + slot0.to(tl.int64) * stride_b_slot + offs_r[:, None]
+        live0 = offs_r < rank0
+        t0 = t0.to(dtype)
+        if PRELOAD_TERMS == 2:
+            t1, slot1, rank1 = _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, 1, n_splits, offs_m,
+                                          mask_m, offs_r, stride_t_split, stride_t_pos, stride_t_term, t_slice_off,
+                                          ONE_SPLIT)
+            b1 = b_ptr + slot1.to(tl.int64) * stride_b_slot + offs_r[:, None]
+            live1 = offs_r < rank1
+            t1 = t1.to(dtype)
+            if rank0 + rank1 == 0:
+                return
+        else:
+            if rank0 == 0:
+                return
+        for nb in range(nb_lo, nb_hi):
+            offs_n = n_lo + nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < n_hi
+            y_mask = mask_m[:, None] & mask_n[None, :]
+            y_tile = tl.load(y_rows + offs_n[None, :], mask=y_mask, other=0.0)
+            b_tile = tl.load(b0 + offs_n[None, :] * stride_b_row, mask=live0[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot(t0, b_tile, IEEE)
+            if PRELOAD_TERMS == 2:
+                b_tile1 = tl.load(b1 + offs_n[None, :] * stride_b_row, mask=live1[:, None] & mask_n[None, :],
+                                  other=0.0)
+                acc += _dot(t1, b_tile1, IEEE)
+            tl.store(y_rows + offs_n[None, :], (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        # Any number of terms (mixture of wide ranks, routed experts): walk terms and rank chunks per output block.
+        hits = 0
+        for term in range(0, n_terms):  # scalar pass: leave y untouched when no term is live
+            live = (tl.load(slot_ptr + seg * n_terms + term) >= 0) & (tl.load(rank_ptr + seg * n_terms + term) > 0)
+            if ROUTED:
+                live = live & (tl.sum((ids == term).to(tl.int32)) > 0)
+            hits += live.to(tl.int32)
+        if hits == 0:
+            return
+        for nb in range(nb_lo, nb_hi):
+            offs_n = n_lo + nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < n_hi
+            y_mask = mask_m[:, None] & mask_n[None, :]
+            y_tile = tl.load(y_rows + offs_n[None, :], mask=y_mask, other=0.0)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for term in range(0, n_terms):
+                slot = tl.load(slot_ptr + seg * n_terms + term)
+                rank = tl.load(rank_ptr + seg * n_terms + term)
+                live = (slot >= 0) & (rank > 0)
+                if ROUTED:
+                    live = live & (tl.sum((ids == term).to(tl.int32)) > 0)
+                if live:
+                    b_base = b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[None, :] * stride_b_row
+                    for r_lo in range(0, rank, BLOCK_R):
+                        offs_r = r_lo + tl.arange(0, BLOCK_R)
+                        t, _, _ = _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, term, n_splits,
+                                             offs_m, mask_m, offs_r, stride_t_split, stride_t_pos, stride_t_term,
+                                             t_slice_off, ONE_SPLIT)
+                        b_tile = tl.load(b_base + offs_r[:, None], mask=(offs_r < rank)[:, None] & mask_n[None, :],
+                                         other=0.0)
+                        acc += _dot(t.to(dtype), b_tile, IEEE)
+            tl.store(y_rows + offs_n[None, :], (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @dataclass(frozen=True)
@@ -270,12 +339,13 @@ def _seg_pow2(plan: RowPlan) -> int:
 
 
 def workspace_shape(plan: RowPlan, weights: LoRAWeights, config: AtmmConfig) -> tuple[int, ...]:
-    """Shape of the fp32 shrink output: [split_k, positions, terms, slices, max_rank rounded up to 16].
+    """Shape of the fp32 shrink output: [split_k, positions, slices, terms, max_rank rounded up to 16].
 
-    The rounding keeps every row 64-byte aligned, and the kernels' stride specialisation the same for every rank.
+    Within a slice the terms' ranks sit side by side (the expand reads them as one concatenated rank axis). The
+    rounding keeps every row 64-byte aligned, and the kernels' stride specialisation the same for every rank.
     """
     rank = -(-max(plan.max_rank, 1) // 16) * 16
-    return (config.shrink.split_k, plan.num_positions, plan.n_terms, weights.n_slices, rank)
+    return (config.shrink.split_k, plan.num_positions, weights.n_slices, plan.n_terms, rank)
 
 
 def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor, cfg: ShrinkConfig) -> None:
@@ -293,7 +363,7 @@ def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
         x, weights.a, tmp, plan.tok, plan.indptr, plan.slots, plan.ranks, *routes,
         plan.num_segments, plan.num_positions, weights.in_dim, plan.n_terms, plan.top_k, r_blocks,
         x.stride(0), weights.a.stride(0), weights.a.stride(1), weights.a.stride(2),
-        tmp.stride(0), tmp.stride(1), tmp.stride(2), tmp.stride(3),
+        tmp.stride(0), tmp.stride(1), tmp.stride(3), tmp.stride(2),
         N_SLICES=weights.n_slices, SPLIT_K=cfg.split_k, SEG_POW2=_seg_pow2(plan),
         ROUTED=plan.routed, TOP_K_POW2=_pow2(plan.top_k), IEEE=x.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
@@ -302,31 +372,33 @@ def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
 
 
 def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor, cfg: ExpandConfig) -> None:
-    """Semantics: y[row(p), out_i] += sum_k scale(p,k) * (sum_split tmp[:, p, k, i, :r]) @ b[slot(p,k), out_i, :r].T.
+    """Semantics: y[row(p), out_i] += sum_k scale(p,k) * (sum_split tmp[:, p, i, k, :r]) @ b[slot(p,k), out_i, :r].T.
 
     y: [T, out_total]; tmp: as written by launch_shrink with the same plan.
     """
     bounds = list(weights.slice_bounds) + [weights.out_dim] * (MAX_SLICES + 1 - len(weights.slice_bounds))
-    firsts, total = [], 0
+    firsts, n_groups = [], 0
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=False):
-        firsts.append(total)
-        total += triton.cdiv(hi - lo, cfg.block_n)
-    n_blocks = total
-    firsts = [f if i < weights.n_slices else n_blocks for i, f in enumerate(firsts)]
-    grid = (plan.row_blocks(cfg.block_m) * n_blocks,)
+        firsts.append(n_groups)
+        n_groups += triton.cdiv(triton.cdiv(hi - lo, cfg.block_n), cfg.group_n)
+    firsts = [f if i < weights.n_slices else n_groups for i, f in enumerate(firsts)]
+    grid = (plan.row_blocks(cfg.block_m) * n_groups,)
     if grid[0] == 0:
         return
-    routes = (plan.route_ids, plan.route_gates) if plan.routed else (plan.slots, plan.scales)
+    r_pad = _pow2(plan.max_rank, 16)
+    preload = plan.n_terms if (not plan.routed and plan.n_terms <= 2
+                               and r_pad * cfg.block_m * plan.n_terms <= PRELOAD_ELEMENTS) else 0
     _expand_kernel[grid](
-        y, tmp, weights.b, plan.tok, plan.indptr, plan.slots, plan.ranks, plan.scales, *routes,
-        plan.num_segments, plan.num_positions, plan.n_terms, plan.top_k, tmp.shape[0], n_blocks, weights.out_dim,
+        y, tmp, weights.b, plan.tok, plan.indptr, plan.slots, plan.ranks, plan.scales,
+        plan.route_ids if plan.routed else plan.slots,
+        plan.num_segments, plan.num_positions, plan.n_terms, plan.top_k, tmp.shape[0], n_groups, weights.out_dim,
         bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
-        y.stride(0), weights.b.stride(0), weights.b.stride(1),
-        tmp.stride(0), tmp.stride(1), tmp.stride(2), tmp.stride(3),
+        y.stride(0), weights.b.stride(0), weights.b.stride(1), tmp.stride(0), tmp.stride(1), tmp.stride(2),
+        tmp.stride(3),
         N_SLICES=weights.n_slices, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed, ONE_SPLIT=tmp.shape[0] == 1,
         TOP_K_POW2=_pow2(plan.top_k), IEEE=y.dtype == torch.float32 and weights.b.dtype == torch.float32,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRELOAD_TERMS=preload, R_PAD=r_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+        GROUP_N=cfg.group_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 

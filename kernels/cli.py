@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--out", type=Path, default=None, help="Table path (default: kernels/configs/<device>.json).")
     tune.add_argument("--budget-s", type=float, default=None,
                       help="Stop profiling new shapes after this many seconds (the rest use the nearest shape).")
+    tune.add_argument("--trace", type=Path, default=None, help="Also write every candidate's time to this JSON.")
     tune.set_defaults(handler=_tune)
 
     show = sub.add_parser("show", help="Print the tile config the table picks for one batch shape.")
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _tune(args: argparse.Namespace) -> int:
     from kernels.tuning import default_grid, tune
 
-    path = tune(default_grid(quick=args.quick), out_path=args.out, budget_s=args.budget_s)
+    path = tune(default_grid(quick=args.quick), out_path=args.out, budget_s=args.budget_s, trace_path=args.trace)
     print(f"wrote {path}")
     return 0
 

@@ -102,7 +102,19 @@ class MergePlan:
         self.targets = list(targets)
         self.num_groups = max(t.group for t in targets) + 1
         self.from_base = targets[0].base is not None
+        self.aligned = all(self._aligned(t) for t in targets)
         self._tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    @staticmethod
+    def _aligned(target: MergeTarget) -> bool:
+        """Every row start of W, base, A and B is 16-byte aligned (lets the kernel vectorise table pointers)."""
+        lora, w = target.lora, target.weight
+        base = target.base if target.base is not None else w
+        size = w.element_size()
+        pointers = [w.data_ptr(), base.data_ptr(), lora.a.data_ptr(), lora.b.data_ptr()]
+        strides = [w.stride(0), base.stride(0), lora.a.stride(0), lora.a.stride(1), lora.a.stride(2),
+                   lora.b.stride(0), lora.b.stride(1)] + list(lora.slice_bounds)
+        return all(p % 16 == 0 for p in pointers) and all(s * size % 16 == 0 and s % 8 == 0 for s in strides)
 
     @property
     def dtype(self) -> torch.dtype:

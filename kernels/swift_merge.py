@@ -76,7 +76,7 @@ def _delta_merge_kernel(
     stride_sub_group, stride_add_group,
     # meta
     W_DTYPE: tl.constexpr, TABLE_COLS: tl.constexpr, FROM_BASE: tl.constexpr, SKIP_UNCHANGED: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -106,12 +106,30 @@ def _delta_merge_kernel(
             stride_b_slot = tl.load(row + 10)
             stride_b_row = tl.load(row + 11)
             n_tiles_n = tl.load(row + 13)
+            if ALIGNED:  # pointers loaded from the table carry no alignment: restore it (checked by the plan)
+                w_ptr = tl.multiple_of(w_ptr, 16)
+                src_ptr = tl.multiple_of(src_ptr, 16)
+                a_ptr = tl.multiple_of(a_ptr, 16)
+                b_ptr = tl.multiple_of(b_ptr, 16)
+                stride_w = tl.multiple_of(stride_w, 8)
+                stride_src = tl.multiple_of(stride_src, 8)
+                stride_a_slot = tl.multiple_of(stride_a_slot, 8)
+                stride_a_rank = tl.multiple_of(stride_a_rank, 8)
+                stride_b_slot = tl.multiple_of(stride_b_slot, 8)
+                stride_b_row = tl.multiple_of(stride_b_row, 8)
             for tile in range(first, tile_hi, n_programs):
                 local = tile - tile_lo
                 offs_m = (local // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
                 offs_n = (local % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
                 mask_m = offs_m < n_rows_w
                 mask_n = offs_n < n_cols
+                mask = mask_m[:, None] & mask_n[None, :]
+                rows64 = offs_m.to(tl.int64)[:, None]
+                # The weight tile's load goes first: its DRAM latency overlaps the adapter tiles' loads and dots.
+                if FROM_BASE:
+                    src = tl.load(src_ptr + rows64 * stride_src + offs_n[None, :], mask=mask, other=0.0)
+                else:
+                    src = tl.load(w_ptr + rows64 * stride_w + offs_n[None, :], mask=mask, other=0.0)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 acc = _accumulate(acc, a_ptr, b_ptr, stride_a_slot, stride_a_rank, stride_b_slot, stride_b_row,
                                   offs_m, offs_n, mask_m, mask_n, sub_slot_ptr + sub_off, sub_rank_ptr + sub_off,
@@ -119,12 +137,6 @@ def _delta_merge_kernel(
                 acc = _accumulate(acc, a_ptr, b_ptr, stride_a_slot, stride_a_rank, stride_b_slot, stride_b_row,
                                   offs_m, offs_n, mask_m, mask_n, add_slot_ptr + add_off, add_rank_ptr + add_off,
                                   add_scale_ptr + add_off, k_add, 1.0, IEEE, BLOCK_R)
-                mask = mask_m[:, None] & mask_n[None, :]
-                rows64 = offs_m.to(tl.int64)[:, None]
-                if FROM_BASE:
-                    src = tl.load(src_ptr + rows64 * stride_src + offs_n[None, :], mask=mask, other=0.0)
-                else:
-                    src = tl.load(w_ptr + rows64 * stride_w + offs_n[None, :], mask=mask, other=0.0)
                 tl.store(w_ptr + rows64 * stride_w + offs_n[None, :], (src.to(tl.float32) + acc).to(W_DTYPE),
                          mask=mask)
 
@@ -193,7 +205,7 @@ def swift_merge(
         plan.num_rows, k_sub, k_add,
         stride_sub, stride_add,
         W_DTYPE=_TL_DTYPES[plan.dtype], TABLE_COLS=TABLE_WIDTH, FROM_BASE=plan.from_base,
-        SKIP_UNCHANGED=skip_unchanged, IEEE=plan.dtype == torch.float32,
+        SKIP_UNCHANGED=skip_unchanged, IEEE=plan.dtype == torch.float32, ALIGNED=plan.aligned,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -42,9 +42,10 @@ class ExpandConfig:
 
     block_m: int  # token rows per program
     block_n: int  # output columns per program
-    block_r: int  # rank chunk per loop step
+    block_r: int  # rank chunk per loop step (only when terms x rank is too wide to keep in registers)
     num_warps: int
     num_stages: int
+    group_n: int = 1  # output blocks per program, streamed in a pipelined loop (amortises the row-block setup)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class ShapeKey:
 # The Punica-SGMV-style policy: one tile config for every shape (the "punica" backend and the bench baseline).
 FIXED_CONFIG = AtmmConfig(
     shrink=ShrinkConfig(block_m=32, block_r=16, block_k=64, split_k=1, num_warps=4, num_stages=2),
-    expand=ExpandConfig(block_m=32, block_n=64, block_r=16, num_warps=4, num_stages=2),
+    expand=ExpandConfig(block_m=32, block_n=64, block_r=16, num_warps=4, num_stages=2, group_n=1),
 )
 FIXED_MERGE_CONFIG = MergeConfig(block_m=64, block_n=128, block_r=16, num_warps=4, num_stages=2)
 
@@ -114,8 +115,8 @@ def heuristic_config(key: ShapeKey) -> AtmmConfig:
         split_k *= 2
     shrink = ShrinkConfig(block_m=block_m, block_r=block_r, block_k=128 if block_m <= 32 else 64,
                           split_k=split_k, num_warps=4, num_stages=3)
-    expand = ExpandConfig(block_m=block_m, block_n=128 if block_m <= 32 else 64, block_r=min(block_r, 32),
-                          num_warps=4, num_stages=2)
+    expand = ExpandConfig(block_m=block_m, block_n=128, block_r=32, num_warps=4, num_stages=3,
+                          group_n=1 if rows_per_seg <= 16 else 4)
     return AtmmConfig(shrink=shrink, expand=expand)
 
 

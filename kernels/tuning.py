@@ -8,6 +8,7 @@ rank, and K splits only while the K range per split still holds a tile. Timing: 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -36,13 +37,13 @@ SHRINK_POOL = [ShrinkConfig(*c) for c in (
     (64, 64, 64, 1, 4, 3), (64, 64, 128, 1, 8, 3), (64, 32, 128, 1, 4, 4),
     (128, 64, 64, 1, 8, 3), (128, 128, 64, 1, 8, 3), (64, 128, 64, 1, 8, 3),
 )]
-# (block_m, block_n, block_r, num_warps, num_stages)
+# (block_m, block_n, block_r, num_warps, num_stages, group_n)
 EXPAND_POOL = [ExpandConfig(*c) for c in (
-    (16, 64, 16, 4, 2), (16, 128, 16, 4, 2), (16, 64, 32, 4, 2), (16, 128, 32, 4, 3), (16, 256, 32, 4, 2),
-    (16, 256, 64, 8, 2), (16, 32, 64, 4, 2),
-    (32, 128, 32, 4, 2), (32, 64, 64, 4, 2), (32, 256, 64, 8, 2),
-    (64, 64, 64, 4, 2), (64, 128, 32, 4, 3), (64, 128, 64, 8, 2), (64, 256, 64, 8, 2),
-    (128, 128, 64, 8, 2), (128, 256, 32, 8, 3),
+    (16, 64, 32, 4, 2, 1), (16, 128, 32, 4, 2, 1), (16, 128, 32, 4, 3, 2), (16, 256, 32, 4, 3, 1),
+    (16, 64, 32, 4, 3, 4), (16, 128, 64, 4, 3, 4), (16, 256, 32, 8, 3, 2),
+    (32, 128, 32, 4, 3, 2), (32, 64, 32, 4, 3, 4), (32, 256, 32, 8, 3, 2),
+    (64, 128, 32, 4, 3, 4), (64, 64, 32, 4, 3, 8), (64, 256, 32, 8, 3, 4), (64, 128, 32, 4, 4, 8),
+    (128, 128, 32, 8, 3, 4), (128, 64, 32, 4, 3, 8), (128, 256, 32, 8, 2, 2),
 )]
 MERGE_POOL = [MergeConfig(*c) for c in (
     (64, 128, 16, 4, 2), (64, 128, 32, 4, 2), (128, 128, 32, 8, 2), (64, 256, 32, 8, 2), (32, 256, 32, 4, 2),
@@ -97,7 +98,10 @@ def synthetic_problem(key: ShapeKey, device: torch.device | str = "cuda", dtype:
     return x, y, weights, batch
 
 
-def _best(timer, candidates: Iterable, run: Callable) -> tuple[object, float]:
+TRACE: list[dict] = []  # every candidate's time, for `valora kernels tune --trace`
+
+
+def _best(timer, candidates: Iterable, run: Callable, label: str = "") -> tuple[object, float]:
     best, best_us = None, float("inf")
     for cfg in candidates:
         try:
@@ -105,6 +109,7 @@ def _best(timer, candidates: Iterable, run: Callable) -> tuple[object, float]:
         except Exception as exc:  # a tile that does not fit this GPU (shared memory, registers): skip it
             logger.debug("skip %s: %s", cfg, exc)
             continue
+        TRACE.append({"shape": label, "config": repr(cfg), "us": us})
         if us < best_us:
             best, best_us = cfg, us
     if best is None:
@@ -127,10 +132,11 @@ def profile_shape(timer, key: ShapeKey) -> tuple[AtmmConfig, float]:
         return tmps[split]
 
     shrink, shrink_us = _best(timer, shrink_candidates(key),
-                              lambda c: launch_shrink(x, weights, plan, tmp_for(c.split_k), c))
+                              lambda c: launch_shrink(x, weights, plan, tmp_for(c.split_k), c), repr(key))
     tmp = tmp_for(shrink.split_k)
     launch_shrink(x, weights, plan, tmp, shrink)
-    expand, expand_us = _best(timer, expand_candidates(key), lambda c: launch_expand(y, weights, plan, tmp, c))
+    expand, expand_us = _best(timer, expand_candidates(key), lambda c: launch_expand(y, weights, plan, tmp, c),
+                              repr(key))
     return AtmmConfig(shrink, expand), shrink_us + expand_us
 
 
@@ -139,7 +145,7 @@ def profile_merge(timer, rank: int, targets: int = 8, dim: int = 3584) -> tuple[
     from kernels.swift_merge import swift_merge
 
     plan, terms = _merge_problem(rank, targets, dim, str(timer.device))
-    return _best(timer, _merge_pool(rank), lambda c: swift_merge(plan, add=terms, config=c))
+    return _best(timer, _merge_pool(rank), lambda c: swift_merge(plan, add=terms, config=c), f"merge rank {rank}")
 
 
 def _warm_worker(job: tuple[list[ShrinkConfig], list[ExpandConfig], list[MergeConfig]]) -> int:
@@ -205,6 +211,7 @@ def tune(
     out_path: Path | None = None,
     budget_s: float | None = None,
     merge_ranks: Iterable[int] = RANKS,
+    trace_path: Path | None = None,
 ) -> Path:
     """Profile ``grid`` (default: ``default_grid()``) on the current GPU and write the device's table.
 
@@ -235,4 +242,6 @@ def tune(
         logger.info("[%d/%d] %s: %.1f us %s", i + 1, len(grid), key, us, config)
         table.save(out_path)  # keep what is done if the run is cut short
     table.save(out_path)
+    if trace_path is not None:
+        trace_path.write_text(json.dumps(TRACE, indent=0))
     return out_path

@@ -27,7 +27,7 @@ MODES = ("plain", "mixture")
 CONFIGS = {
     "table": None,  # the device table's lookup (heuristic on CPU)
     "fixed": FIXED_CONFIG,
-    "split": AtmmConfig(ShrinkConfig(16, 16, 32, 3, 4, 1), ExpandConfig(32, 32, 16, 4, 1)),
+    "split": AtmmConfig(ShrinkConfig(16, 16, 32, 3, 4, 1), ExpandConfig(32, 32, 16, 4, 1, 3)),
 }
 
 # |out - expected| <= RTOL * |expected| + ATOL * max|delta|, elementwise (rounding of y, and of tmp before expand).

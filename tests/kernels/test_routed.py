@@ -18,7 +18,7 @@ EXPERTS = (1, 3, 8)  # LoRA-Switch adapters have a handful of experts per layer
 TOP_K = (1, 2, 3)
 AXES = {"rank": RANKS, "experts": EXPERTS, "top_k": TOP_K, "tokens": TOKENS, "dims": DIMS,
         "dtype": (torch.float16, torch.float32), "split_k": (False, True)}
-SPLIT = AtmmConfig(ShrinkConfig(32, 32, 64, 2, 4, 1), ExpandConfig(32, 64, 32, 4, 1))
+SPLIT = AtmmConfig(ShrinkConfig(32, 32, 64, 2, 4, 1), ExpandConfig(32, 64, 32, 4, 1, 2))
 # The interpreter's cost grows with rank x experts x tokens; every pair still appears (see covering_rows).
 CASES = covering_rows(AXES, seed=1, allowed=lambda c: c["rank"] * c["experts"] * c["tokens"] <= 128 * 3 * 300)
 

@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="A few cases (the issue's reference points) only.")
     parser.add_argument("--json", type=Path, default=None, help="Write all numbers here.")
-    parser.add_argument("--no-merge", action="store_true", help="Skip the 7B swift merge and switch (13 GB).")
+    parser.add_argument("--only", choices=["all", "atmm", "merge"], default="all",
+                        help="Run only the ATMM grid, or only the 7B swift merge and fused switch (13 GB).")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -239,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; "
           f"a graph of 1 / 2 trivial kernels: {empty_us:.1f} / {two_us:.1f} us "
           f"(times in us, CUDA-graph replay, L2 flushed)")
-    cases = [run_case(timer, c, bw, rate) for c in grid(args.quick)]
-    print_cases(cases)
+    cases = [run_case(timer, c, bw, rate) for c in grid(args.quick)] if args.only != "merge" else []
+    if cases:
+        print_cases(cases)
     result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "bf16_flops_per_s": rate,
               "trivial_graph_us": [empty_us, two_us],
               "cases": [asdict(c) for c in cases]}
-    if not args.no_merge:
+    if args.only != "atmm":
         result["merge"] = bench_merge(timer, bw)
         m = result["merge"]
         print(f"# swift merge rank {m['rank']} into 7B q/k/v/o/gate/up/down ({m['weights_gb']:.1f} GB): "

@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--out", type=Path, default=None, help="Table path (default: kernels/configs/<device>.json).")
     tune.add_argument("--budget-s", type=float, default=None,
                       help="Stop profiling new shapes after this many seconds (the rest use the nearest shape).")
+    tune.add_argument("--merge-only", action="store_true",
+                      help="Keep the table's ATMM entries; profile only the swift-merge tiles.")
     tune.add_argument("--trace", type=Path, default=None, help="Also write every candidate's time to this JSON.")
     tune.set_defaults(handler=_tune)
 
@@ -38,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _tune(args: argparse.Namespace) -> int:
     from kernels.tuning import default_grid, tune
 
-    path = tune(default_grid(quick=args.quick), out_path=args.out, budget_s=args.budget_s, trace_path=args.trace)
+    path = tune(default_grid(quick=args.quick), out_path=args.out, budget_s=args.budget_s, trace_path=args.trace,
+                merge_only=args.merge_only)
     print(f"wrote {path}")
     return 0
 

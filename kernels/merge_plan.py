@@ -13,9 +13,10 @@ import triton
 
 from kernels.lora_batch import LoRAWeights
 
-# Columns of the pointer table, one row per (target, slice).
-(W_PTR, BASE_PTR, A_PTR, B_PTR, ROWS, COLS, W_STRIDE, BASE_STRIDE,
- A_SLOT, A_RANK, B_SLOT, B_ROW, GROUP, N_TILES) = range(14)
+# Columns of the table, one row per (target, slice). Addresses are element offsets from the first target's
+# tensors (weight, lora.a, lora.b), which the kernel receives as pointer arguments.
+(W_OFF, BASE_OFF, A_OFF, B_OFF, ROWS, COLS, W_STRIDE, BASE_STRIDE,
+ A_SLOT, A_RANK, B_SLOT, B_ROW, GROUP, N_GROUPS) = range(14)
 TABLE_WIDTH = 14
 
 
@@ -107,7 +108,7 @@ class MergePlan:
 
     @staticmethod
     def _aligned(target: MergeTarget) -> bool:
-        """Every row start of W, base, A and B is 16-byte aligned (lets the kernel vectorise table pointers)."""
+        """Every row start of W, base, A and B is 16-byte aligned (lets the kernel vectorise table addresses)."""
         lora, w = target.lora, target.weight
         base = target.base if target.base is not None else w
         size = w.element_size()
@@ -129,34 +130,39 @@ class MergePlan:
         """Rows of the pointer table: one per (target, slice)."""
         return sum(t.lora.n_slices for t in self.targets)
 
-    def table(self, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(table [rows, TABLE_WIDTH] int64, tile_start [rows + 1] int32, total tiles) for this tile shape."""
-        key = (block_m, block_n)
+    def table(self, block_m: int, block_n: int, group_n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(table [rows, TABLE_WIDTH] int64, item_start [rows + 1] int32, total work items) for this tiling.
+
+        A work item is one block of ``block_m`` weight rows times ``group_n`` tiles of ``block_n`` columns.
+        """
+        key = (block_m, block_n, group_n)
         if key not in self._tables:
-            self._tables[key] = self._build(block_m, block_n)
+            self._tables[key] = self._build(block_m, block_n, group_n)
         return self._tables[key]
 
-    def _build(self, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _build(self, block_m: int, block_n: int, group_n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        first = self.targets[0]
+        size = first.weight.element_size()
+        w0, a0, b0 = first.weight.data_ptr(), first.lora.a.data_ptr(), first.lora.b.data_ptr()
         rows, starts, total = [], [0], 0
         for t in self.targets:
             a, b, w = t.lora.a, t.lora.b, t.weight
             base = t.base if t.base is not None else w
             for i, (lo, hi) in enumerate(zip(t.lora.slice_bounds[:-1], t.lora.slice_bounds[1:], strict=False)):
-                n_tiles_n = triton.cdiv(w.shape[1], block_n)
-                tiles = triton.cdiv(hi - lo, block_m) * n_tiles_n
+                n_groups = triton.cdiv(triton.cdiv(w.shape[1], block_n), group_n)
                 row = [0] * TABLE_WIDTH
-                row[W_PTR] = w.data_ptr() + lo * w.stride(0) * w.element_size()
-                row[BASE_PTR] = base.data_ptr() + lo * base.stride(0) * base.element_size()
-                row[A_PTR] = a.data_ptr() + i * a.stride(1) * a.element_size()
-                row[B_PTR] = b.data_ptr() + lo * b.stride(1) * b.element_size()
+                row[W_OFF] = (w.data_ptr() - w0) // size + lo * w.stride(0)
+                row[BASE_OFF] = (base.data_ptr() - w0) // size + lo * base.stride(0)
+                row[A_OFF] = (a.data_ptr() - a0) // size + i * a.stride(1)
+                row[B_OFF] = (b.data_ptr() - b0) // size + lo * b.stride(1)
                 row[ROWS], row[COLS] = hi - lo, w.shape[1]
                 row[W_STRIDE], row[BASE_STRIDE] = w.stride(0), base.stride(0)
                 row[A_SLOT], row[A_RANK] = a.stride(0), a.stride(2)
                 row[B_SLOT], row[B_ROW] = b.stride(0), b.stride(1)
-                row[GROUP], row[N_TILES] = t.group, n_tiles_n
+                row[GROUP], row[N_GROUPS] = t.group, n_groups
                 rows.append(row)
-                total += tiles
+                total += triton.cdiv(hi - lo, block_m) * n_groups
                 starts.append(total)
         table = torch.tensor(rows, dtype=torch.int64).to(self.device)
-        tile_start = torch.tensor(starts, dtype=torch.int32).to(self.device)
-        return table, tile_start, total
+        item_start = torch.tensor(starts, dtype=torch.int32).to(self.device)
+        return table, item_start, total

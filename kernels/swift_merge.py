@@ -12,13 +12,14 @@ that map idempotent: after n >= 1 cycles W_n == W_1 exactly. Hence the drift nev
 merged from it instead (W = base + delta), which restores the base bit-exactly at the cost of a second copy of the
 weights in memory; the memory traffic per merge is the same (read one matrix, write one).
 
-Work layout: a persistent grid (a few programs per SM) walks the plan's targets; a program takes every
-``num_programs``-th tile of each target, so a whole target is skipped with one check (fused switch, unchanged layer).
+Work layout: one program per (target, block of rows, group of column tiles). It loads s * B for its rows once
+(every term side by side on one rank axis), then streams its column tiles: load W (or base) and A, one dot with
+fp32 accumulation, store. A program of a skipped group (fused switch, unchanged layer) exits after a scalar check.
+Weight, A and B addresses are element offsets from the first target's tensors, so the plan's alignment check
+(``MergePlan.aligned``) can restore the 16-byte divisibility the compiler needs for vector loads.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -28,32 +29,7 @@ from kernels.merge_plan import TABLE_WIDTH, DeltaTerms, MergePlan
 from kernels.tile_config import MergeConfig, device_table
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-PROGRAMS_PER_SM = 8
-
-
-@triton.jit
-def _accumulate(acc, a_ptr, b_ptr, stride_a_slot, stride_a_rank, stride_b_slot, stride_b_row,
-                offs_m, offs_n, mask_m, mask_n, slot_ptr, rank_ptr, scale_ptr, n_terms, sign,
-                IEEE: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc += sign * sum_j scale_j * B[slot_j][offs_m, :r_j] @ A[slot_j][:r_j, offs_n]."""
-    for j in range(0, n_terms):
-        slot = tl.load(slot_ptr + j)
-        rank = tl.load(rank_ptr + j)
-        scale = tl.load(scale_ptr + j) * sign
-        if (slot >= 0) & (rank > 0):
-            b_base = b_ptr + slot.to(tl.int64) * stride_b_slot + offs_m[:, None] * stride_b_row
-            a_base = a_ptr + slot.to(tl.int64) * stride_a_slot + offs_n[None, :]
-            for r_lo in range(0, rank, BLOCK_R):
-                offs_r = r_lo + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < rank
-                b_tile = tl.load(b_base + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                a_tile = tl.load(a_base + offs_r[:, None] * stride_a_rank, mask=mask_r[:, None] & mask_n[None, :],
-                                 other=0.0)
-                if IEEE:
-                    acc += scale * tl.dot(b_tile, a_tile, input_precision="ieee")
-                else:
-                    acc += scale * tl.dot(b_tile, a_tile)
-    return acc
+MAX_TERM_ELEMENTS = 64 * 128  # row block x (terms x padded rank) of s * B kept in registers
 
 
 @triton.jit
@@ -69,83 +45,97 @@ def _same_terms(add_slot, add_rank, add_scale, sub_slot, sub_rank, sub_scale, n_
 @triton.jit(do_not_specialize=["n_rows", "k_sub", "k_add", "stride_sub_group", "stride_add_group"])
 def _delta_merge_kernel(
     # pointers
-    table_ptr, start_ptr, sub_slot_ptr, sub_rank_ptr, sub_scale_ptr, add_slot_ptr, add_rank_ptr, add_scale_ptr,
+    w_base, a_base, b_base, table_ptr, start_ptr,
+    sub_slot_ptr, sub_rank_ptr, sub_scale_ptr, add_slot_ptr, add_rank_ptr, add_scale_ptr,
     # sizes
     n_rows, k_sub, k_add,
     # strides
     stride_sub_group, stride_add_group,
     # meta
-    W_DTYPE: tl.constexpr, TABLE_COLS: tl.constexpr, FROM_BASE: tl.constexpr, SKIP_UNCHANGED: tl.constexpr,
-    IEEE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    TABLE_COLS: tl.constexpr, ROWS_POW2: tl.constexpr, FROM_BASE: tl.constexpr, SKIP_UNCHANGED: tl.constexpr,
+    IEEE: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    for target in range(0, n_rows):
-        row = table_ptr + target * TABLE_COLS
-        group = tl.load(row + 12)
-        sub_off = group * stride_sub_group
-        add_off = group * stride_add_group
-        live = 1
-        if SKIP_UNCHANGED:
-            live = 1 - _same_terms(add_slot_ptr + add_off, add_rank_ptr + add_off, add_scale_ptr + add_off,
-                                   sub_slot_ptr + sub_off, sub_rank_ptr + sub_off, sub_scale_ptr + sub_off, k_add)
-        tile_lo = tl.load(start_ptr + target)
-        tile_hi = tl.load(start_ptr + target + 1)
-        first = tile_lo + (pid - tile_lo % n_programs + n_programs) % n_programs
-        if live != 0:
-            w_ptr = tl.load(row + 0).to(tl.pointer_type(W_DTYPE))
-            src_ptr = tl.load(row + 1).to(tl.pointer_type(W_DTYPE))
-            a_ptr = tl.load(row + 2).to(tl.pointer_type(W_DTYPE))
-            b_ptr = tl.load(row + 3).to(tl.pointer_type(W_DTYPE))
-            n_rows_w = tl.load(row + 4)
-            n_cols = tl.load(row + 5)
-            stride_w = tl.load(row + 6)
-            stride_src = tl.load(row + 7)
-            stride_a_slot = tl.load(row + 8)
-            stride_a_rank = tl.load(row + 9)
-            stride_b_slot = tl.load(row + 10)
-            stride_b_row = tl.load(row + 11)
-            n_tiles_n = tl.load(row + 13)
-            if ALIGNED:  # pointers loaded from the table carry no alignment: restore it (checked by the plan)
-                w_ptr = tl.multiple_of(w_ptr, 16)
-                src_ptr = tl.multiple_of(src_ptr, 16)
-                a_ptr = tl.multiple_of(a_ptr, 16)
-                b_ptr = tl.multiple_of(b_ptr, 16)
-                stride_w = tl.multiple_of(stride_w, 8)
-                stride_src = tl.multiple_of(stride_src, 8)
-                stride_a_slot = tl.multiple_of(stride_a_slot, 8)
-                stride_a_rank = tl.multiple_of(stride_a_rank, 8)
-                stride_b_slot = tl.multiple_of(stride_b_slot, 8)
-                stride_b_row = tl.multiple_of(stride_b_row, 8)
-            for tile in range(first, tile_hi, n_programs):
-                local = tile - tile_lo
-                offs_m = (local // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-                offs_n = (local % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-                mask_m = offs_m < n_rows_w
-                mask_n = offs_n < n_cols
-                mask = mask_m[:, None] & mask_n[None, :]
-                rows64 = offs_m.to(tl.int64)[:, None]
-                # The weight tile's load goes first: its DRAM latency overlaps the adapter tiles' loads and dots.
-                if FROM_BASE:
-                    src = tl.load(src_ptr + rows64 * stride_src + offs_n[None, :], mask=mask, other=0.0)
-                else:
-                    src = tl.load(w_ptr + rows64 * stride_w + offs_n[None, :], mask=mask, other=0.0)
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                acc = _accumulate(acc, a_ptr, b_ptr, stride_a_slot, stride_a_rank, stride_b_slot, stride_b_row,
-                                  offs_m, offs_n, mask_m, mask_n, sub_slot_ptr + sub_off, sub_rank_ptr + sub_off,
-                                  sub_scale_ptr + sub_off, k_sub, -1.0, IEEE, BLOCK_R)
-                acc = _accumulate(acc, a_ptr, b_ptr, stride_a_slot, stride_a_rank, stride_b_slot, stride_b_row,
-                                  offs_m, offs_n, mask_m, mask_n, add_slot_ptr + add_off, add_rank_ptr + add_off,
-                                  add_scale_ptr + add_off, k_add, 1.0, IEEE, BLOCK_R)
-                tl.store(w_ptr + rows64 * stride_w + offs_n[None, :], (src.to(tl.float32) + acc).to(W_DTYPE),
-                         mask=mask)
-
-
-@functools.cache
-def _program_count(device_index: int | None) -> int:
-    if device_index is None:
-        return 4  # the CPU interpreter runs programs one after another: few programs, same work
-    return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
+    idx = tl.arange(0, ROWS_POW2)
+    starts = tl.load(start_ptr + idx, mask=idx < n_rows, other=2147483647)
+    target = tl.sum((starts <= pid).to(tl.int32), axis=0) - 1
+    row = table_ptr + target * TABLE_COLS
+    group = tl.load(row + 12)
+    sub_off = group * stride_sub_group
+    add_off = group * stride_add_group
+    if SKIP_UNCHANGED:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if _same_terms(add_slot_ptr + add_off, add_rank_ptr + add_off, add_scale_ptr + add_off,
+                       sub_slot_ptr + sub_off, sub_rank_ptr + sub_off, sub_scale_ptr + sub_off, k_add) != 0:
+            return
+    # All terms side by side on one rank axis k = term * R_PAD + j (sub terms first, with negated scales).
+    offs_k = tl.arange(0, K_PAD)
+    term = offs_k // R_PAD
+    j = offs_k % R_PAD
+    is_sub = term < k_sub
+    is_add = (term >= k_sub) & (term < k_sub + k_add)
+    slot = tl.where(is_sub, tl.load(sub_slot_ptr + sub_off + term, mask=is_sub, other=-1),
+                    tl.load(add_slot_ptr + add_off + term - k_sub, mask=is_add, other=-1))
+    rank = tl.where(is_sub, tl.load(sub_rank_ptr + sub_off + term, mask=is_sub, other=0),
+                    tl.load(add_rank_ptr + add_off + term - k_sub, mask=is_add, other=0))
+    scale = tl.where(is_sub, -tl.load(sub_scale_ptr + sub_off + term, mask=is_sub, other=0.0),
+                     tl.load(add_scale_ptr + add_off + term - k_sub, mask=is_add, other=0.0))
+    live = (is_sub | is_add) & (slot >= 0) & (j < rank)
+    if not FROM_BASE:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if tl.sum(live.to(tl.int32), axis=0) == 0:
+            return
+    local = pid - tl.load(start_ptr + target)
+    n_groups = tl.load(row + 13)
+    w_off = tl.load(row + 0)
+    src_off = tl.load(row + 1)
+    a_off = tl.load(row + 2)
+    b_off = tl.load(row + 3)
+    n_rows_w = tl.load(row + 4)
+    n_cols = tl.load(row + 5)
+    stride_w = tl.load(row + 6)
+    stride_src = tl.load(row + 7)
+    stride_a_slot = tl.load(row + 8)
+    stride_a_rank = tl.load(row + 9)
+    stride_b_slot = tl.load(row + 10)
+    stride_b_row = tl.load(row + 11)
+    if ALIGNED:  # offsets and strides loaded from the table carry no divisibility: restore it (checked by the plan)
+        w_off = tl.multiple_of(w_off, 8)
+        src_off = tl.multiple_of(src_off, 8)
+        a_off = tl.multiple_of(a_off, 8)
+        b_off = tl.multiple_of(b_off, 8)
+        stride_w = tl.multiple_of(stride_w, 8)
+        stride_src = tl.multiple_of(stride_src, 8)
+        stride_a_slot = tl.multiple_of(stride_a_slot, 8)
+        stride_a_rank = tl.multiple_of(stride_a_rank, 8)
+        stride_b_slot = tl.multiple_of(stride_b_slot, 8)
+        stride_b_row = tl.multiple_of(stride_b_row, 8)
+    offs_m = (local // n_groups) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_rows_w
+    rows64 = offs_m.to(tl.int64)[:, None]
+    # s * B for this row block, once: [BM, K_PAD], as a high and a low part in the weights' dtype so that the dot
+    # keeps ~16 mantissa bits of s * B (rounding is odd-symmetric, so a merge and an unmerge with opposite scales
+    # still add exactly opposite deltas).
+    b_cat = tl.load(b_base + b_off + slot.to(tl.int64)[None, :] * stride_b_slot + rows64 * stride_b_row + j[None, :],
+                    mask=mask_m[:, None] & live[None, :], other=0.0)
+    scaled = b_cat.to(tl.float32) * scale[None, :]
+    b_hi = scaled.to(w_base.dtype.element_ty)
+    b_lo = (scaled - b_hi.to(tl.float32)).to(w_base.dtype.element_ty)
+    a_rows = a_base + a_off + slot.to(tl.int64)[:, None] * stride_a_slot + j[:, None] * stride_a_rank
+    w_rows = w_base + w_off + rows64 * stride_w
+    src_rows = w_base + src_off + rows64 * stride_src
+    nt_lo = (local % n_groups) * GROUP_N
+    nt_hi = tl.minimum(nt_lo + GROUP_N, tl.cdiv(n_cols, BLOCK_N))
+    for nt in range(nt_lo, nt_hi):  # loads -> dot -> store: the compiler pipelines the column tiles
+        offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_cols
+        mask = mask_m[:, None] & mask_n[None, :]
+        src = tl.load(src_rows + offs_n[None, :], mask=mask, other=0.0)
+        a_tile = tl.load(a_rows + offs_n[None, :], mask=live[:, None] & mask_n[None, :], other=0.0)  # [K_PAD, BN]
+        if IEEE:
+            acc = tl.dot(b_hi, a_tile, input_precision="ieee")
+        else:
+            acc = tl.dot(b_hi, a_tile) + tl.dot(b_lo, a_tile)
+        tl.store(w_rows + offs_n[None, :], (src.to(tl.float32) + acc).to(w_base.dtype.element_ty), mask=mask)
 
 
 def _terms_args(terms: DeltaTerms | None, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
@@ -190,22 +180,24 @@ def swift_merge(
     if plan.dtype not in _TL_DTYPES:
         raise ValueError(f"unsupported weight dtype {plan.dtype}")
     max_rank = max([t.max_rank for t in (add, sub) if t is not None] + [1])
+    n_terms = sum(t.num_terms for t in (add, sub) if t is not None)
     config = config or device_table().lookup_merge(max_rank)
-    table, tile_start, total = plan.table(config.block_m, config.block_n)
+    r_pad = triton.next_power_of_2(max(max_rank, 16))
+    k_pad = triton.next_power_of_2(max(n_terms, 1) * r_pad)
+    block_m = max(16, min(config.block_m, MAX_TERM_ELEMENTS // k_pad))  # s * B stays in registers
+    table, item_start, total = plan.table(block_m, config.block_n, config.group_n)
     if total == 0:
         return
-    device_index = plan.device.index if plan.device.type == "cuda" else None
-    if device_index is None and plan.device.type == "cuda":
-        device_index = torch.cuda.current_device()
-    grid = (min(total, _program_count(device_index)),)
-    sub_slots, sub_ranks, sub_scales, k_sub, stride_sub = _terms_args(sub, tile_start)
-    add_slots, add_ranks, add_scales, k_add, stride_add = _terms_args(add, tile_start)
-    _delta_merge_kernel[grid](
-        table, tile_start, sub_slots, sub_ranks, sub_scales, add_slots, add_ranks, add_scales,
+    first = plan.targets[0]
+    sub_slots, sub_ranks, sub_scales, k_sub, stride_sub = _terms_args(sub, item_start)
+    add_slots, add_ranks, add_scales, k_add, stride_add = _terms_args(add, item_start)
+    _delta_merge_kernel[(total,)](
+        first.weight, first.lora.a, first.lora.b, table, item_start,
+        sub_slots, sub_ranks, sub_scales, add_slots, add_ranks, add_scales,
         plan.num_rows, k_sub, k_add,
         stride_sub, stride_add,
-        W_DTYPE=_TL_DTYPES[plan.dtype], TABLE_COLS=TABLE_WIDTH, FROM_BASE=plan.from_base,
+        TABLE_COLS=TABLE_WIDTH, ROWS_POW2=triton.next_power_of_2(plan.num_rows), FROM_BASE=plan.from_base,
         SKIP_UNCHANGED=skip_unchanged, IEEE=plan.dtype == torch.float32, ALIGNED=plan.aligned,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r,
+        R_PAD=r_pad, K_PAD=k_pad, BLOCK_M=block_m, BLOCK_N=config.block_n, GROUP_N=config.group_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

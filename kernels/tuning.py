@@ -45,9 +45,10 @@ EXPAND_POOL = [ExpandConfig(*c) for c in (
     (64, 128, 32, 4, 3, 4), (64, 64, 32, 4, 3, 8), (64, 256, 32, 8, 3, 4), (64, 128, 32, 4, 4, 8),
     (128, 128, 32, 8, 3, 4), (128, 64, 32, 4, 3, 8), (128, 256, 32, 8, 2, 2),
 )]
+# (block_m, block_n, num_warps, num_stages, group_n)
 MERGE_POOL = [MergeConfig(*c) for c in (
-    (64, 128, 16, 4, 2), (64, 128, 32, 4, 2), (128, 128, 32, 8, 2), (64, 256, 32, 8, 2), (32, 256, 32, 4, 2),
-    (128, 64, 32, 4, 2), (128, 256, 64, 8, 2),
+    (64, 128, 4, 3, 8), (64, 128, 4, 3, 4), (32, 256, 4, 3, 4), (64, 256, 8, 3, 4), (128, 128, 8, 3, 4),
+    (64, 64, 4, 4, 16), (128, 64, 4, 3, 8), (32, 128, 4, 4, 16),
 )]
 
 DIMS = ((3584, 3584), (3584, 512), (3584, 18944), (18944, 3584))  # Qwen2.5-VL-7B projections
@@ -189,8 +190,7 @@ def warm_cache(extra: Iterable[AtmmConfig] = (), processes: int = 8) -> None:
 
 
 def _merge_pool(rank: int) -> tuple[MergeConfig, ...]:
-    return tuple(dict.fromkeys(MergeConfig(c.block_m, c.block_n, min(c.block_r, _pow2(rank)), c.num_warps,
-                                           c.num_stages) for c in MERGE_POOL))
+    return tuple(MERGE_POOL)
 
 
 def _merge_problem(rank: int, targets: int, dim: int, device: str = "cuda"):
@@ -212,10 +212,12 @@ def tune(
     budget_s: float | None = None,
     merge_ranks: Iterable[int] = RANKS,
     trace_path: Path | None = None,
+    merge_only: bool = False,
 ) -> Path:
     """Profile ``grid`` (default: ``default_grid()``) on the current GPU and write the device's table.
 
     Shapes past ``budget_s`` seconds are left out (lookups fall back to the nearest profiled shape).
+    ``merge_only`` keeps the table's ATMM entries and profiles the merge tiles again.
     """
     from kernels.timing import Timer
 
@@ -226,9 +228,14 @@ def tune(
     grid = grid if grid is not None else default_grid()
     from kernels.tile_config import FIXED_CONFIG
 
-    warm_cache(extra=[FIXED_CONFIG])
+    if merge_only:
+        table = TileTable.load(out_path) if out_path.is_file() else TileTable(slug)
+        table.merge.clear()
+        grid = []
+    else:
+        warm_cache(extra=[FIXED_CONFIG])
+        table = TileTable(slug)
     timer = Timer()
-    table = TileTable(slug)
     started = time.monotonic()
     for rank in merge_ranks:
         table.merge[rank], us = profile_merge(timer, rank)

@@ -12,7 +12,7 @@ from kernels.tile_config import MergeConfig
 from tests.kernels.sweep import make_model, merged_oracle
 from tests.kernels.test_swift_merge import assert_close_to
 
-SMALL_TILES = MergeConfig(block_m=32, block_n=16, block_r=16, num_warps=4, num_stages=1)
+SMALL_TILES = MergeConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, group_n=2)
 EXPERT_SLOTS = torch.tensor([4, 1, 3, 2], dtype=torch.int32)  # expert e lives in pool slot EXPERT_SLOTS[e]
 
 

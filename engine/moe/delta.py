@@ -1,0 +1,76 @@
+"""The MoE-LoRA LayerDeltas: the routed unmerged path (any routing scheme) and the merge-switch path (pre-gated).
+
+Both hook into the engine's adapter seam (``engine/lora/delta.py``): the model calls ``apply`` for every adapted
+projection in forward order, after the base matmul, so the routing is computed where its router reads its input
+(the pre-gated router at layer 0's attention projections, which run first) and reused by the projections after.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.lora.delta import LayerDelta, LayerKey
+from engine.moe.pool import MoEPool
+from engine.moe.router import Router
+from engine.moe.spec import GROUPS, site_of
+from engine.moe.switch import MergeSwitch
+from kernels.backend import LoRABackend
+from kernels.routing import Routing
+from kernels.switch import selection_terms
+
+FIRST_KEY: LayerKey = (0, GROUPS[0])  # the first adapted projection of a forward pass (layer 0's q/k/v)
+
+
+class RoutedMoEDelta(LayerDelta):
+    """Each routed row adds its top-k experts' updates through the routed multi-LoRA operator (one launch pair
+    per projection); the routing is computed once per step (pre-gated) or once per router site (baselines)."""
+
+    def __init__(self, pool: MoEPool, op: LoRABackend, routing: str, row_slot: torch.Tensor) -> None:
+        self.pool, self.op, self.scheme = pool, op, routing
+        self.router = Router(pool, row_slot)
+        self.routes: dict[LayerKey, Routing] = {}  # per router site (baselines)
+        self.layer_routes: list[Routing] = []  # per layer (pre-gated)
+
+    def apply(self, key: LayerKey, x: torch.Tensor, y: torch.Tensor) -> None:
+        routing = self._routing(key, x)
+        if routing is not None:
+            self.op.add_routed(y, x, self.pool.weights(key), routing)
+
+    def _routing(self, key: LayerKey, x: torch.Tensor) -> Routing | None:
+        layer, group = key
+        if self.scheme == "pregated":
+            if key == FIRST_KEY:
+                ids, gates = self.router.pregated(x)  # [layers, T, K]
+                self.layer_routes = [self.router.routing(ids[i], gates[i]) for i in range(ids.shape[0])]
+            return self.layer_routes[layer]
+        if self.scheme == "block" and group not in ("gate_up", "down"):
+            return None
+        if site_of(self.scheme, group) == group:
+            ids, gates = self.router.site(layer, group, x)  # [1, T, K]
+            self.routes[key] = self.router.routing(ids[0], gates[0])
+        return self.routes[(layer, site_of(self.scheme, group))]
+
+
+class SwitchMoEDelta(LayerDelta):
+    """Merge-switch (LoRA-Switch at batch 1): the lone sequence's experts live merged in the backbone.
+
+    At the first projection the pre-gated router picks the token's experts for every layer; one fused-switch
+    launch swaps them in (leaving the layers whose selection did not change untouched), and the first projection,
+    which ran on the previous token's weights, is recomputed. Every other projection then runs at base cost.
+    Only valid when this sequence's single row is the whole batch (the manager guarantees it).
+    """
+
+    def __init__(self, switch: MergeSwitch, row_slot: torch.Tensor, first: torch.nn.Module) -> None:
+        self.switch, self.first = switch, first
+        self.router = Router(switch.pool, row_slot)
+
+    def apply(self, key: LayerKey, x: torch.Tensor, y: torch.Tensor) -> None:
+        if key != FIRST_KEY:
+            return
+        pool = self.switch.pool
+        ids, gates = self.router.pregated(x)  # [layers, 1, K]
+        new = selection_terms(ids[:, 0], gates[:, 0], pool.expert_slots, pool.expert_ranks, pool.expert_scales,
+                              pool.max_rank)  # [layers, K]
+        self.switch.switch_to(new)
+        y.copy_(F.linear(x, self.first.weight, self.first.bias))

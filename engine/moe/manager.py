@@ -1,0 +1,231 @@
+"""MoEManager: MoE-LoRA adapters by name -> host copies (read in a thread) -> pool slots -> each step's deltas.
+
+Serving-path choice, per iteration:
+  merge-switch  when the whole batch is one decode token of one pre-gated MoE sequence, no plain adapter is
+                merged into the backbone (orchestrator), and ``merge_switch`` is on: its experts are merged into
+                the weights and swapped token by token with the fused switch kernel;
+  routed        otherwise: every MoE row adds its top-k experts through the routed multi-LoRA operator, one
+                delta per routing scheme present, next to the plain multi-LoRA delta of the other rows.
+Whenever the merge-switch path is not chosen, the backbone is restored first (``unmerge``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.adapter_store import AdapterError
+from engine.lora.delta import LayerDelta, LayerKey
+from engine.lora.layout import LoRALayout
+from engine.lora.manager import SlotStatus
+from engine.moe.config import MoEConfig
+from engine.moe.delta import FIRST_KEY, RoutedMoEDelta, SwitchMoEDelta
+from engine.moe.host import HostMoE, read_host_moe
+from engine.moe.pool import MoEPool
+from engine.moe.spec import MoESpec, is_moe_folder, read_moe_spec
+from engine.moe.switch import MergeSwitch
+from kernels.backend import LoRABackend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MoERows:
+    """A run of consecutive input rows (one sequence's tokens this step) of one MoE-LoRA adapter."""
+
+    adapter: str
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class MoEPlan:
+    """How this step's MoE rows are served: ``path`` is "none", "switch" or "routed"."""
+
+    path: str
+    row_slot: np.ndarray  # [T] int64 pool slot per row, -1 elsewhere
+    schemes: tuple[str, ...] = ()  # routing schemes present (routed path)
+    adapter: str | None = None  # the merged adapter (switch path)
+    groups: tuple[str, ...] = ()  # its adapted groups (switch path)
+
+
+class MoEStore:
+    """MoE-LoRA adapter folders under the adapters directory, by name; re-scanned on a miss."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._specs: dict[str, MoESpec] = {}
+        self.rescan()
+
+    def rescan(self) -> None:
+        self._specs = {}
+        if not self.root.is_dir():
+            return
+        for folder in sorted(p for p in self.root.iterdir() if is_moe_folder(p)):
+            try:
+                self._specs[folder.name] = read_moe_spec(folder)
+            except AdapterError as exc:
+                logger.warning("skipping MoE adapter: %s", exc)
+
+    def is_moe(self, name: str) -> bool:
+        return name in self._specs or is_moe_folder(self.root / name)
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def get(self, name: str) -> MoESpec:
+        if name not in self._specs:
+            self.rescan()
+        if name not in self._specs:
+            return read_moe_spec(self.root / name)  # raises the folder's real problem
+        return self._specs[name]
+
+
+class MoEManager:
+    """Owns the expert pool, the host cache, the background reader and the merge switch."""
+
+    def __init__(self, root: str | Path, layout: LoRALayout, config: MoEConfig, hidden_size: int,
+                 linears: dict[LayerKey, torch.nn.Module], op: LoRABackend, device: torch.device,
+                 dtype: torch.dtype, host_capacity: int = 8) -> None:
+        self.store, self.layout, self.config = MoEStore(root), layout, config
+        self.hidden_size, self.device, self.dtype, self.op = hidden_size, device, dtype, op
+        self.pool = MoEPool(layout, config, hidden_size, device, dtype)
+        self.switch = MergeSwitch(self.pool, linears, op)
+        self.first = linears[FIRST_KEY]
+        self.host: OrderedDict[str, HostMoE] = OrderedDict()
+        self.host_capacity = host_capacity
+        self._loading: dict[str, Future[HostMoE]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-load")
+        self.steps = {"switch": 0, "routed": 0}
+
+    def is_moe(self, name: str | None) -> bool:
+        return name is not None and self.store.is_moe(name)
+
+    def spec(self, name: str) -> MoESpec:
+        """The adapter's spec; AdapterError for a malformed one or one the pool cannot hold."""
+        spec = self.store.get(name)
+        for what, value, limit in (("experts", spec.num_experts, self.pool.experts),
+                                   ("top_k", spec.top_k, self.pool.top_k), ("rank", spec.rank, self.pool.max_rank)):
+            if value > limit:
+                raise AdapterError(f"MoE adapter {name!r} has {what} {value}, over the engine's MoE pool limit "
+                                   f"{limit} (moe.max_{'experts' if what == 'experts' else what})")
+        return spec
+
+    def prefetch(self, name: str) -> None:
+        if name in self.host or name in self.pool.slot_of or name in self._loading:
+            return
+        spec = self.spec(name)
+        pin = self.device.type == "cuda"
+        self._loading[name] = self._executor.submit(read_host_moe, spec, self.layout, self.hidden_size,
+                                                    self.dtype, pin)
+
+    def prefetch_to_device(self, name: str) -> None:
+        if name in self.pool.slot_of or not self.pool.has_empty_slot():
+            return
+        try:
+            host = self._host_copy(name)
+        except AdapterError:
+            return
+        if host is not None:
+            self.pool.acquire(name, host)
+            self.pool.release(name)
+
+    def acquire(self, name: str) -> SlotStatus:
+        """Hold a pool slot for one more sequence of ``name``; AdapterError if its files turned out bad."""
+        host = None if name in self.pool.slot_of else self._host_copy(name)
+        if name not in self.pool.slot_of and host is None:
+            return SlotStatus.LOADING
+        return SlotStatus.READY if self.pool.acquire(name, host) is not None else SlotStatus.NO_SLOT
+
+    def release(self, name: str) -> None:
+        self.pool.release(name)
+
+    def loads_in_flight(self) -> bool:
+        return bool(self._loading)
+
+    def wait_for_load(self, timeout: float = 5.0) -> None:
+        wait(list(self._loading.values()), timeout=timeout, return_when="FIRST_COMPLETED")
+
+    def plan(self, rows: Sequence[MoERows], num_tokens: int, decode: bool, merged_adapter: str | None) -> MoEPlan:
+        """Pick this step's path (see the module docstring); host-side only."""
+        row_slot = np.full(num_tokens, -1, dtype=np.int64)
+        for run in rows:
+            row_slot[run.start:run.start + run.count] = self.pool.slot_of[run.adapter]
+        if not rows:
+            return MoEPlan("none", row_slot)
+        slots = [self.pool.slot_of[r.adapter] for r in rows]
+        spec = self.pool.host_in[slots[0]].spec
+        lone = decode and num_tokens == 1 and len(rows) == 1
+        if self.config.merge_switch and lone and spec.routing == "pregated" and merged_adapter is None:
+            return MoEPlan("switch", row_slot, adapter=spec.name, groups=spec.groups)
+        schemes = tuple(sorted({self.pool.routing_of(s) for s in slots}))
+        return MoEPlan("routed", row_slot, schemes=schemes)
+
+    def build_deltas(self, plan: MoEPlan) -> list[LayerDelta]:
+        """The step's MoE deltas (eager); restores the backbone first unless the plan merges."""
+        if plan.path != "switch":
+            self.switch.unmerge()
+        if plan.path == "none":
+            return []
+        self.steps[plan.path] += 1
+        row_slot = torch.from_numpy(plan.row_slot).to(self.device)
+        if plan.path == "switch":
+            self.switch.begin(plan.adapter, plan.groups)
+            return [SwitchMoEDelta(self.switch, row_slot, self.first)]
+        if len(plan.schemes) == 1:
+            return [RoutedMoEDelta(self.pool, self.op, plan.schemes[0], row_slot)]
+        return [RoutedMoEDelta(self.pool, self.op, scheme, torch.from_numpy(self.rows_of(plan, scheme)).to(self.device))
+                for scheme in plan.schemes]
+
+    def rows_of(self, plan: MoEPlan, scheme: str) -> np.ndarray:
+        """plan.row_slot with the rows of other routing schemes set to -1."""
+        own = plan.row_slot.copy()
+        for slot in np.unique(own[own >= 0]):
+            if self.pool.routing_of(int(slot)) != scheme:
+                own[own == slot] = -1
+        return own
+
+    def stats(self) -> dict[str, Any]:
+        return {"moe_adapters_resident": self.pool.resident(), "moe_merged": self.switch.merged,
+                "moe_switch_steps": self.steps["switch"], "moe_routed_steps": self.steps["routed"],
+                "moe_unmerges": self.switch.unmerges, "moe_adapter_loads": self.pool.loads}
+
+    def close(self) -> None:
+        self.switch.unmerge()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _host_copy(self, name: str, block: bool = False) -> HostMoE | None:
+        if name in self.host:
+            self.host.move_to_end(name)
+            return self.host[name]
+        future = self._loading.get(name)
+        if future is None:
+            self.prefetch(name)
+            future = self._loading[name]
+        if not (block or future.done()):
+            return None
+        del self._loading[name]
+        host = future.result()  # raises the reader's AdapterError for a bad adapter
+        problem = self.pool.fits(host)
+        if problem is not None:
+            raise AdapterError(f"MoE adapter {name!r} {problem}")
+        self.host[name] = host
+        while len(self.host) > self.host_capacity:
+            self.host.popitem(last=False)
+        return host
+
+    def load_now(self, name: str) -> HostMoE:
+        """Read ``name`` synchronously (tests, benchmarks, pinning)."""
+        self.prefetch(name)
+        host = self._host_copy(name, block=True)
+        if host is None:
+            raise AdapterError(f"MoE adapter {name!r} did not load")
+        return host

@@ -1,0 +1,153 @@
+"""MoEPool: device slots holding MoE-LoRA adapters' experts (every layer and group) and routers, with LRU eviction.
+
+Slot s owns experts ``s * E .. s * E + E - 1`` of every layer's expert pool (E = the pool's max experts), so one
+expert index space [slots * E] serves every layer and a Routing's ``expert_slots`` is simply ``arange``. Per-slot
+metadata (ranks, scales, which experts and top-k pairs are live) sits in fixed device tensors that slot loads
+overwrite in place, so captured CUDA graphs read the current adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import torch
+
+from engine.lora.delta import LayerKey
+from engine.lora.layout import LoRALayout
+from engine.moe.config import MoEConfig
+from engine.moe.host import HostMoE
+from kernels.lora_batch import LoRAWeights
+
+logger = logging.getLogger(__name__)
+
+
+class MoEPool:
+    """Expert storage per group: a [layers, slots * E, n_slices, R, in], b [layers, slots * E, out, R].
+
+    Routers (fp32): ``global_router`` [slots, layers * E, hidden] (pre-gated) and ``site_router[group]``
+    [layers, slots, E, in_dim] (per-layer and block). ``logit_bias`` [slots, E] is 0 for an adapter's experts
+    and -inf past them; ``pair_live`` [slots, K] marks its top-k pairs.
+    """
+
+    def __init__(self, layout: LoRALayout, config: MoEConfig, hidden_size: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.layout, self.device = layout, device
+        self.num_slots, self.experts, self.top_k, self.max_rank = (config.slots, config.max_experts,
+                                                                   config.max_top_k, config.max_rank)
+        n = self.num_slots * self.experts
+        self.a = {g: torch.zeros(layout.num_layers, n, len(w), self.max_rank, d, dtype=dtype, device=device)
+                  for g, (d, w) in layout.groups.items()}
+        self.b = {g: torch.zeros(layout.num_layers, n, sum(w), self.max_rank, dtype=dtype, device=device)
+                  for g, (d, w) in layout.groups.items()}
+        self._weights = {(layer, g): LoRAWeights(self.a[g][layer], self.b[g][layer], layout.slice_bounds(g))
+                         for g in layout.groups for layer in range(layout.num_layers)}
+        f32 = dict(dtype=torch.float32, device=device)
+        self.global_router = torch.zeros(self.num_slots, layout.num_layers * self.experts, hidden_size, **f32)
+        self.site_router = {g: torch.zeros(layout.num_layers, self.num_slots, self.experts, d, **f32)
+                            for g, (d, _) in layout.groups.items()}
+        self.expert_slots = torch.arange(n, dtype=torch.int32, device=device)
+        self.expert_ranks = torch.zeros(n, dtype=torch.int32, device=device)
+        self.expert_scales = torch.zeros(n, **f32)
+        self.logit_bias = torch.zeros(self.num_slots, self.experts, **f32)
+        self.pair_live = torch.zeros(self.num_slots, self.top_k, dtype=torch.bool, device=device)
+        self.slot_of: dict[str, int] = {}
+        self.host_in: list[HostMoE | None] = [None] * self.num_slots
+        self.refs = [0] * self.num_slots
+        self.pinned: set[str] = set()
+        self.lru: OrderedDict[str, None] = OrderedDict()  # idle resident adapters, least recent first
+        self.loads = 0
+        self.evictions = 0
+
+    def weights(self, key: LayerKey) -> LoRAWeights:
+        return self._weights[key]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.a.values(), *self.b.values(), self.global_router, *self.site_router.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def routing_of(self, slot: int) -> str:
+        host = self.host_in[slot]
+        if host is None:
+            raise ValueError(f"MoE slot {slot} is empty")
+        return host.spec.routing
+
+    def resident(self) -> list[str]:
+        return sorted(self.slot_of)
+
+    def has_empty_slot(self) -> bool:
+        return None in self.host_in
+
+    def fits(self, host: HostMoE) -> str | None:
+        """Why ``host`` cannot live in this pool, or None."""
+        spec = host.spec
+        if spec.num_experts > self.experts:
+            return f"has {spec.num_experts} experts, over the pool's max_experts {self.experts}"
+        if spec.top_k > self.top_k:
+            return f"routes to top-{spec.top_k}, over the pool's max_top_k {self.top_k}"
+        if spec.rank > self.max_rank:
+            return f"has rank {spec.rank}, over the pool's max_rank {self.max_rank}"
+        return None
+
+    def acquire(self, name: str, host: HostMoE | None) -> int | None:
+        """The slot holding ``name`` with one more user; loads ``host`` into a free or evicted slot if needed."""
+        slot = self.slot_of.get(name)
+        if slot is None:
+            if host is None:
+                return None
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self._write(slot, host)
+        self.refs[slot] += 1
+        self.lru.pop(name, None)
+        return slot
+
+    def release(self, name: str) -> None:
+        slot = self.slot_of[name]
+        self.refs[slot] -= 1
+        if self.refs[slot] == 0:
+            self.lru[name] = None
+
+    def _free_slot(self) -> int | None:
+        for slot, host in enumerate(self.host_in):
+            if host is None:
+                return slot
+        for name in self.lru:
+            if name not in self.pinned:
+                slot = self.slot_of.pop(name)
+                del self.lru[name]
+                self.host_in[slot] = None
+                self.evictions += 1
+                logger.debug("evicted MoE adapter %s from slot %d", name, slot)
+                return slot
+        return None
+
+    def _write(self, slot: int, host: HostMoE) -> None:
+        """Copy ``host`` into ``slot`` (synchronously: loads are rare and happen between iterations)."""
+        spec, e, n = host.spec, self.experts, host.spec.num_experts
+        lo, r = slot * e, spec.rank
+        for group in self.layout.groups:
+            a, b = self.a[group][:, lo:lo + e], self.b[group][:, lo:lo + e]
+            a.zero_()
+            b.zero_()
+            if group in host.a:
+                a[:, :n, :, :r].copy_(host.a[group])
+                b[:, :n, :, :r].copy_(host.b[group])
+            self.site_router[group][:, slot].zero_()
+        self.global_router[slot].zero_()
+        for (layer, site), weight in host.routers.items():
+            if layer < 0:
+                self.global_router[slot].view(self.layout.num_layers, e, -1)[:, :n].copy_(
+                    weight.view(self.layout.num_layers, n, -1))
+            else:
+                self.site_router[site][layer, slot, :n].copy_(weight)
+        live = torch.arange(e) < n
+        self.expert_ranks[lo:lo + e].copy_(torch.where(live, r, 0).to(torch.int32))
+        self.expert_scales[lo:lo + e].copy_(torch.where(live, spec.scaling, 0.0).float())
+        self.logit_bias[slot].copy_(torch.where(live, 0.0, float("-inf")))
+        self.pair_live[slot].copy_(torch.arange(self.top_k) < spec.top_k)
+        self.slot_of[host.name] = slot
+        self.host_in[slot] = host
+        self.loads += 1

@@ -169,7 +169,9 @@ class MoELoRAModel(nn.Module):
         return torch.stack(self.state.balance).mean()
 
     def trainable(self) -> list[nn.Parameter]:
-        return [*self.experts.parameters(), *self.routers.parameters()]
+        """Experts' A and B and the routers (the base model stays frozen)."""
+        experts = [p for m in self.experts.values() for p in (m.lora_A, m.lora_B)]
+        return experts + [r.weight for r in self.routers.values()]
 
     def init_random(self, seed: int, b_std: float = 0.0) -> None:
         """A like PEFT (Kaiming-uniform), B zero (or normal with ``b_std`` for tests), routers normal(0.02)."""

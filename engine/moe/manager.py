@@ -112,11 +112,12 @@ class MoEManager:
     def spec(self, name: str) -> MoESpec:
         """The adapter's spec; AdapterError for a malformed one or one the pool cannot hold."""
         spec = self.store.get(name)
-        for what, value, limit in (("experts", spec.num_experts, self.pool.experts),
-                                   ("top_k", spec.top_k, self.pool.top_k), ("rank", spec.rank, self.pool.max_rank)):
+        for what, value, limit, setting in (("num_experts", spec.num_experts, self.pool.experts, "max_experts"),
+                                            ("top_k", spec.top_k, self.pool.top_k, "max_top_k"),
+                                            ("r", spec.rank, self.pool.max_rank, "max_rank")):
             if value > limit:
-                raise AdapterError(f"MoE adapter {name!r} has {what} {value}, over the engine's MoE pool limit "
-                                   f"{limit} (moe.max_{'experts' if what == 'experts' else what})")
+                raise AdapterError(f"MoE adapter {name!r} has {what}={value}, over the engine's MoE pool limit "
+                                   f"moe.{setting}={limit}")
         return spec
 
     def prefetch(self, name: str) -> None:

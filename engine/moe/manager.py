@@ -2,8 +2,9 @@
 
 Serving-path choice, per iteration:
   merge-switch  when the whole batch is one decode token of one pre-gated MoE sequence, no plain adapter is
-                merged into the backbone (orchestrator), and ``merge_switch`` is on: its experts are merged into
-                the weights and swapped token by token with the fused switch kernel;
+                merged into the backbone and no other claim holds the weights (the orchestrator's merge state),
+                and ``merge_switch`` is on: its experts are merged into the weights (claiming them) and swapped
+                token by token with the fused switch kernel;
   routed        otherwise: every MoE row adds its top-k experts through the routed multi-LoRA operator, one
                 delta per routing scheme present, next to the plain multi-LoRA delta of the other rows.
 Whenever the merge-switch path is not chosen, the backbone is restored first (``unmerge``).
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from engine.moe.delta import FIRST_KEY, RoutedMoEDelta, SwitchMoEDelta
 from engine.moe.host import HostMoE, read_host_moe
 from engine.moe.pool import MoEPool
 from engine.moe.spec import MoESpec, is_moe_folder, read_moe_spec
-from engine.moe.switch import MergeSwitch
+from engine.moe.switch import MergeSwitch, WeightClaims
 from kernels.backend import LoRABackend
 
 logger = logging.getLogger(__name__)
@@ -94,11 +95,12 @@ class MoEManager:
 
     def __init__(self, root: str | Path, layout: LoRALayout, config: MoEConfig, hidden_size: int,
                  linears: dict[LayerKey, torch.nn.Module], op: LoRABackend, device: torch.device,
-                 dtype: torch.dtype, host_capacity: int = 8) -> None:
+                 dtype: torch.dtype, host_capacity: int = 8, claims: WeightClaims | None = None,
+                 restore: Callable[[], None] | None = None) -> None:
         self.store, self.layout, self.config = MoEStore(root), layout, config
         self.hidden_size, self.device, self.dtype, self.op = hidden_size, device, dtype, op
         self.pool = MoEPool(layout, config, hidden_size, device, dtype)
-        self.switch = MergeSwitch(self.pool, linears, op)
+        self.switch = MergeSwitch(self.pool, linears, op, claims, restore)
         self.first = linears[FIRST_KEY]
         self.host: OrderedDict[str, HostMoE] = OrderedDict()
         self.host_capacity = host_capacity
@@ -155,7 +157,12 @@ class MoEManager:
     def wait_for_load(self, timeout: float = 5.0) -> None:
         wait(list(self._loading.values()), timeout=timeout, return_when="FIRST_COMPLETED")
 
-    def plan(self, rows: Sequence[MoERows], num_tokens: int, decode: bool, merged_adapter: str | None) -> MoEPlan:
+    def set_op(self, op: LoRABackend) -> None:
+        """Run the routed operator and the fused switch on ``op`` from now on (restores the backbone first)."""
+        self.switch.unmerge()
+        self.op = self.switch.op = op
+
+    def plan(self, rows: Sequence[MoERows], num_tokens: int, decode: bool) -> MoEPlan:
         """Pick this step's path (see the module docstring); host-side only."""
         row_slot = np.full(num_tokens, -1, dtype=np.int64)
         for run in rows:
@@ -165,7 +172,7 @@ class MoEManager:
         slots = [self.pool.slot_of[r.adapter] for r in rows]
         spec = self.pool.host_in[slots[0]].spec
         lone = decode and num_tokens == 1 and len(rows) == 1
-        if self.config.merge_switch and lone and spec.routing == "pregated" and merged_adapter is None:
+        if self.config.merge_switch and lone and spec.routing == "pregated" and self.switch.available():
             return MoEPlan("switch", row_slot, adapter=spec.name, groups=spec.groups)
         schemes = tuple(sorted({self.pool.routing_of(s) for s in slots}))
         return MoEPlan("routed", row_slot, schemes=schemes)

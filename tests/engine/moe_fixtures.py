@@ -95,7 +95,7 @@ class OneSequence:
             context_lens=torch.tensor([ctx_len], dtype=torch.int32, device=dev),
             max_query_len=t, query_lens_host=[t], context_lens_host=[ctx_len])
         rows = [MoERows(adapter, 0, t)] if adapter else []
-        plan = self.moe.plan(rows, t, decode=start > 0 and t == 1, merged_adapter=None)
+        plan = self.moe.plan(rows, t, decode=start > 0 and t == 1)
         self.paths.append(plan.path)
         ctx = ForwardContext(attn, self.moe.build_deltas(plan))
         positions = torch.arange(start, ctx_len, device=dev)[None].expand(3, t)

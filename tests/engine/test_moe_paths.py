@@ -134,3 +134,27 @@ def test_bad_adapters_fail_with_clear_errors(tiny_checkpoint, moe_root, tmp_path
     for name, message in expected.items():
         with pytest.raises(AdapterError, match=message):
             runner.moe.load_now(name)
+
+
+def test_switch_yields_to_a_merged_plain_adapter_and_restores_exactly(tiny_checkpoint, moe_root):
+    """Merge-switch only while the weights are free (merge state); unmerge from clean copies is bit-exact."""
+    from engine.moe.switch import OWNER, LocalClaims
+
+    claims = LocalClaims(merged="ad8")
+    runner = OneSequence(tiny_checkpoint / "base", moe_root, CONFIG)
+    linears = runner.model.adapted_linears()
+    clean = {k: m.weight.clone() for k, m in linears.items()}
+    switch = runner.moe.switch
+    switch.claims = claims
+    switch.restore = lambda: [m.weight.copy_(clean[k]) for k, m in linears.items()]
+    runner.acquire("moe_pre")
+    tokens, _ = runner.greedy("moe_pre", PROMPT, 4)
+    assert runner.paths == ["routed"] * 4 and claims.claimed_by is None  # a plain adapter holds the weights
+    claims.merged = None
+    runner.paths.clear()
+    runner.greedy("moe_pre", PROMPT, 4)
+    assert runner.paths == ["routed", "switch", "switch", "switch"] and claims.claimed_by == OWNER
+    assert switch.available()
+    runner.step(None, [5], len(PROMPT) + 4)
+    assert claims.claimed_by is None
+    assert all(torch.equal(m.weight, clean[k]) for k, m in linears.items())

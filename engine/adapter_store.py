@@ -88,7 +88,11 @@ class AdapterStore:
         self._specs = {}
         if not self.root.is_dir():
             return
+        from engine.moe.spec import is_moe_folder  # its own store serves MoE-LoRA adapters
+
         for folder in sorted(p for p in self.root.iterdir() if (p / CONFIG_FILE).is_file()):
+            if is_moe_folder(folder):
+                continue
             try:
                 self._specs[folder.name] = read_adapter_spec(folder)
             except AdapterError as exc:

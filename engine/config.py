@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.moe.config import MoEConfig
+
 
 class EngineConfig(BaseModel):
     """Settings of one engine replica."""
@@ -41,6 +43,9 @@ class EngineConfig(BaseModel):
     )
     lora_slots: int = Field(32, ge=1, le=1024, description="Adapter slots in the device pool.")
     max_lora_rank: int = Field(64, ge=1, le=256, description="Largest adapter rank the pool accepts.")
+    moe: MoEConfig = Field(
+        default_factory=MoEConfig, description="MoE-LoRA adapters (LoRA-Switch): expert pool sizes and serving paths."
+    )
     pinned_adapters: list[str] = Field(
         default_factory=list, description="Adapters kept resident in the device pool."
     )

@@ -10,9 +10,11 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.forward_context import ForwardContext
 from engine.lora.batch import MultiLoRADelta, StaticLoRABatch
-from engine.lora.manager import LoRAManager
 from engine.model.qwen2 import Qwen2LM
 from engine.model_input import ModelInput
+from engine.moe.adapters import AdapterManager
+from engine.moe.graphs import StaticMoE
+from engine.moe.manager import MoEPlan
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ class GraphRunner:
     Graphs are captured on first use of a (bucket, LoRA) pair, so unused sizes cost nothing.
     """
 
-    def __init__(self, model: Qwen2LM, lora: LoRAManager, max_batch: int, max_blocks: int,
+    def __init__(self, model: Qwen2LM, lora: AdapterManager, max_batch: int, max_blocks: int,
                  device: torch.device) -> None:
         self.model, self.lora, self.device = model, lora, device
         self.sizes = buckets(max_batch)
@@ -42,13 +44,15 @@ class GraphRunner:
         self.cu_query_lens = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.static_lora = {b: StaticLoRABatch(b, lora.layout.max_rank, device) for b in self.sizes}
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.static_moe = StaticMoE(lora.moe, self.sizes, device)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def can_run(self, batch: int, with_lora: bool) -> bool:
-        return batch <= self.sizes[-1] and (self.lora.graph_safe or not with_lora)
+    def can_run(self, batch: int, with_lora: bool, moe: MoEPlan) -> bool:
+        needs_op = with_lora or moe.path != "none"
+        return batch <= self.sizes[-1] and (self.lora.graph_safe or not needs_op)
 
-    def run(self, inp: ModelInput) -> torch.Tensor:
+    def run(self, inp: ModelInput, moe: MoEPlan) -> torch.Tensor:
         """Replay the graph of the smallest bucket that holds ``inp``; returns hidden states [B, hidden]."""
         batch, with_lora = inp.num_tokens, bool(inp.lora_rows)
         size = next(b for b in self.sizes if b >= batch)
@@ -56,9 +60,11 @@ class GraphRunner:
         if with_lora:
             self.static_lora[size].fill(inp.lora_rows, self.lora.pool)
             self.lora.pool.wait_ready()
-        key = (size, with_lora)
+        self.lora.moe.prepare(moe)
+        self.static_moe.fill(moe, size)
+        key = (size, with_lora, moe.key)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(size, with_lora)
+            self.graphs[key] = self._capture(size, with_lora, moe)
         graph, hidden = self.graphs[key]
         graph.replay()
         return hidden[:batch]
@@ -78,15 +84,15 @@ class GraphRunner:
             self.block_tables[b:size].zero_()
             self.context_lens[b:size].fill_(1)
 
-    def _capture(self, size: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        logger.info("capturing decode graph for batch %d (lora=%s)", size, with_lora)
+    def _capture(self, size: int, with_lora: bool, moe: MoEPlan) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        logger.info("capturing decode graph for batch %d (lora=%s, moe=%s)", size, with_lora, moe.key)
         attn = AttentionMetadata(
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             cu_query_lens=self.cu_query_lens[:size + 1], context_lens=self.context_lens[:size],
             max_query_len=1, query_lens_host=[1] * size, context_lens_host=[1] * size, use_triton=True,
         )
         deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, self.static_lora[size].batch)] if with_lora else []
-        ctx = ForwardContext(attn, deltas)
+        ctx = ForwardContext(attn, deltas + self.static_moe.deltas(moe, size))
         forward: Callable[[], torch.Tensor] = lambda: self.model(  # noqa: E731
             self.input_ids[:size], self.positions[:, :size], ctx)
         stream = torch.cuda.Stream(self.device)

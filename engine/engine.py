@@ -18,10 +18,10 @@ from engine.device import resolve_device, resolve_dtype
 from engine.heads import TaskHead
 from engine.intake import RequestIntake
 from engine.lora.layout import LoRALayout
-from engine.lora.manager import LoRAManager
 from engine.model.checkpoint import Checkpoint
 from engine.model.qwen2 import LORA_GROUPS
 from engine.model_runner import ModelRunner, build_model
+from engine.moe.adapters import AdapterManager
 from engine.output_processor import OutputProcessor
 from engine.policy import create_policy
 from engine.request import EngineRequest, EngineResult
@@ -60,9 +60,10 @@ class ValoraEngine(EngineBackend):
     def _init_lora(self) -> None:
         layout = LoRALayout(self.checkpoint.spec.num_layers, self.model.lora_group_shapes(), LORA_GROUPS,
                             self.config.max_lora_rank)
-        self.lora = LoRAManager(AdapterStore(self.config.adapters), layout, self.config.lora_slots,
-                                self.config.cpu_adapter_cache, self.config.lora_backend, self.device, self.dtype,
-                                self.config.pinned_adapters)
+        self.lora = AdapterManager(AdapterStore(self.config.adapters), layout, self.config.lora_slots,
+                                   self.config.cpu_adapter_cache, self.config.lora_backend, self.device, self.dtype,
+                                   self.config.pinned_adapters, moe=self.config.moe,
+                                   hidden_size=self.checkpoint.spec.hidden_size, linears=self.model.adapted_linears())
 
     def _init_runner(self) -> None:
         self.runner = ModelRunner(self.config, self.checkpoint, self.lora, self.model, self.vision, self.heads,

@@ -74,7 +74,7 @@ def build_model_input(sched: ScheduleOutput, block_size: int, slot_of: dict[str,
             out_rows["sample_seqs"].append(seq)
         elif chunk.completes:
             out_rows["head_rows"].append((seq, slice(row + count - seq.head.positions, row + count)))
-        if seq.adapter is not None:
+        if seq.adapter in slot_of:  # plain LoRA; other adapter types (MoE-LoRA) add their own deltas
             out_rows["lora_rows"].append(LoRARows(slot_of[seq.adapter], row, count))
         row += count
     cu = np.zeros(len(chunks) + 1, dtype=np.int32)

@@ -13,13 +13,14 @@ from engine.cuda_graph import GraphRunner
 from engine.forward_context import ForwardContext
 from engine.heads import TaskHead
 from engine.kv_cache import KVCache
-from engine.lora.manager import LoRAManager
 from engine.model.checkpoint import Checkpoint
 from engine.model.layers import FusedOps
 from engine.model.loader import init_dummy, load_weights
 from engine.model.qwen2 import Qwen2LM
 from engine.model.vision import VisionTower
 from engine.model_input import ModelInput, build_model_input
+from engine.moe.adapters import AdapterManager
+from engine.moe.manager import MoEPlan
 from engine.sampler import Sampler
 from engine.scheduler import ScheduleOutput
 from engine.vision_cache import VisionCache
@@ -62,7 +63,7 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
 class ModelRunner:
     """Turns a ScheduleOutput into hidden states, sampled tokens and task-head answers."""
 
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint, lora: LoRAManager, model: Qwen2LM,
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint, lora: AdapterManager, model: Qwen2LM,
                  vision: VisionTower | None, heads: dict[str, TaskHead], device: torch.device) -> None:
         self.config, self.lora, self.model, self.heads, self.device = config, lora, model, heads, device
         self.vision_cache = VisionCache(vision, config.vision_cache_size) if vision is not None else None
@@ -90,7 +91,8 @@ class ModelRunner:
         if pending and self.vision_cache is not None:
             self.vision_cache.encode(pending, self.lora.vision_lora)
         inp = build_model_input(sched, self.kv.block_size, self.lora.pool.slot_of, self.device, self.use_triton)
-        hidden = self._forward(inp, sched.is_decode)
+        moe = self.lora.moe_plan(sched.chunks, inp.num_tokens, sched.is_decode)
+        hidden = self._forward(inp, sched.is_decode, moe)
         out = RunOutput()
         if inp.sample_rows:
             logits = self.model.compute_logits(hidden[inp.sample_rows])
@@ -100,12 +102,12 @@ class ModelRunner:
             out.head_outputs[seq.seq_id] = seq.head.answer(hidden[rows])
         return out
 
-    def _forward(self, inp: ModelInput, is_decode: bool) -> torch.Tensor:
-        """hidden states [T, hidden] of every scheduled row."""
-        if is_decode and self.graphs is not None and self.graphs.can_run(inp.num_tokens, bool(inp.lora_rows)):
-            return self.graphs.run(inp)
+    def _forward(self, inp: ModelInput, is_decode: bool, moe: MoEPlan) -> torch.Tensor:
+        """hidden states [T, hidden] of every scheduled row (MoE-LoRA rows: the deltas of ``moe``)."""
+        if is_decode and self.graphs is not None and self.graphs.can_run(inp.num_tokens, bool(inp.lora_rows), moe):
+            return self.graphs.run(inp, moe)
         delta = self.lora.build_delta(inp.lora_rows, inp.num_tokens)
-        ctx = ForwardContext(inp.attn, [delta] if delta is not None else [])
+        ctx = ForwardContext(inp.attn, ([delta] if delta is not None else []) + self.lora.moe.build_deltas(moe))
         embeds = None
         if inp.image_rows is not None:
             embeds = self.model.embed_tokens(inp.input_ids)

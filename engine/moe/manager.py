@@ -57,6 +57,13 @@ class MoEPlan:
     adapter: str | None = None  # the merged adapter (switch path)
     groups: tuple[str, ...] = ()  # its adapted groups (switch path)
 
+    @property
+    def key(self) -> tuple:
+        """What a captured CUDA graph of this plan depends on (row slots are filled per replay)."""
+        if self.path == "switch":
+            return ("switch", self.groups)
+        return (self.path, self.schemes)
+
 
 class MoEStore:
     """MoE-LoRA adapter folders under the adapters directory, by name; re-scanned on a miss."""
@@ -64,6 +71,7 @@ class MoEStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._specs: dict[str, MoESpec] = {}
+        self._kind: dict[str, bool] = {}  # name -> is a MoE folder (asked per request: no disk read each time)
         self.rescan()
 
     def rescan(self) -> None:
@@ -77,7 +85,14 @@ class MoEStore:
                 logger.warning("skipping MoE adapter: %s", exc)
 
     def is_moe(self, name: str) -> bool:
-        return name in self._specs or is_moe_folder(self.root / name)
+        if name in self._specs:
+            return True
+        if name not in self._kind:
+            folder = self.root / name
+            if not folder.is_dir():
+                return False  # not cached: the folder may appear later
+            self._kind[name] = is_moe_folder(folder)
+        return self._kind[name]
 
     def names(self) -> list[str]:
         return sorted(self._specs)
@@ -94,7 +109,7 @@ class MoEManager:
     """Owns the expert pool, the host cache, the background reader and the merge switch."""
 
     def __init__(self, root: str | Path, layout: LoRALayout, config: MoEConfig, hidden_size: int,
-                 linears: dict[LayerKey, torch.nn.Module], op: LoRABackend, device: torch.device,
+                 linears: dict[LayerKey, torch.nn.Module], op: LoRABackend | None, device: torch.device,
                  dtype: torch.dtype, host_capacity: int = 8, claims: WeightClaims | None = None,
                  restore: Callable[[], None] | None = None) -> None:
         self.store, self.layout, self.config = MoEStore(root), layout, config
@@ -149,7 +164,10 @@ class MoEManager:
         return SlotStatus.READY if self.pool.acquire(name, host) is not None else SlotStatus.NO_SLOT
 
     def release(self, name: str) -> None:
+        """One sequence of ``name`` is done with its slot; the last one out takes its merged experts out too."""
         self.pool.release(name)
+        if self.switch.merged == name and self.pool.refs[self.pool.slot_of[name]] == 1:  # only the switch's hold
+            self.switch.unmerge()
 
     def loads_in_flight(self) -> bool:
         return bool(self._loading)
@@ -159,7 +177,8 @@ class MoEManager:
 
     def set_op(self, op: LoRABackend) -> None:
         """Run the routed operator and the fused switch on ``op`` from now on (restores the backbone first)."""
-        self.switch.unmerge()
+        if self.switch.op is not None:
+            self.switch.unmerge()
         self.op = self.switch.op = op
 
     def plan(self, rows: Sequence[MoERows], num_tokens: int, decode: bool) -> MoEPlan:
@@ -177,21 +196,36 @@ class MoEManager:
         schemes = tuple(sorted({self.pool.routing_of(s) for s in slots}))
         return MoEPlan("routed", row_slot, schemes=schemes)
 
-    def build_deltas(self, plan: MoEPlan) -> list[LayerDelta]:
-        """The step's MoE deltas (eager); restores the backbone first unless the plan merges."""
-        if plan.path != "switch":
-            self.switch.unmerge()
-        if plan.path == "none":
-            return []
-        self.steps[plan.path] += 1
-        row_slot = torch.from_numpy(plan.row_slot).to(self.device)
+    def prepare(self, plan: MoEPlan) -> None:
+        """Put the weights in the state ``plan`` runs on: experts merged (switch) or the backbone restored."""
         if plan.path == "switch":
             self.switch.begin(plan.adapter, plan.groups)
-            return [SwitchMoEDelta(self.switch, row_slot, self.first)]
+        else:
+            self.switch.unmerge()
+        if plan.path != "none":
+            self.steps[plan.path] += 1
+
+    def deltas(self, plan: MoEPlan, row_slots: dict[str, torch.Tensor]) -> list[LayerDelta]:
+        """The plan's deltas over given row-slot tensors (``row_slots[scheme]``, or ["switch"]): [T] long each."""
+        if plan.path == "switch":
+            return [SwitchMoEDelta(self.switch, row_slots["switch"], self.first)]
+        return [RoutedMoEDelta(self.pool, self.op, scheme, row_slots[scheme]) for scheme in plan.schemes]
+
+    def row_slots(self, plan: MoEPlan) -> dict[str, np.ndarray]:
+        """Host row-slot arrays the plan's deltas read, by scheme (or "switch")."""
+        if plan.path == "switch":
+            return {"switch": plan.row_slot}
         if len(plan.schemes) == 1:
-            return [RoutedMoEDelta(self.pool, self.op, plan.schemes[0], row_slot)]
-        return [RoutedMoEDelta(self.pool, self.op, scheme, torch.from_numpy(self.rows_of(plan, scheme)).to(self.device))
-                for scheme in plan.schemes]
+            return {plan.schemes[0]: plan.row_slot}
+        return {scheme: self.rows_of(plan, scheme) for scheme in plan.schemes}
+
+    def build_deltas(self, plan: MoEPlan) -> list[LayerDelta]:
+        """The step's MoE deltas (eager), after ``prepare``."""
+        self.prepare(plan)
+        if plan.path == "none":
+            return []
+        slots = {k: torch.from_numpy(v).to(self.device) for k, v in self.row_slots(plan).items()}
+        return self.deltas(plan, slots)
 
     def rows_of(self, plan: MoEPlan, scheme: str) -> np.ndarray:
         """plan.row_slot with the rows of other routing schemes set to -1."""
@@ -229,6 +263,14 @@ class MoEManager:
         while len(self.host) > self.host_capacity:
             self.host.popitem(last=False)
         return host
+
+    def pin(self, name: str) -> None:
+        """Load ``name`` into a slot and keep it resident for good."""
+        slot = self.pool.acquire(name, self.load_now(name))
+        if slot is None:
+            raise ValueError(f"no free MoE slot to pin {name!r} (moe.slots={self.pool.num_slots})")
+        self.pool.pinned.add(name)
+        self.pool.release(name)
 
     def load_now(self, name: str) -> HostMoE:
         """Read ``name`` synchronously (tests, benchmarks, pinning)."""

@@ -81,7 +81,7 @@ class MergeSwitch:
     pool slot is held (one extra reference) until ``unmerge``, so it cannot be evicted while its experts are in W.
     """
 
-    def __init__(self, pool: MoEPool, linears: dict[LayerKey, torch.nn.Module], op: LoRABackend,
+    def __init__(self, pool: MoEPool, linears: dict[LayerKey, torch.nn.Module], op: LoRABackend | None,
                  claims: WeightClaims | None = None, restore: Callable[[], None] | None = None) -> None:
         self.pool, self.op, self.linears = pool, op, linears
         self.claims: WeightClaims = claims if claims is not None else LocalClaims()

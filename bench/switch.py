@@ -259,6 +259,7 @@ def switch_stats(setup: Setup, batch: Batch, tokens: int) -> dict:
     per_rank = sum(t.lora.in_dim * t.lora.n_slices + t.lora.out_dim for t in plan.targets) * size
     expert_bytes = 2 * pool.top_k * pool.max_rank * per_rank  # removed and added experts' A and B
     router = Router(pool, batch.row_slot[:1])
+    router.refresh()
     changed_layers, changed_steps, previous = [], 0, None
     for i in range(tokens):
         with torch.inference_mode():
@@ -307,6 +308,7 @@ def drift(spec: ModelSpec, args, device: torch.device, dtype: torch.dtype, switc
     switch.begin("bench", ("qkv", "o", "gate_up", "down"))
     fresh = logits([SwitchMoEDelta(switch, batch.row_slot, first)])
     router = Router(pool, batch.row_slot)
+    router.refresh()
     start = time.perf_counter()
     for i in range(switches):
         with torch.inference_mode():

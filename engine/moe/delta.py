@@ -33,6 +33,8 @@ class RoutedMoEDelta(LayerDelta):
         self.layer_routes: list[Routing] = []  # per layer (pre-gated)
 
     def apply(self, key: LayerKey, x: torch.Tensor, y: torch.Tensor) -> None:
+        if key == FIRST_KEY:
+            self.router.refresh()
         routing = self._routing(key, x)
         if routing is not None:
             self.op.add_routed(y, x, self.pool.weights(key), routing)
@@ -69,6 +71,7 @@ class SwitchMoEDelta(LayerDelta):
         if key != FIRST_KEY:
             return
         pool = self.switch.pool
+        self.router.refresh()
         ids, gates = self.router.pregated(x)  # [layers, 1, K]
         new = selection_terms(ids[:, 0], gates[:, 0], pool.expert_slots, pool.expert_ranks, pool.expert_scales,
                               pool.max_rank)  # [layers, K]

@@ -15,11 +15,20 @@ from kernels.routing import Routing
 
 
 class Router:
-    """Routing of one step's rows; ``row_slot``: [T] long pool slot per row, -1 where the row is not routed."""
+    """Routing of one step's rows; ``row_slot``: [T] long pool slot per row, -1 where the row is not routed.
+
+    ``refresh`` reads ``row_slot`` (and the pool's per-slot tables); call it at the start of every forward pass,
+    inside it, so that a captured CUDA graph re-reads the buffer on each replay.
+    """
 
     def __init__(self, pool: MoEPool, row_slot: torch.Tensor) -> None:
         self.pool = pool
         self.row_slot = row_slot
+        self.pick = row_slot  # set by refresh
+        self.live = row_slot
+
+    def refresh(self) -> None:
+        row_slot, pool = self.row_slot, self.pool
         self.pick = row_slot.clamp(min=0)  # [T] a valid slot index for gathers (masked out where row_slot < 0)
         # [T, 1, K] pairs that exist: routed rows, within their adapter's top-k
         self.live = (pool.pair_live[self.pick] & (row_slot >= 0)[:, None])[:, None, :]

@@ -158,3 +158,32 @@ def test_switch_yields_to_a_merged_plain_adapter_and_restores_exactly(tiny_check
     runner.step(None, [5], len(PROMPT) + 4)
     assert claims.claimed_by is None
     assert all(torch.equal(m.weight, clean[k]) for k, m in linears.items())
+
+
+def test_reused_deltas_reread_their_row_slot_buffer(tiny_checkpoint, moe_root):
+    """What a CUDA-graph replay does: the same delta objects, new buffer contents; results follow the buffer."""
+    from engine.attention import AttentionMetadata
+    from engine.forward_context import ForwardContext
+    from engine.moe.graphs import StaticMoE
+    from engine.moe.manager import MoERows
+
+    runner = OneSequence(tiny_checkpoint / "base", moe_root, CONFIG.model_copy(update={"merge_switch": False}))
+    for name in ("moe_pre", "moe_pre3"):
+        runner.acquire(name)
+    moe, t = runner.moe, len(PROMPT)
+    static = StaticMoE(moe, [16], torch.device("cpu"))
+    plans = {name: moe.plan([MoERows(name, 0, t)], t, decode=False) for name in ("moe_pre", "moe_pre3")}
+    assert plans["moe_pre"].key == plans["moe_pre3"].key  # one captured graph would serve both
+    deltas = static.deltas(plans["moe_pre"], 16)
+    ids = torch.tensor(PROMPT + [0] * (16 - t))
+    attn = AttentionMetadata(slot_mapping=torch.arange(16), block_tables=torch.arange(4, dtype=torch.int32)[None],
+                             cu_query_lens=torch.tensor([0, 16], dtype=torch.int32),
+                             context_lens=torch.tensor([16], dtype=torch.int32), max_query_len=16,
+                             query_lens_host=[16], context_lens_host=[16])
+    positions = torch.arange(16)[None].expand(3, 16)
+    for name in ("moe_pre", "moe_pre3", "moe_pre"):
+        static.fill(plans[name], 16)
+        with torch.inference_mode():
+            got = runner.model.compute_logits(runner.model(ids, positions, ForwardContext(attn, deltas)))[:t]
+        want = runner.step(name, PROMPT, 0)
+        assert rel(got, want) < 1e-6, name

@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 COMMAND_MODULES = [
     "pipeline.commands",
     "pipeline.stream_commands",
+    "apps.cli",
     "ui.commands",
 ]
 

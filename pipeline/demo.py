@@ -50,9 +50,10 @@ class Demo:
 
     def run(self) -> int:
         try:
-            self.init_clip()
+            self.check_options()
             self.init_redis()
             self.init_transport()
+            self.init_clip()
             self.init_stream()
             self.start_engine()
             self.start_workers()
@@ -70,16 +71,21 @@ class Demo:
         finally:
             self.stop()
 
+    def check_options(self) -> None:
+        """Refuse bad arguments before anything starts."""
+        if self.options.video and not Path(self.options.video).is_file():
+            raise FileNotFoundError(f"video not found: {self.options.video}")
+        if self.options.seconds <= 0:
+            raise ValueError(f"--seconds must be positive, got {self.options.seconds:g}")
+        if not 0.1 <= self.options.fps <= 60:
+            raise ValueError(f"--fps must be within 0.1..60, got {self.options.fps:g}")
+
     def init_clip(self) -> None:
         from apps.datasets.synth import write_clip
 
         if self.options.video:
             self.video = Path(self.options.video).resolve()
-            if not self.video.is_file():
-                raise FileNotFoundError(f"video not found: {self.options.video}")
             return
-        if self.options.seconds <= 0:
-            raise ValueError(f"--seconds must be positive, got {self.options.seconds:g}")
         out = (self.settings.redis.state_dir / "media" / f"demo-{self.options.seconds:g}s").resolve()
         self.video = out / f"traffic-{CLIP_SEED}.mp4"
         if not (self.video.is_file() and self.video.with_suffix(".jsonl").is_file()):
@@ -148,14 +154,13 @@ class Demo:
         self._cleanup.append(self.ingestor.stop)
 
     def start_ui(self) -> None:
-        from pipeline.cli import build_parser
-
-        commands = build_parser()._subparsers._group_actions[0].choices  # the registered sub-commands
-        if "ui" not in commands:
-            raise DemoError("--ui needs the dashboard (`valora ui`), which this installation does not have")
+        """The dashboard (`valora ui`) on this demo's Redis, as a child process stopped with the demo."""
         env = dict(os.environ, REDIS_URL=self.redis_url)
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui"], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--port", str(self.settings.ui.port)],
+                                env=env)
         self._cleanup.append(proc.terminate)
+        if self.stop_event.wait(3.0) or proc.poll() is not None:
+            raise DemoError(f"the dashboard did not start (`valora ui` exited with {proc.returncode})")
         print(f"dashboard on http://127.0.0.1:{self.settings.ui.port} (Ctrl-C stops the demo)", flush=True)
 
     def wait_until_processed(self) -> None:

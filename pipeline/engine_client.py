@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 class EngineClient(ABC):
     """Submit requests, get futures of their results."""
 
+    # Whether pictures must travel inline (no engine service is there to resolve Redis keys).
+    inline_images = False
+
     @abstractmethod
     def submit(self, request: EngineRequest) -> Future[EngineResult]:
         """Send one request; the future resolves with its result."""
@@ -90,6 +93,8 @@ class ServiceClient(EngineClient):
 
 class LocalClient(EngineClient):
     """An engine stepped by a thread of this process (tests, benchmarks, single-process demos)."""
+
+    inline_images = True
 
     def __init__(self, engine: EngineBackend) -> None:
         self.engine = engine

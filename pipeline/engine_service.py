@@ -72,9 +72,19 @@ class EngineService:
                                                       count=free, block_ms=1 if busy else 200):
                 self._admit(delivery)
         if self.engine.has_unfinished():
-            for result in self.engine.step():
+            for result in self._step():
                 self._finish(result)
         self._publish_health()
+
+    def _step(self) -> list[EngineResult]:
+        try:
+            return self.engine.step()
+        except REDIS_DOWN:
+            raise
+        except Exception as exc:  # an engine bug fails the requests in flight, not the replica
+            logger.exception("engine service %s: engine step failed", self.engine_id)
+            return [error_result(EngineRequest(request_id=rid, prompt=""), f"engine failure: {exc}", self.engine_id)
+                    for rid in self.inflight]
 
     def _init_group(self) -> None:
         self.transport.ensure_group(Keys.ENGINE_REQUESTS, Keys.ENGINE_GROUP)

@@ -80,3 +80,25 @@ class TruthSidecar:
 
     def get(self, index: int) -> dict[str, Any] | None:
         return self.by_frame.get(index)
+
+
+class Sampler:
+    """Per-key fps sampling on media time: frames are taken on a 1/fps grid, so the mean rate is fps exactly.
+
+    A frame is taken when its pts reaches the next grid point; a clock that jumps back (a looped file, a
+    restarted camera) or far ahead restarts the grid at that frame.
+    """
+
+    def __init__(self) -> None:
+        self.due: dict[str, float] = {}
+
+    def take(self, key: str, pts: float, fps: float) -> bool:
+        interval = 1.0 / fps
+        due = self.due.get(key)
+        if due is None or pts < due - interval or pts - due >= interval:
+            self.due[key] = pts + interval
+            return True
+        if pts >= due - 1e-6:
+            self.due[key] = due + interval
+            return True
+        return False

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from apps.datasets.schema import FrameTruth
 from pipeline.config import IngestConfig
-from pipeline.frames import TruthSidecar, encode_jpeg, scale_truth
+from pipeline.frames import Sampler, TruthSidecar, encode_jpeg, scale_truth
 from pipeline.registry import StreamRegistry, describe_validation
 from pipeline.schema import FrameEntry, StreamHealth, StreamSpec, StreamState
 from pipeline.sources import DecodedFrame, Decoder, SourceError, SourceOptions, local_path, open_source
@@ -169,8 +169,7 @@ class Ingestor:
         last_item = time.monotonic()
         # The first frame may take the open timeout plus a stall; later frames get the stall timeout.
         patience = self.cfg.open_timeout_s + self.cfg.stall_timeout_s
-        last_pub_pts: float | None = None
-        pts_offset = 0.0
+        sampler = Sampler()
         pace_start: float | None = None
         try:
             while not self.stop_event.is_set():
@@ -190,14 +189,11 @@ class Ingestor:
                     self._running(reader.decoder)
                 now = time.time()
                 self.fps_in.tick(now)
-                pts = item.pts + pts_offset
-                if last_pub_pts is not None and pts < last_pub_pts:
-                    last_pub_pts = None  # the source restarted its clock
-                if last_pub_pts is None or pts - last_pub_pts >= 1.0 / self.spec.fps - 1e-3:
+                pts = item.pts
+                if sampler.take(self.spec.id, pts, self.spec.fps):
                     if self.spec.kind == "file":
                         pace_start = self._pace(pace_start, pts)
                     self._publish(item, pts, truth)
-                    last_pub_pts = pts
                 self._heartbeat()
             return False
         finally:

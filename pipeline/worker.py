@@ -15,7 +15,8 @@ from apps.tasks import get_task
 from apps.tasks.base import Task
 from engine.request import EngineRequest, EngineResult, ImageRef
 from pipeline.config import WorkerConfig
-from pipeline.engine_client import EngineClient, LocalClient
+from pipeline.engine_client import EngineClient
+from pipeline.frames import Sampler
 from pipeline.metrics import METRICS
 from pipeline.registry import StreamRegistry
 from pipeline.schema import FrameEntry, Latency, StreamSpec, TaskResult
@@ -39,20 +40,6 @@ class _Job:
     results: list[EngineResult] = field(default_factory=list)
 
 
-class _Sampler:
-    """Per-stream fps sampling on media time: take a frame when 1/fps has passed since the last one taken."""
-
-    def __init__(self) -> None:
-        self.last: dict[str, float] = {}
-
-    def take(self, stream: str, pts: float, fps: float) -> bool:
-        last = self.last.get(stream)
-        if last is None or pts < last or pts - last >= 1.0 / fps - 1e-3:
-            self.last[stream] = pts
-            return True
-        return False
-
-
 class TaskWorker:
     """Runs one task over every enabled stream that asks for it; XACKs a frame only with its stored result."""
 
@@ -66,10 +53,11 @@ class TaskWorker:
         self.cfg = cfg
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.specs: dict[str, StreamSpec] = {}
-        self.sampler = _Sampler()
+        self.sampler = Sampler()
         self.processed = 0
         self._specs_at = 0.0
         self._janitor_at = time.monotonic()
+        self._rotation = 0
 
     def run(self, stop_event: threading.Event) -> None:
         """Consume until ``stop_event`` is set; rides out Redis restarts."""
@@ -90,7 +78,13 @@ class TaskWorker:
             time.sleep(self.cfg.block_ms / 1000)
             return 0
         stored = self._janitor(keys)
-        deliveries = self.transport.read_group(self.group, self.worker_id, keys, count=self.cfg.batch_size,
+        # At most batch_size frames in flight: XREADGROUP's COUNT is per stream, so read a rotating subset of
+        # the streams, sharing the batch between them (every stream gets its turn).
+        start = self._rotation % len(keys)
+        chosen = (keys[start:] + keys[:start])[: self.cfg.batch_size]
+        self._rotation += len(chosen)
+        deliveries = self.transport.read_group(self.group, self.worker_id, chosen,
+                                               count=max(1, self.cfg.batch_size // len(chosen)),
                                                block_ms=self.cfg.block_ms)
         return stored + self._process(deliveries, sample=True)
 
@@ -153,7 +147,7 @@ class TaskWorker:
         if spec.max_frame_age_s is not None and time.time() - frame.ts > spec.max_frame_age_s:
             return self._drop(delivery, frame, "stale")
         image = ImageRef(id=frame.image_id, jpeg=frame.jpeg, key=frame.key)
-        if isinstance(self.client, LocalClient) and image.jpeg is None:
+        if self.client.inline_images and image.jpeg is None:
             image.jpeg = self.transport.frame_jpeg(frame)
             image.key = None
             if image.jpeg is None:

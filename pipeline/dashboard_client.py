@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline.metrics import MetricsReader
 from pipeline.registry import StreamRegistry
+from pipeline.results import ResultsReader
 from pipeline.schema import EngineHealth, EngineTick, FrameEntry, MetricsSummary, StreamHealth, StreamRecord, TaskResult
 from pipeline.transport import Transport
 
@@ -58,9 +59,10 @@ class DashboardClient:
         self.transport = transport
         self.registry = StreamRegistry(transport, media_dir)
         self.reader = MetricsReader(transport)
+        self.results = ResultsReader(transport)
 
     def stream_rows(self) -> list[StreamRow]:
-        return [StreamRow(record, self.transport.health_get(record.spec.id), self.transport.dropped(record.spec.id))
+        return [StreamRow(record, self.results.health(record.spec.id), self.results.dropped(record.spec.id))
                 for record in self.registry.records()]
 
     def stream_ids(self) -> list[str]:
@@ -69,7 +71,7 @@ class DashboardClient:
     def processed_frames(self, stream_id: str, window: int = 200) -> list[ProcessedFrame]:
         """Frames with results among the newest ``window`` results of a stream, newest frame first."""
         frames: dict[tuple[int, float], ProcessedFrame] = {}
-        for _, result in self.transport.results(stream_id, count=window):  # newest first
+        for result in self.results.latest(stream_id, window):  # newest first
             key = (result.seq, result.frame_ts)
             frame = frames.get(key)
             if frame is None:
@@ -98,11 +100,11 @@ class DashboardClient:
 
     def latest_frame(self, stream_id: str) -> FrameEntry | None:
         """The newest published frame with its JPEG (processed or not); None when there is none or it expired."""
-        entry = self.transport.latest_frame(stream_id)
-        if entry is None:
+        latest = self.results.latest_frame(stream_id)
+        if latest is None or latest[1] is None:
             return None
-        entry.jpeg = self.transport.frame_jpeg(entry)
-        return entry if entry.jpeg is not None else None
+        entry, jpeg = latest
+        return entry.model_copy(update={"jpeg": jpeg})
 
     def recent_results(self, stream_ids: list[str], per_stream: int = 500) -> list[TaskResult]:
         """The newest results of each stream, oldest first."""
@@ -120,13 +122,13 @@ class DashboardClient:
         """task -> reason -> frames skipped, over the given streams."""
         out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for stream_id in stream_ids:
-            for key, n in self.transport.dropped(stream_id).items():
+            for key, n in self.results.dropped(stream_id).items():
                 task, _, reason = key.partition(":")
                 out[task][reason or "unknown"] += n
         return {task: dict(reasons) for task, reasons in out.items()}
 
     def engines(self) -> list[EngineHealth]:
-        return self.transport.engine_health_all()
+        return self.results.engines()
 
     def engine_ticks(self, count: int = 600) -> list[EngineTick]:
         return self.transport.engine_ticks(count)

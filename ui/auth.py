@@ -17,6 +17,8 @@ SCHEME = "scrypt"
 DEFAULT_N, DEFAULT_R, DEFAULT_P = 2**14, 8, 1
 SALT_BYTES = 16
 KEY_BYTES = 32
+NO_PASSWORD = ("No dashboard password is configured. Make a hash with `valora ui hash-password` and set it as "
+               "VALORA_UI__PASSWORD_HASH (or ui.password_hash in the config file), then restart the dashboard.")
 MAX_MEMORY = 2**30  # refuse hashes whose check would allocate more than 1 GiB (scrypt needs 128 * N * r bytes)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ui.add_argument("--host", default="127.0.0.1", help="Address to bind (0.0.0.0 for every interface).")
     ui.add_argument("--port", dest="cfg:ui.port", type=int, default=argparse.SUPPRESS, metavar="PORT",
                     help="Port to listen on (default: ui.port, 8501).")
+    ui.add_argument("--one-time-password", action="store_true",
+                    help="Sign in with a random password made for this run and printed here (ignores "
+                         "ui.password_hash); `valora demo --ui` uses it when no hash is configured.")
     ui.set_defaults(handler=_serve)
     actions = ui.add_subparsers(dest="ui_command", metavar="ACTION")
     hashing = actions.add_parser(
@@ -48,18 +52,23 @@ def streamlit_command(host: str, port: int, config: str | None) -> list[str]:
 
 def _serve(args: argparse.Namespace) -> int:
     from pipeline.commands import DEFAULT_REDIS_URL, connect, settings_from
-    from ui.auth import PasswordHash
-    from ui.login import NO_PASSWORD
+    from ui.auth import NO_PASSWORD, PasswordHash, hash_password
 
     settings = settings_from(args)
-    if not settings.ui.password_hash:
-        raise ValueError(NO_PASSWORD)
-    PasswordHash.parse(settings.ui.password_hash)
     connect(settings).close()  # fail now, with one clear line, when Redis is not there
     env = dict(os.environ, REDIS_URL=settings.redis.url or DEFAULT_REDIS_URL, VALORA_UI__PORT=str(settings.ui.port))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    note = ""
+    if args.one_time_password:
+        password = secrets.token_urlsafe(9)
+        env["VALORA_UI__PASSWORD_HASH"] = hash_password(password)
+        note = f" (one-time password: {password})"
+    elif not settings.ui.password_hash:
+        raise ValueError(NO_PASSWORD)
+    else:
+        PasswordHash.parse(settings.ui.password_hash)
     command = streamlit_command(args.host, settings.ui.port, args.config)
-    print(f"dashboard on http://{args.host}:{settings.ui.port}", flush=True)
+    print(f"dashboard on http://{args.host}:{settings.ui.port}{note}", flush=True)
     sys.stdout.flush()
     os.execve(command[0], command, env)  # streamlit takes over this process, so signals reach it directly
     return 0

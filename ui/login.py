@@ -13,15 +13,13 @@ import streamlit as st
 
 from pipeline.config import Settings
 from ui import context
-from ui.auth import PasswordHash, verify_password
+from ui.auth import NO_PASSWORD, PasswordHash, verify_password
 
 logger = logging.getLogger(__name__)
 
 SESSION_KEY = "valora_signed_in"
 MAX_FAILURES = 10  # failed sign-ins per window, over all sessions, before sign-in pauses
 WINDOW_S = 60.0
-NO_PASSWORD = ("No dashboard password is configured. Make a hash with `valora ui hash-password` and set it as "
-               "VALORA_UI__PASSWORD_HASH (or ui.password_hash in the config file), then restart the dashboard.")
 
 
 class LoginThrottle:

@@ -49,9 +49,12 @@ def batch_section(timeline: pd.DataFrame) -> None:
 
 def pool_section(ticks: list[EngineTick]) -> None:
     st.subheader("Adapter-pool residency")
+    if all(t.adapters_resident is None for t in ticks):
+        st.info("This engine reports no adapter pool.")
+        return
     resident = charts.residency(ticks)
     if resident.empty:
-        st.info("This engine reports no adapter pool yet.")
+        st.info("No adapter has been loaded yet.")
         return
     chart = alt.Chart(resident).mark_tick(thickness=2, size=18).encode(
         x=alt.X("time:T", title="time"), y=alt.Y("adapter:N", title="adapter"), tooltip=["time:T", "adapter"])

@@ -83,6 +83,8 @@ def task_controls(client: DashboardClient, spec: StreamSpec) -> None:
     except SpecError as exc:
         st.error(str(exc))
         return
+    for key in [k for k in st.session_state if str(k).startswith(f"live-{spec.id}-")]:
+        del st.session_state[key]  # the form shows the stored spec again, as normalised by the registry
     context.flash(f"Tasks of {spec.id}: {', '.join(tasks) or 'none'}. Workers pick the change up within seconds.")
 
 

@@ -120,11 +120,12 @@ def live_view(client: DashboardClient, stream_id: str) -> None:
         picture.image(overlay.render(decode_jpeg(entry.jpeg), frame.results),
                       caption=f"{stream_id} · frame {frame.seq} · {frame.pts:.1f} s into the source · "
                               f"{len(notes.marks)} boxes · {max(0.0, time.time() - frame.frame_ts):.0f} s ago",
-                      width="stretch")
+                      width="stretch", output_format="PNG")  # PNG: boxes and labels stay crisp and exact
         with side:
             if notes.counts:
                 st.markdown(" ".join(f":blue-badge[{cls} {n}]" for cls, n in sorted(notes.counts.items())))
-            st.dataframe(answers_frame(frame.results), hide_index=True, width="stretch")
+            st.dataframe(answers_frame(frame.results), hide_index=True, width="stretch",
+                         column_config={"answer": st.column_config.TextColumn(width="large")})
             st.dataframe(tasks_frame(frame.results), hide_index=True, width="stretch")
 
 

@@ -3,12 +3,23 @@ requests per adapter."""
 
 from __future__ import annotations
 
+import altair as alt
+import pandas as pd
 import streamlit as st
 
 from pipeline.dashboard_client import DashboardClient
 from ui import charts, context
 
 RESULT_WINDOW = 500  # newest results per stream the charts are drawn from
+
+
+def time_chart(frame: pd.DataFrame, title: str, domain: tuple[float, float] | None = None) -> alt.Chart:
+    """Lines with points (a single sample still shows) of every column of a time-indexed frame."""
+    long = frame.reset_index().melt(id_vars="time", var_name="task", value_name=title).dropna()
+    scale = alt.Scale(domain=list(domain)) if domain else alt.Undefined
+    return alt.Chart(long).mark_line(point=True).encode(
+        x=alt.X("time:T", title="time"), y=alt.Y(f"{title}:Q", title=title, scale=scale),
+        color=alt.Color("task:N", title="task"), tooltip=["time:T", "task", f"{title}:Q"])
 
 
 def latency_section(summary, results) -> None:
@@ -38,7 +49,7 @@ def throughput_section(client: DashboardClient, results, streams: list[str]) -> 
         if rate.empty:
             st.info("No results in the window yet.")
         else:
-            st.line_chart(rate)
+            st.altair_chart(time_chart(rate, "results/s"), width="stretch")
     dropped = charts.dropped_table(client.dropped_by_reason(streams))
     with right:
         st.caption("Frames skipped by workers, by task and reason")
@@ -55,7 +66,7 @@ def accuracy_section(results) -> None:
         st.info("No scored results: accuracy needs frames that carry ground truth (synthetic clips).")
     else:
         st.caption("Rolling mean of the last 10 scored results per task (0-100, each task's primary metric).")
-        st.line_chart(accuracy)
+        st.altair_chart(time_chart(accuracy, "accuracy", domain=(0, 100)), width="stretch")
 
 
 def adapter_section(summary) -> None:

@@ -1,7 +1,7 @@
 """The dashboard in a real browser on the real demo pipeline: `valora demo --ui` on a synthetic clip, Debian's
-chromium driven headless by Playwright. Sign in, register a file stream, see its live frame with a detection box
-drawn where the model put it, see the metrics charts and the engine timeline. Screenshots go to test-artifacts/ui/
-(and the Live one to docs/live.png when VALORA_DOCS_SCREENSHOTS=1).
+chromium driven headless by Playwright. Sign in (with the one-time password the demo prints), register a file
+stream, see its live frame with a detection box drawn where the model put it, see the metrics charts and the engine
+timeline. Screenshots go to test-artifacts/ui/ (and the Live one to docs/live.png when VALORA_DOCS_SCREENSHOTS=1).
 
 Where the boxes come from: the tiny checkpoint has random weights, so the `detection` adapter the engine serves here
 is fine-tuned by the fixture on the clip's own first frame (tests/ui/adapter_training.py). Every box on the page is
@@ -31,7 +31,7 @@ from pipeline.transport import Transport
 from ui.overlay import class_color
 
 from .adapter_training import train_detection_adapter
-from .conftest import PASSWORD, PASSWORD_HASH, REPO
+from .conftest import REPO
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -59,7 +59,8 @@ def scene(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture
 def demo(scene, tiny_checkpoint, redis_url, tmp_path):
-    """`valora demo --ui` on the clip, on the test Redis; yields the dashboard URL, kills the demo at the end."""
+    """`valora demo --ui` on the clip, on the test Redis, with no password hash configured (so `valora ui` makes a
+    one-time password and prints it); yields (dashboard URL, password) and stops the demo at the end."""
     video, adapters = scene
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VALORA_")}
@@ -67,7 +68,7 @@ def demo(scene, tiny_checkpoint, redis_url, tmp_path):
                 "VALORA_ENGINE__MODEL": str(tiny_checkpoint / "base"), "VALORA_ENGINE__ADAPTERS": str(adapters),
                 "VALORA_ENGINE__DEVICE": "cpu", "VALORA_ENGINE__MAX_MODEL_LEN": "128",
                 "VALORA_REDIS__STATE_DIR": str(tmp_path / "state"), "VALORA_UI__PORT": str(port),
-                "VALORA_UI__PASSWORD_HASH": PASSWORD_HASH, "VALORA_WORKER__SUMMARY_INTERVAL_S": "1"})
+                "VALORA_WORKER__SUMMARY_INTERVAL_S": "1"})
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log_path = ARTIFACTS / "demo.log"
     with log_path.open("wb") as log:
@@ -78,8 +79,9 @@ def demo(scene, tiny_checkpoint, redis_url, tmp_path):
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: f"dashboard is up on {url}" in log_path.read_text(errors="replace") or proc.poll() is not None,
                  180, "the demo to start the dashboard")
-        assert proc.poll() is None, log_path.read_text(errors="replace")[-4000:]
-        yield url
+        log = log_path.read_text(errors="replace")
+        assert proc.poll() is None, log[-4000:]
+        yield url, re.search(rf"dashboard on {url} \(one-time password: ([\w-]+)\)", log).group(1)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -128,13 +130,13 @@ def open_page(page, title: str) -> None:
 
 
 def test_operator_signs_in_registers_a_stream_and_sees_boxes_and_charts(demo, browser_page, redis_url, scene):
-    page, (video, _) = browser_page, scene
-    page.goto(demo)
+    page, (video, _), (url, password) = browser_page, scene, demo
+    page.goto(url)
     page.get_by_role("heading", name="VaLoRA operator console").wait_for()
     page.get_by_label("Password", exact=True).fill("wrong password")
     page.get_by_role("button", name="Sign in").click()
     page.get_by_text("Wrong password.").wait_for()
-    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_label("Password", exact=True).fill(password)
     page.get_by_role("button", name="Sign in").click()
     page.get_by_role("heading", name="Streams", exact=True).wait_for()
     shot(page, "1-streams")
@@ -167,7 +169,7 @@ def test_operator_signs_in_registers_a_stream_and_sees_boxes_and_charts(demo, br
     assert detections and f"· {len(detections)} boxes ·" in caption.inner_text()
     image = page.locator('[data-testid="stImage"] img').first
     src = image.get_attribute("src")
-    picture = np.asarray(Image.open(io.BytesIO(page.request.get(demo + src if src.startswith("/") else src).body()))
+    picture = np.asarray(Image.open(io.BytesIO(page.request.get(url + src if src.startswith("/") else src).body()))
                          .convert("RGB"))
     Image.fromarray(picture).save(ARTIFACTS / "3-live-frame.png")
     k = picture.shape[1] // result.width  # the dashboard zooms frames by an integer factor

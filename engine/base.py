@@ -82,7 +82,12 @@ def error_result(request: EngineRequest, message: str, engine_id: str = "") -> E
 def create_engine(config: EngineConfig, heads: dict[str, TaskHead] | None = None) -> EngineBackend:
     """Build the backend that ``config.backend`` names, with the given task heads registered."""
     if config.backend in BACKEND_MODULES:
-        importlib.import_module(BACKEND_MODULES[config.backend])  # registers the backend
+        try:
+            importlib.import_module(BACKEND_MODULES[config.backend])  # registers the backend
+        except ModuleNotFoundError as exc:
+            if exc.name != BACKEND_MODULES[config.backend]:
+                raise
+            raise ValueError(f"engine backend {config.backend!r} is not installed in this build") from None
     if config.backend not in BACKENDS:
         raise ValueError(f"unknown engine backend {config.backend!r}; available: {sorted(BACKENDS)}")
     engine = BACKENDS[config.backend](config)

@@ -48,6 +48,20 @@ class EngineConfig(BaseModel):
         "valora", description="Orchestration policy choosing merged / unmerged / mixture per iteration."
     )
     cuda_graphs: bool = Field(True, description="Capture decode iterations in CUDA graphs on GPU.")
+    compile_ops: bool = Field(
+        True, description="torch.compile the element-wise ops (norms, RoPE, SwiGLU) on GPU; CPU stays eager."
+    )
+    attention: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="Paged-attention path: 'triton' (GPU kernel, graph-capturable), 'torch' (gather + "
+        "SDPA, any device); 'auto' picks triton on GPU and torch on CPU."
+    )
+    lora_backend: str = Field(
+        "auto", description="kernels.backend registry name of the multi-LoRA op ('triton', 'torch', 'punica'); "
+        "'auto' is triton on GPU, torch on CPU."
+    )
+    cpu_adapter_cache: int = Field(
+        64, ge=1, description="Adapters kept in host memory (pinned on GPU machines) for fast reloads."
+    )
     vision_cache_size: int = Field(256, ge=0, description="Encoded pictures kept in the vision cache.")
     engine_id: str = Field("", description="Name of this replica in results and health keys; default host:pid.")
     seed: int = Field(0, description="Seed for dummy weights and sampled decoding.")

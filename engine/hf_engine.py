@@ -8,7 +8,6 @@ import os
 import socket
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,33 +15,14 @@ import torch
 from engine.adapter_store import AdapterError, AdapterStore
 from engine.base import EngineBackend, TokenCallback, error_result, register_backend
 from engine.config import EngineConfig
+from engine.device import resolve_device, resolve_dtype
+from engine.heads import TaskHead
 from engine.images import ImageDecodeError, decode_image
+from engine.model.checkpoint import load_checkpoint_parts
 from engine.prompt import PromptBuilder
 from engine.request import EngineRequest, EngineResult, Timings
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def load_checkpoint_parts(path: str):
-    """(config-checked model dir, tokenizer, image processor) of a Hugging Face checkpoint directory."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no model checkpoint at {folder} (config.json missing)")
-    return folder, AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
 
 
 @register_backend("hf")
@@ -68,6 +48,9 @@ class HFEngine(EngineBackend):
         self.prompts = PromptBuilder(self.tokenizer, self.model.config.vision_config.spatial_merge_size)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.max_len = min(self.config.max_model_len, self.model.config.text_config.max_position_embeddings)
+
+    def register_head(self, name: str, head: TaskHead) -> None:
+        super().register_head(name, head.to(self.device).eval())
 
     def add_request(self, request: EngineRequest, on_token: TokenCallback | None = None) -> None:
         self.queue.append((request, on_token, time.time()))
@@ -125,6 +108,8 @@ class HFEngine(EngineBackend):
             grids = processed["image_grid_thw"].tolist()
         ids = self.prompts.build(request.prompt, grids, max_len=self.max_len - 1)
         input_ids = torch.tensor([ids], device=self.device)
+        if pictures:  # marks image tokens, so transformers gives them 3-D M-RoPE positions
+            inputs["mm_token_type_ids"] = (input_ids == self.model.config.image_token_id).int()
         t_vision = time.time()
         timings.vision_ms = (t_vision - start) * 1000.0
         # A base-model request on a peft-wrapped model runs with every adapter disabled.

@@ -69,6 +69,7 @@ class EngineResult(BaseModel):
     head_output: dict[str, Any] | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0
+    token_ids: list[int] = Field(default_factory=list, description="Generated token ids (stop token excluded).")
     finish_reason: FinishReason = "stop"
     error: str | None = None
     mode: str = Field("unmerged", description="Inference mode of the iterations that served it.")

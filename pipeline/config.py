@@ -167,10 +167,13 @@ def add_config_args(parser: argparse.ArgumentParser, section: str, model: type[B
     for name in fields:
         info = model.model_fields[name]
         flag = "--" + name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": f"cfg:{section}.{name}", "default": argparse.SUPPRESS}
+        kwargs: dict[str, Any] = {
+            "dest": f"cfg:{section}.{name}", "default": argparse.SUPPRESS, "metavar": name.upper(),
+        }
         annotation = info.annotation
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs.pop("metavar")
         elif annotation in (int, float):
             kwargs["type"] = annotation
         elif getattr(annotation, "__origin__", None) is list:

@@ -55,6 +55,9 @@ class PipelineMetrics:
             if health is not None:
                 self.published.labels(stream).set(health.frames_published)
                 self.reconnects.labels(stream).set(health.reconnects)
+        for info in transport.group_info(Keys.ENGINE_REQUESTS):
+            self.pending.labels("engine-requests", info.group).set(info.pending)
+            self.lag.labels("engine-requests", info.group).set(info.lag_ms / 1000.0)
 
 
 METRICS = PipelineMetrics()

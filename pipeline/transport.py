@@ -122,7 +122,7 @@ redis.call('XDEL', KEYS[2], ARGV[2])
 return sent
 """
 
-DONE_TTL_S = 24 * 3600
+DONE_TTL_S = 3600  # outlives any re-delivery of a frame or request (streams are trimmed long before)
 
 
 class Transport:
@@ -198,7 +198,11 @@ class Transport:
     # -- stream health --------------------------------------------------------------------------------------
 
     def health_put(self, health: StreamHealth) -> None:
-        self.client.hset(Keys.health(health.stream), mapping={"json": health.model_dump_json()})
+        """The typed record under 'json', plus the fields an operator greps with redis-cli."""
+        self.client.hset(Keys.health(health.stream), mapping={
+            "json": health.model_dump_json(), "state": health.state, "last_error": health.last_error or "",
+            "reconnects": health.reconnects, "fps_out": health.fps_out, "frames_published": health.frames_published,
+        })
 
     def health_get(self, stream_id: str) -> StreamHealth | None:
         raw = self.client.hget(Keys.health(stream_id), "json")

@@ -71,6 +71,8 @@ def test_bad_sources_fail_alone(transport, clip, ingest_cfg, tmp_path):
         assert health.last_error == errors[stream_id] and health.frames_published == 0
         assert transport.client.xlen(Keys.frames(stream_id)) == 0
     assert transport.health_get("unreachable").state == "stopped"
+    flat = transport.client.hgetall(Keys.health("corrupt"))  # what an operator sees with redis-cli HGETALL
+    assert flat[b"state"] == b"error" and flat[b"last_error"].decode() == errors["corrupt"]
 
 
 def test_stop_while_connecting(transport, clip, ingest_cfg):
@@ -94,3 +96,25 @@ def test_stop_while_connecting(transport, clip, ingest_cfg):
         conn.close()
     finally:
         silent.close()
+
+
+def test_http_source(transport, clip, ingest_cfg):
+    """A clip served over HTTP is read as a live source: frames flow, and its end counts as a disconnect."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(clip.parent))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    registry = StreamRegistry(transport, clip.parent)
+    spec = registry.add({"id": "web", "url": f"http://127.0.0.1:{server.server_address[1]}/{clip.name}", "fps": 5})
+    assert spec.kind == "http" and spec.live
+    ingestor = Ingestor(spec, transport, registry, ingest_cfg).start()
+    try:
+        wait_for(lambda: ingestor.health.reconnects >= 1, 20, "the HTTP clip to be read to its end")
+        assert ingestor.health.frames_published >= 10
+        frame = transport.latest_frame("web")
+        assert frame.truth is None and transport.frame_jpeg(frame)
+    finally:
+        ingestor.stop()
+        server.shutdown()

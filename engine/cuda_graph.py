@@ -1,0 +1,101 @@
+"""GraphRunner: decode iterations captured as CUDA graphs per (batch-size bucket, with/without LoRA), replayed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.forward_context import ForwardContext
+from engine.lora.batch import MultiLoRADelta, StaticLoRABatch
+from engine.lora.manager import LoRAManager
+from engine.model.qwen2 import Qwen2LM
+from engine.model_input import ModelInput
+
+logger = logging.getLogger(__name__)
+
+
+def buckets(max_batch: int) -> list[int]:
+    """Batch sizes that get a graph: 1, 2, 4, 8, then every 16, up to ``max_batch``."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
+    return sorted(set(sizes))
+
+
+class GraphRunner:
+    """Static input buffers sized for the largest bucket; each bucket's graph reads a prefix of them.
+
+    Padded rows write their keys into scratch block 0 and attend over it; their outputs are dropped.
+    Graphs are captured on first use of a (bucket, LoRA) pair, so unused sizes cost nothing.
+    """
+
+    def __init__(self, model: Qwen2LM, lora: LoRAManager, max_batch: int, max_blocks: int,
+                 device: torch.device) -> None:
+        self.model, self.lora, self.device = model, lora, device
+        self.sizes = buckets(max_batch)
+        n = self.sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.zeros(n, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.cu_query_lens = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.static_lora = {b: StaticLoRABatch(b, lora.layout.max_rank, device) for b in self.sizes}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def can_run(self, batch: int, with_lora: bool) -> bool:
+        return batch <= self.sizes[-1] and (self.lora.graph_safe or not with_lora)
+
+    def run(self, inp: ModelInput) -> torch.Tensor:
+        """Replay the graph of the smallest bucket that holds ``inp``; returns hidden states [B, hidden]."""
+        batch, with_lora = inp.num_tokens, bool(inp.lora_rows)
+        size = next(b for b in self.sizes if b >= batch)
+        self._load(inp, size)
+        if with_lora:
+            self.static_lora[size].fill(inp.lora_rows, self.lora.pool)
+            self.lora.pool.wait_ready()
+        key = (size, with_lora)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(size, with_lora)
+        graph, hidden = self.graphs[key]
+        graph.replay()
+        return hidden[:batch]
+
+    def _load(self, inp: ModelInput, size: int) -> None:
+        b, width = inp.num_tokens, inp.attn.block_tables.shape[1]
+        self.input_ids[:b].copy_(inp.input_ids)
+        self.positions[:, :b].copy_(inp.positions)
+        self.slot_mapping[:b].copy_(inp.attn.slot_mapping)
+        self.block_tables[:b, :width].copy_(inp.attn.block_tables)
+        self.block_tables[:b, width:].zero_()
+        self.context_lens[:b].copy_(inp.attn.context_lens)
+        if size > b:  # padding rows: scratch slot 0 of block 0, one visible key
+            self.input_ids[b:size].zero_()
+            self.positions[:, b:size].zero_()
+            self.slot_mapping[b:size].zero_()
+            self.block_tables[b:size].zero_()
+            self.context_lens[b:size].fill_(1)
+
+    def _capture(self, size: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        logger.info("capturing decode graph for batch %d (lora=%s)", size, with_lora)
+        attn = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
+            cu_query_lens=self.cu_query_lens[:size + 1], context_lens=self.context_lens[:size],
+            max_query_len=1, query_lens_host=[1] * size, context_lens_host=[1] * size, use_triton=True,
+        )
+        deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, self.static_lora[size].batch)] if with_lora else []
+        ctx = ForwardContext(attn, deltas)
+        forward: Callable[[], torch.Tensor] = lambda: self.model(  # noqa: E731
+            self.input_ids[:size], self.positions[:, :size], ctx)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: compiles kernels and settles the allocator outside capture
+                forward()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            hidden = forward()
+        return graph, hidden

@@ -1,0 +1,121 @@
+"""The `valora` backend: our Qwen2.5-VL runner, paged KV cache, continuous batching and multi-LoRA slot pool."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import torch
+
+from engine.adapter_store import AdapterStore
+from engine.base import EngineBackend, TokenCallback, error_result, register_backend
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import Detokenizer
+from engine.device import resolve_device, resolve_dtype
+from engine.heads import TaskHead
+from engine.intake import RequestIntake
+from engine.lora.layout import LoRALayout
+from engine.lora.manager import LoRAManager
+from engine.model.checkpoint import Checkpoint
+from engine.model.qwen2 import LORA_GROUPS
+from engine.model_runner import ModelRunner, build_model
+from engine.output_processor import OutputProcessor
+from engine.policy import create_policy
+from engine.request import EngineRequest, EngineResult
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@register_backend("valora")
+class ValoraEngine(EngineBackend):
+    """In-process engine: ``add_request`` queues, ``step`` runs one iteration (schedule -> run -> postprocess).
+
+    The orchestrator hooks in through ``scheduler.policy`` (a ModePolicy deciding each iteration's mode and
+    merged adapter) and the adapter pool (``lora.pool``: per-layer slot weights to merge from).
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.engine_id = config.engine_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self._init_model()
+        self._init_lora()
+        self._init_runner()
+        self._init_scheduler()
+        self.mode, self.merged_adapter, self.steps = "unmerged", None, 0
+        self._ready: list[EngineResult] = []
+        logger.info("engine %s ready: %s on %s (%s)", self.engine_id, self.config.model, self.device, self.dtype)
+
+    def _init_model(self) -> None:
+        self.checkpoint = Checkpoint(self.config.model)
+        compiled = self.device.type == "cuda" and self.config.compile_ops
+        self.model, self.vision = build_model(self.checkpoint, self.device, self.dtype, self.config.seed, compiled)
+        self.model.layers[0].mlp.ops.check(self.device, self.dtype)
+
+    def _init_lora(self) -> None:
+        layout = LoRALayout(self.checkpoint.spec.num_layers, self.model.lora_group_shapes(), LORA_GROUPS,
+                            self.config.max_lora_rank)
+        self.lora = LoRAManager(AdapterStore(self.config.adapters), layout, self.config.lora_slots,
+                                self.config.cpu_adapter_cache, self.config.lora_backend, self.device, self.dtype,
+                                self.config.pinned_adapters)
+
+    def _init_runner(self) -> None:
+        self.runner = ModelRunner(self.config, self.checkpoint, self.lora, self.model, self.vision, self.heads,
+                                  self.device)
+
+    def _init_scheduler(self) -> None:
+        self.policy_name, policy = create_policy(self.config.policy)
+        blocks = BlockManager(self.runner.kv.num_blocks, self.runner.kv.block_size)
+        self.scheduler = Scheduler(blocks, self.lora, policy, self.config.max_num_seqs,
+                                   self.config.max_num_batched_tokens)
+        self.intake = RequestIntake(self.checkpoint.spec, self.checkpoint.tokenizer, self.lora,
+                                    self.runner.vision_cache, self.heads, self.config.max_model_len,
+                                    blocks.capacity_tokens, self.config.max_num_batched_tokens)
+        self.outputs = OutputProcessor(self.scheduler, Detokenizer(self.checkpoint.tokenizer, self.checkpoint.eos_ids),
+                                       self.runner.sampler, self.engine_id)
+
+    def register_head(self, name: str, head: TaskHead) -> None:
+        super().register_head(name, head.to(self.device).eval())
+
+    def add_request(self, request: EngineRequest, on_token: TokenCallback | None = None) -> None:
+        try:
+            seq = self.intake.make(request, on_token)
+        except ValueError as exc:  # AdapterError, ImageDecodeError and PromptTooLongError are ValueErrors
+            self._ready.append(error_result(request, str(exc), self.engine_id))
+            return
+        if seq.max_tokens == 0 and seq.head is None:
+            seq.finish_reason = "length"
+            self._ready.append(self.outputs.finish(seq))
+            return
+        self.scheduler.add(seq)
+
+    def step(self) -> list[EngineResult]:
+        sched = self.scheduler.schedule()
+        out = self.runner.run(sched) if sched.chunks else None
+        self.mode, self.merged_adapter, self.steps = sched.mode, sched.merged_adapter, self.steps + 1
+        ready, self._ready = self._ready, []
+        return ready + self.outputs.process(sched, out)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._ready) or self.scheduler.has_unfinished()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ready": True, "backend": "valora", "engine_id": self.engine_id, "model": self.config.model,
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "policy": self.policy_name, "mode": self.mode, "merged_adapter": self.merged_adapter,
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting), "steps": self.steps,
+            "preemptions": self.scheduler.num_preemptions, "kv_blocks_free": self.scheduler.blocks.num_free,
+            **self.runner.stats(), **self.lora.stats(),
+        }
+
+    def close(self) -> None:
+        self.lora.close()
+        super().close()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

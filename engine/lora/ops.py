@@ -1,0 +1,37 @@
+"""The add-LoRA op the multi-LoRA layers call: the kernels package's backend, or the engine's torch stand-in."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+
+from kernels.lora_batch import LoRABatch, LoRAWeights
+
+logger = logging.getLogger(__name__)
+
+
+class AddLoRAOp(Protocol):
+    """What the engine needs of a LoRA backend: ``add_lora`` (and whether CUDA graphs may capture it)."""
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None: ...
+
+
+def resolve_lora_op(name: str, device: torch.device) -> AddLoRAOp:
+    """``name`` ('auto', 'torch', 'triton', 'punica') from kernels.backend's registry when it is importable."""
+    try:
+        from kernels.backend import get_backend
+    except ImportError:
+        from engine.lora._torch_add_lora import TorchAddLoRA
+
+        logger.warning("kernels.backend is not importable; multi-LoRA uses the engine's eager torch fallback")
+        return TorchAddLoRA()
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    return get_backend(name)
+
+
+def graph_safe(op: AddLoRAOp) -> bool:
+    """Whether decode iterations that run this op may be captured in CUDA graphs (the torch paths read on host)."""
+    return bool(getattr(op, "cuda_graph_safe", getattr(op, "name", "") != "torch"))

@@ -1,0 +1,103 @@
+"""Decoder building blocks: RMSNorm, SwiGLU activation, and the fused linear that adapter updates hook into."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.lora.delta import LayerDelta, LayerKey
+from engine.model.rope import apply_rope
+
+logger = logging.getLogger(__name__)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [tokens, hidden] -> normalised in fp32 and scaled, in x's dtype (transformers' Qwen2RMSNorm)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(norm(x + residual), x + residual): the pre-norm of the next sub-layer and its residual stream."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, 2 * inter] (gate then up) -> silu(gate) * up: [tokens, inter]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class FusedOps:
+    """The element-wise ops of a layer, optionally torch.compile'd on GPU (fused kernels, fewer launches)."""
+
+    def __init__(self, compiled: bool) -> None:
+        self.compiled = compiled
+        self.rms_norm, self.add_rms_norm, self.silu_and_mul = rms_norm, add_rms_norm, silu_and_mul
+        self.apply_rope = apply_rope
+        if compiled:
+            self.rms_norm = torch.compile(rms_norm, dynamic=True)
+            self.add_rms_norm = torch.compile(add_rms_norm, dynamic=True)
+            self.silu_and_mul = torch.compile(silu_and_mul, dynamic=True)
+            self.apply_rope = torch.compile(apply_rope, dynamic=True)
+
+
+    @torch.inference_mode()
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Run each compiled op once; if compilation fails on this machine, fall back to the eager ops."""
+        if not self.compiled:
+            return
+        try:
+            x = torch.randn(3, 64, device=device, dtype=dtype)  # [tokens, hidden]
+            w = torch.ones(64, device=device, dtype=dtype)
+            self.rms_norm(x, w, 1e-6)
+            self.add_rms_norm(x, x, w, 1e-6)
+            self.silu_and_mul(x)
+            q = x.view(3, 2, 32)
+            self.apply_rope(q, q, x[:, :32], x[:, :32])
+        except (RuntimeError, ImportError, OSError) as exc:  # inductor's failures are RuntimeError subclasses
+            logger.warning("torch.compile of the element-wise ops failed (%s); running them eagerly", exc)
+            self.__init__(compiled=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, ops: FusedOps) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: norm(x). With it: (norm(x + residual), x + residual)."""
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class AdaptedLinear(nn.Module):
+    """One linear, or several fused along the output dim (q/k/v, gate/up), that adapter deltas add onto.
+
+    ``slice_bounds`` are the output column offsets of the fused parts; LoRA pools use the same slicing.
+    """
+
+    def __init__(self, in_dim: int, out_dims: Sequence[int], bias: bool, key: LayerKey) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.out_dims = tuple(out_dims)
+        self.slice_bounds = tuple(int(b) for b in torch.tensor([0, *out_dims]).cumsum(0).tolist())
+        self.key = key
+        self.weight = nn.Parameter(torch.empty(self.slice_bounds[-1], in_dim))  # [out_total, in]
+        self.bias = nn.Parameter(torch.zeros(self.slice_bounds[-1])) if bias else None
+
+    def forward(self, x: torch.Tensor, deltas: Sequence[LayerDelta] = ()) -> torch.Tensor:
+        """x: [tokens, in] -> [tokens, out_total]: x Wᵀ + b, plus each delta's update."""
+        y = F.linear(x, self.weight, self.bias)
+        for delta in deltas:
+            delta.apply(self.key, x, y)
+        return y

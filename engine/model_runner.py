@@ -1,0 +1,121 @@
+"""ModelRunner: owns the model, KV cache, vision cache and graphs; runs one scheduled iteration on the device."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.cuda_graph import GraphRunner
+from engine.forward_context import ForwardContext
+from engine.heads import TaskHead
+from engine.kv_cache import KVCache
+from engine.lora.manager import LoRAManager
+from engine.model.checkpoint import Checkpoint
+from engine.model.layers import FusedOps
+from engine.model.loader import init_dummy, load_weights
+from engine.model.qwen2 import Qwen2LM
+from engine.model.vision import VisionTower
+from engine.model_input import ModelInput, build_model_input
+from engine.sampler import Sampler
+from engine.scheduler import ScheduleOutput
+from engine.vision_cache import VisionCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutput:
+    """What one iteration produced, by sequence id."""
+
+    tokens: dict[int, int] = field(default_factory=dict)
+    head_outputs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, seed: int,
+                compiled: bool) -> tuple[Qwen2LM, VisionTower | None]:
+    """Our decoder (and transformers' vision tower) with the checkpoint's weights, or seeded random ones."""
+    spec = checkpoint.spec
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            lm = Qwen2LM(spec, FusedOps(compiled)).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    lm.requires_grad_(False)
+    vision = VisionTower(spec, checkpoint.image_processor, device, dtype) if spec.has_vision else None
+    if checkpoint.is_dummy:
+        init_dummy(lm, seed)
+        if vision is not None:
+            init_dummy(vision.module, seed + 1)
+    else:
+        vision_weights = load_weights(lm, checkpoint.tensors(device))
+        if vision is not None:
+            vision.load_state_dict(vision_weights)
+    return lm, vision
+
+
+class ModelRunner:
+    """Turns a ScheduleOutput into hidden states, sampled tokens and task-head answers."""
+
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint, lora: LoRAManager, model: Qwen2LM,
+                 vision: VisionTower | None, heads: dict[str, TaskHead], device: torch.device) -> None:
+        self.config, self.lora, self.model, self.heads, self.device = config, lora, model, heads, device
+        self.vision_cache = VisionCache(vision, config.vision_cache_size) if vision is not None else None
+        self.kv = KVCache(checkpoint.spec, config, device, next(model.parameters()).dtype)
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv.layer(i)
+        self.use_triton = self._attention_path(config.attention, device)
+        self.sampler = Sampler(config.seed)
+        self.graphs = None
+        if device.type == "cuda" and config.cuda_graphs and self.use_triton:
+            max_blocks = -(-config.max_model_len // self.kv.block_size)
+            self.graphs = GraphRunner(model, lora, config.max_num_seqs, max_blocks, device)
+
+    @staticmethod
+    def _attention_path(choice: str, device: torch.device) -> bool:
+        if choice == "triton" and device.type != "cuda":
+            raise ValueError("attention='triton' needs a CUDA device")
+        return choice == "triton" or (choice == "auto" and device.type == "cuda")
+
+    @torch.inference_mode()
+    def run(self, sched: ScheduleOutput) -> RunOutput:
+        if sched.mode != "unmerged":
+            raise ValueError(f"mode {sched.mode!r} needs merged weights, which this runner does not keep yet")
+        pending = [c.seq for c in sched.chunks if any(img.embeds is None for img in c.seq.images)]
+        if pending and self.vision_cache is not None:
+            self.vision_cache.encode(pending, self.lora.vision_lora)
+        inp = build_model_input(sched, self.kv.block_size, self.lora.pool.slot_of, self.device, self.use_triton)
+        hidden = self._forward(inp, sched.is_decode)
+        out = RunOutput()
+        if inp.sample_rows:
+            logits = self.model.compute_logits(hidden[inp.sample_rows])
+            tokens = self.sampler(logits, inp.sample_seqs)
+            out.tokens = {seq.seq_id: tok for seq, tok in zip(inp.sample_seqs, tokens, strict=True)}
+        for seq, rows in inp.head_rows:
+            out.head_outputs[seq.seq_id] = seq.head.answer(hidden[rows])
+        return out
+
+    def _forward(self, inp: ModelInput, is_decode: bool) -> torch.Tensor:
+        """hidden states [T, hidden] of every scheduled row."""
+        if is_decode and self.graphs is not None and self.graphs.can_run(inp.num_tokens, bool(inp.lora_rows)):
+            return self.graphs.run(inp)
+        delta = self.lora.build_delta(inp.lora_rows, inp.num_tokens)
+        ctx = ForwardContext(inp.attn, [delta] if delta is not None else [])
+        embeds = None
+        if inp.image_rows is not None:
+            embeds = self.model.embed_tokens(inp.input_ids)
+            embeds[inp.image_rows] = inp.image_embeds.to(embeds.dtype)
+        return self.model(inp.input_ids, inp.positions, ctx, embeds)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kv_blocks_total": self.kv.num_blocks - 1, "kv_block_size": self.kv.block_size,
+                               "attention": "triton" if self.use_triton else "torch",
+                               "cuda_graphs": self.graphs is not None}
+        if self.vision_cache is not None:
+            out.update(self.vision_cache.stats())
+        return out

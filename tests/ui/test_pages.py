@@ -93,6 +93,7 @@ def test_registering_a_file_stream_puts_it_in_the_registry(app, transport, media
                                                                     ["detection", "vqa"])
     rows = table(app, 0)
     assert rows["stream"].tolist() == ["gate"] and rows["state"].tolist() == ["not ingested"]
+    assert app.text_input(key="register-id").value == ""  # the form is ready for the next stream
 
 
 @pytest.mark.parametrize(("url", "message"), [

@@ -91,6 +91,8 @@ def register_form(client: DashboardClient, media_dir: str) -> None:
     except SpecError as exc:
         st.error(str(exc))
         return
+    for key in [k for k in st.session_state if str(k).startswith("register-")]:
+        del st.session_state[key]  # an empty form for the next stream
     context.flash(f"Registered {spec.id} ({spec.kind}: {spec.url}).")
 
 

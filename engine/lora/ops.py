@@ -1,4 +1,4 @@
-"""The add-LoRA op the multi-LoRA layers call: the kernels package's backend, or the engine's torch stand-in."""
+"""The add-LoRA op the multi-LoRA layers call: a backend from the kernels package's registry."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Protocol
 
 import torch
 
+from kernels.backend import get_backend
 from kernels.lora_batch import LoRABatch, LoRAWeights
 
 logger = logging.getLogger(__name__)
@@ -19,14 +20,7 @@ class AddLoRAOp(Protocol):
 
 
 def resolve_lora_op(name: str, device: torch.device) -> AddLoRAOp:
-    """``name`` ('auto', 'torch', 'triton', 'punica') from kernels.backend's registry when it is importable."""
-    try:
-        from kernels.backend import get_backend
-    except ImportError:
-        from engine.lora._torch_add_lora import TorchAddLoRA
-
-        logger.warning("kernels.backend is not importable; multi-LoRA uses the engine's eager torch fallback")
-        return TorchAddLoRA()
+    """``name`` ('auto', 'torch', 'triton', 'punica') from kernels.backend's registry; 'auto' picks by device."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     return get_backend(name)

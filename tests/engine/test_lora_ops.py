@@ -1,12 +1,12 @@
-"""The engine's multi-LoRA plumbing: the add_lora stand-in and the LoRABatch builders against a per-token loop."""
+"""The engine's LoRABatch builders, through the torch backend, against a per-token loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.lora._torch_add_lora import TorchAddLoRA
 from engine.lora.batch import LoRARows, StaticLoRABatch, build_lora_batch
+from kernels.backend import get_backend
 from kernels.lora_batch import LoRAWeights
 
 SLICES = (0, 48, 64, 80)  # q / k / v widths of a GQA projection
@@ -57,7 +57,7 @@ def test_add_lora_matches_loop(static):
         batch = build_lora_batch(rows, pool, x.shape[0], torch.device("cpu"))
         assert batch.num_segments == 3 and batch.max_rank == 16 and batch.max_seg_len == 8
     y = torch.full((x.shape[0], SLICES[-1]), 0.5)
-    TorchAddLoRA().add_lora(y, x, w, batch)
+    get_backend("torch").add_lora(y, x, w, batch)
     expected = loop_reference(x, w, slot_of_row, ranks, scales) + 0.5
     assert torch.allclose(y.double(), expected, atol=1e-4)
 

@@ -1,0 +1,267 @@
+"""Kernel benchmark: ATMM against three baselines and the physical floor, plus swift merge and the fused switch.
+
+Usage: python bench/kernels.py [--quick] [--json PATH]   (needs a CUDA GPU; bf16)
+
+Every time is the median device time of a CUDA-graph replay with the L2 flushed before it (kernels/timing.py),
+shrink + expand together. Methods, all on the same inputs in the same run:
+  torch   per-adapter torch loop: gather the adapter's rows, two matmuls at its true rank, index_add into y
+  gbmm    rank-padded gather-bmm (S-LoRA style): rows and adapters gathered per segment, padded to the longest
+          segment and the pool rank, two bmm, scatter-add
+  fixed   the ATMM kernels with one tile config for every shape (Punica SGMV's policy)
+  atmm    the ATMM kernels with the tuned table of this GPU
+floor = max(fewest bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate); fewest bytes = x read once,
+y read and written once, each adapter's A and B at its true rank read once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from kernels.atmm import atmm_add  # noqa: E402
+from kernels.lora_batch import LoRABatch, LoRAWeights  # noqa: E402
+from kernels.merge_plan import DeltaTerms, MergePlan, MergeTarget  # noqa: E402
+from kernels.swift_merge import swift_merge  # noqa: E402
+from kernels.switch import fused_switch, selection_terms  # noqa: E402
+from kernels.tile_config import FIXED_CONFIG  # noqa: E402
+from kernels.timing import Timer, copy_bandwidth, matmul_rate  # noqa: E402
+
+HIDDEN = 3584
+OUTS = (3584, 512, 18944)
+RANK_SPECS = ("16", "64", "128", "mixed")
+ADAPTERS = (1, 8, 32)
+TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
+# Best public Triton multi-LoRA kernels (vLLM lora_shrink/expand, SGLang chunked SGMV) on an H200, from issue 3.
+REFERENCE_US = {(32, 32, "mixed", 3584): 37.0, (128, 32, "mixed", 18944): 104.0, (2048, 32, "64", 18944): 95.0,
+                (8192, 32, "mixed", 3584): 198.0}
+QWEN7B = dict(layers=28, hidden=3584, inter=18944, q=3584, kv=512)
+
+
+@dataclass
+class Case:
+    tokens: int
+    adapters: int
+    ranks: str
+    out_dim: int
+    floor_us: float = 0.0
+    us: dict[str, float] = field(default_factory=dict)
+    max_rel_err: float = 0.0
+
+
+def case_ranks(spec: str, adapters: int, gen: torch.Generator) -> list[int]:
+    if spec == "mixed":
+        return torch.randint(8, 129, (adapters,), generator=gen).tolist()
+    return [int(spec)] * adapters
+
+
+def build(case: Case, dev: str = "cuda"):
+    gen = torch.Generator().manual_seed(case.tokens * 131 + case.adapters * 7 + case.out_dim)
+    ranks = case_ranks(case.ranks, case.adapters, gen)
+    pool_rank = 128 if case.ranks == "mixed" else max(ranks)  # the pool is padded to its largest rank
+    dt = torch.bfloat16
+    a = torch.zeros(case.adapters, 1, pool_rank, HIDDEN, dtype=dt)
+    b = torch.zeros(case.adapters, case.out_dim, pool_rank, dtype=dt)
+    for s, r in enumerate(ranks):  # storage padded with zeros past each true rank, like the engine's pool
+        a[s, 0, :r] = torch.randn(r, HIDDEN, generator=gen) / HIDDEN**0.5
+        b[s, :, :r] = torch.randn(case.out_dim, r, generator=gen) / r**0.5
+    weights = LoRAWeights(a.to(dev), b.to(dev), (0, case.out_dim))
+    token_slots = torch.randperm(case.tokens, generator=gen) % case.adapters  # decode: one token per request
+    scales = [2.0] * case.adapters
+    batch = LoRABatch.from_token_slots(token_slots, ranks, scales, device=dev)
+    x = torch.randn(case.tokens, HIDDEN, generator=gen).to(dev, dt)
+    y_ext = torch.randn(case.tokens + 1, case.out_dim, generator=gen).to(dev, dt)  # last row: gbmm's padding sink
+    return ranks, token_slots, scales, weights, batch, x, y_ext
+
+
+def torch_loop(y, x, weights, token_slots, ranks, scales, dev="cuda"):
+    rows = [torch.nonzero(token_slots == s).reshape(-1).to(dev) for s in range(len(ranks))]
+
+    def run():
+        for s, (idx, r) in enumerate(zip(rows, ranks, strict=True)):
+            if idx.numel():
+                h = x[idx] @ weights.a[s, 0, :r].T  # [L, r]
+                y.index_add_(0, idx, (h @ weights.b[s, :, :r].T) * scales[s])
+
+    return run
+
+
+def gather_bmm(y_ext, x, weights, batch, scales, dev="cuda"):
+    indptr = batch.seg_indptr.tolist()
+    seg_len = max(hi - lo for lo, hi in zip(indptr, indptr[1:], strict=False))
+    s_count, t = batch.num_segments, x.shape[0]
+    idx = torch.full((s_count, seg_len), t, dtype=torch.long)  # padded positions point at the sink row
+    for s in range(s_count):
+        rows = batch.token_indices[indptr[s] : indptr[s + 1]].long().cpu()
+        idx[s, : rows.numel()] = rows
+    idx = idx.to(dev)
+    x_ext = torch.zeros(t + 1, x.shape[1], dtype=x.dtype, device=dev)
+    x_ext[:t] = x
+    slots = batch.seg_slots.long()
+    seg_scale = torch.tensor([scales[s] for s in batch.seg_slots.tolist()], device=dev, dtype=x.dtype)
+
+    def run():
+        xs = x_ext[idx]  # [S, L, in]
+        a = weights.a[slots, 0]  # [S, R, in] rank-padded
+        b = weights.b[slots]  # [S, out, R]
+        h = torch.bmm(xs, a.transpose(1, 2)) * seg_scale[:, None, None]  # [S, L, R]
+        out = torch.bmm(h, b.transpose(1, 2))  # [S, L, out]
+        y_ext.index_add_(0, idx.reshape(-1), out.reshape(-1, out.shape[-1]))
+
+    return run
+
+
+def floor_us(case: Case, ranks: list[int], token_slots: torch.Tensor, bw: float, rate: float) -> float:
+    out = case.out_dim
+    used = sorted(set(token_slots.tolist()))
+    nbytes = 2 * (case.tokens * HIDDEN + 2 * case.tokens * out + sum(ranks[s] * (HIDDEN + out) for s in used))
+    flops = sum(2 * ranks[s] * (HIDDEN + out) for s in token_slots.tolist())
+    return max(nbytes / bw, flops / rate) * 1e6
+
+
+def run_case(timer: Timer, case: Case, bw: float, rate: float) -> Case:
+    ranks, token_slots, scales, weights, batch, x, y_ext = build(case)
+    y = y_ext[: case.tokens]
+    case.floor_us = floor_us(case, ranks, token_slots, bw, rate)
+    y0 = y.clone()
+    expected = y.float().clone()
+    torch_loop(expected, x.float(), LoRAWeights(weights.a.float(), weights.b.float(), weights.slice_bounds),
+               token_slots, ranks, scales)()
+    atmm_add(y, x, weights, batch)
+    case.max_rel_err = ((y.float() - expected).norm() / (expected - y0.float()).norm()).item()
+    methods = {
+        "torch": torch_loop(y, x, weights, token_slots, ranks, scales),
+        "gbmm": gather_bmm(y_ext, x, weights, batch, scales),
+        "fixed": lambda: atmm_add(y, x, weights, batch, FIXED_CONFIG),
+        "atmm": lambda: atmm_add(y, x, weights, batch),
+    }
+    for name, fn in methods.items():
+        case.us[name] = timer.graph_time_us(fn)
+    return case
+
+
+def grid(quick: bool) -> list[Case]:
+    if quick:
+        picks = [(32, 32, "mixed", 3584), (128, 32, "mixed", 18944), (2048, 32, "64", 18944),
+                 (8192, 32, "mixed", 3584), (1, 1, "16", 3584), (8, 8, "128", 512), (256, 32, "mixed", 3584),
+                 (8192, 8, "128", 18944), (512, 1, "16", 512)]
+        return [Case(t, a, r, o) for t, a, r, o in picks]
+    return [Case(t, a, r, o) for o in OUTS for r in RANK_SPECS for a in ADAPTERS for t in TOKENS]
+
+
+def qwen7b_targets(dev: str, slots: int, rank: int, with_base: bool = False) -> list[MergeTarget]:
+    """All 28 layers x fused qkv / o / fused gate_up / down of Qwen2.5-7B, bf16, one pool per projection."""
+    h, i, q, kv = QWEN7B["hidden"], QWEN7B["inter"], QWEN7B["q"], QWEN7B["kv"]
+    shapes = [((q, kv, kv), h), ((h,), q), ((i, i), h), ((h,), i)]
+    targets = []
+    for layer in range(QWEN7B["layers"]):
+        for widths, in_dim in shapes:
+            out = sum(widths)
+            bounds = tuple([0] + [sum(widths[: k + 1]) for k in range(len(widths))])
+            lora = LoRAWeights(torch.randn(slots, len(widths), rank, in_dim, device=dev, dtype=torch.bfloat16) * .01,
+                               torch.randn(slots, out, rank, device=dev, dtype=torch.bfloat16) * 0.01, bounds)
+            weight = torch.randn(out, in_dim, device=dev, dtype=torch.bfloat16) * 0.02
+            targets.append(MergeTarget(weight, lora, group=layer, base=weight.clone() if with_base else None))
+    return targets
+
+
+def bench_merge(timer: Timer, bw: float, rank: int = 64) -> dict:
+    """Swift merge of one rank-64 adapter into all of a 7B's q/k/v/o/gate/up/down (in place)."""
+    targets = qwen7b_targets("cuda", slots=2, rank=rank)
+    plan = MergePlan(targets)
+    w_bytes = sum(t.weight.numel() * 2 for t in targets)
+    ab_bytes = sum((t.lora.a[1].numel() + t.lora.b[1].numel()) * 2 for t in targets)
+    floor = (2 * w_bytes + ab_bytes) / bw * 1e6
+    add = DeltaTerms.of_adapter(1, rank, 0.5, "cuda")
+    us = timer.replay_time_us(lambda: swift_merge(plan, add=add), reps=10, flush=False)
+    switch_us = timer.replay_time_us(lambda: swift_merge(plan, add=add, sub=add), reps=10, flush=False)
+    return {"rank": rank, "weights_gb": w_bytes / 1e9, "floor_us": floor, "merge_us": us,
+            "merge_ratio": us / floor, "m1_to_m2_us": switch_us}
+
+
+def bench_switch(timer: Timer, bw: float, experts: int = 8, rank: int = 16, top_k: int = 2) -> dict:
+    """LoRA-Switch fused switch over the 7B: every layer changes, half change, none change."""
+    targets = qwen7b_targets("cuda", slots=experts, rank=rank)
+    plan = MergePlan(targets)
+    layers = QWEN7B["layers"]
+    w_bytes = sum(t.weight.numel() * 2 for t in targets)
+    slots = torch.arange(experts, dtype=torch.int32, device="cuda")
+    e_ranks = torch.full((experts,), rank, dtype=torch.int32, device="cuda")
+    e_scales = torch.full((experts,), 2.0, device="cuda")
+    gates = torch.full((layers, top_k), 1.0 / top_k, device="cuda")
+    prev_ids = torch.arange(top_k, device="cuda").repeat(layers, 1)
+    all_new = (prev_ids + top_k) % experts
+    half_new = torch.where(torch.arange(layers, device="cuda")[:, None] % 2 == 0, all_new, prev_ids)
+    prev = selection_terms(prev_ids, gates, slots, e_ranks, e_scales, rank)
+    out = {"experts": experts, "rank": rank, "top_k": top_k}
+    for name, ids in (("all_layers", all_new), ("half_layers", half_new), ("no_layer", prev_ids)):
+        new = selection_terms(ids, gates, slots, e_ranks, e_scales, rank)
+        changed = int((ids != prev_ids).any(dim=1).sum())
+        floor = 2 * w_bytes * changed / layers / bw * 1e6
+        us = timer.replay_time_us(lambda new=new: fused_switch(plan, prev, new), reps=10, flush=False)
+        out[name] = {"changed_layers": changed, "us": us, "floor_us": floor}
+    return out
+
+
+def print_cases(cases: list[Case]) -> None:
+    head = (f"{'tokens':>6} {'ad':>3} {'ranks':>6} {'out':>6} | {'floor':>8} {'torch':>9} {'gbmm':>9} {'fixed':>8} "
+            f"{'atmm':>8} | {'atmm/fl':>7} {'fix/atmm':>8} {'ref/atmm':>8} {'err':>7}")
+    print(head)
+    print("-" * len(head))
+    for c in cases:
+        ref = REFERENCE_US.get((c.tokens, c.adapters, c.ranks, c.out_dim))
+        ref_txt = f"{ref / c.us['atmm']:8.2f}" if ref else f"{'':>8}"
+        print(f"{c.tokens:>6} {c.adapters:>3} {c.ranks:>6} {c.out_dim:>6} | {c.floor_us:8.1f} {c.us['torch']:9.1f} "
+              f"{c.us['gbmm']:9.1f} {c.us['fixed']:8.1f} {c.us['atmm']:8.1f} | {c.us['atmm'] / c.floor_us:7.2f} "
+              f"{c.us['fixed'] / c.us['atmm']:8.2f} {ref_txt} {c.max_rel_err:7.1e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="A few cases (the issue's reference points) only.")
+    parser.add_argument("--json", type=Path, default=None, help="Write all numbers here.")
+    parser.add_argument("--only", choices=["all", "atmm", "merge"], default="all",
+                        help="Run only the ATMM grid, or only the 7B swift merge and fused switch (13 GB).")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    timer = Timer()
+    bw, rate = copy_bandwidth(timer), matmul_rate(timer)
+    one = torch.zeros(1, device="cuda")
+    empty_us = timer.graph_time_us(lambda: one.add_(1.0))  # one trivial kernel: the method's own latency floor
+    two_us = timer.graph_time_us(lambda: (one.add_(1.0), one.add_(1.0)))
+    print(f"# {torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; "
+          f"a graph of 1 / 2 trivial kernels: {empty_us:.1f} / {two_us:.1f} us "
+          f"(times in us, CUDA-graph replay, L2 flushed)")
+    cases = [run_case(timer, c, bw, rate) for c in grid(args.quick)] if args.only != "merge" else []
+    if cases:
+        print_cases(cases)
+    result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "bf16_flops_per_s": rate,
+              "trivial_graph_us": [empty_us, two_us],
+              "cases": [asdict(c) for c in cases]}
+    if args.only != "atmm":
+        result["merge"] = bench_merge(timer, bw)
+        m = result["merge"]
+        print(f"# swift merge rank {m['rank']} into 7B q/k/v/o/gate/up/down ({m['weights_gb']:.1f} GB): "
+              f"{m['merge_us']:.0f} us, floor {m['floor_us']:.0f} us ({m['merge_ratio']:.2f}x); "
+              f"M1->M2 in one launch {m['m1_to_m2_us']:.0f} us")
+        torch.cuda.empty_cache()
+        result["switch"] = bench_switch(timer, bw)
+        s = result["switch"]
+        print(f"# fused switch ({s['experts']} experts, rank {s['rank']}, top-{s['top_k']}): " + ", ".join(
+            f"{k} {v['us']:.0f} us (floor {v['floor_us']:.0f})" for k, v in s.items() if isinstance(v, dict)))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

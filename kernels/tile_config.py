@@ -1,0 +1,229 @@
+"""Tile configs of the ATMM and merge kernels, and the per-device table that picks them by batch shape.
+
+Lookup order (``TileTable.lookup``): the exact profiled shape, else the nearest profiled shape (distance in log2
+space over segments, tokens, in-dim, out-dim and max rank), else ``heuristic_config``. Tables live in
+``kernels/configs/<device>.json`` where ``<device>`` is ``device_slug(torch.cuda.get_device_name())``, written by
+``valora kernels tune``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TABLE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    """Tiles of the shrink kernel: tmp[rows, r] = x[rows] @ A[:r].T."""
+
+    block_m: int  # token rows per program
+    block_r: int  # rank columns per program
+    block_k: int  # in-dim chunk per loop step
+    split_k: int  # programs sharing one row block's K range (partials summed by the expand)
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    """Tiles of the expand kernel: y[rows, n] += tmp[rows, :r] @ B[n, :r].T."""
+
+    block_m: int  # token rows per program
+    block_n: int  # output columns per program
+    block_r: int  # rank chunk per loop step (only when terms x rank is too wide to keep in registers)
+    num_warps: int
+    num_stages: int
+    group_n: int = 1  # output blocks per program, streamed in a pipelined loop (amortises the row-block setup)
+
+
+@dataclass(frozen=True)
+class AtmmConfig:
+    """One launch pair's tiles."""
+
+    shrink: ShrinkConfig
+    expand: ExpandConfig
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Tiles of the delta-merge kernel: W[m, n] += sum_j s_j * B_j[m, :r] @ A_j[:r, n] (all terms' ranks at once)."""
+
+    block_m: int  # weight rows per program
+    block_n: int  # weight columns per tile
+    num_warps: int
+    num_stages: int
+    group_n: int = 8  # column tiles per program, streamed in a pipelined loop
+
+
+@dataclass(frozen=True)
+class ShapeKey:
+    """What the best tiles depend on: the batch shape of one ATMM call."""
+
+    segments: int
+    tokens: int  # rows that carry an adapter (T_lora)
+    in_dim: int
+    out_dim: int  # total over slices
+    max_rank: int
+
+    def distance(self, other: ShapeKey) -> float:
+        """Log2 distance; the dims weigh more than the batch shape because they fix the grid's other axis."""
+        weights = (1.0, 1.0, 2.0, 2.0, 1.5)
+        mine = (self.segments, self.tokens, self.in_dim, self.out_dim, self.max_rank)
+        theirs = (other.segments, other.tokens, other.in_dim, other.out_dim, other.max_rank)
+        pairs = zip(weights, mine, theirs, strict=True)
+        return sum(w * abs(math.log2(max(a, 1)) - math.log2(max(b, 1))) for w, a, b in pairs)
+
+
+# The Punica-SGMV-style policy: one tile config for every shape (the "punica" backend and the bench baseline).
+FIXED_CONFIG = AtmmConfig(
+    shrink=ShrinkConfig(block_m=32, block_r=16, block_k=64, split_k=1, num_warps=4, num_stages=2),
+    expand=ExpandConfig(block_m=32, block_n=64, block_r=16, num_warps=4, num_stages=2, group_n=1),
+)
+FIXED_MERGE_CONFIG = MergeConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, group_n=8)
+
+
+def _pow2_at_least(value: int, floor: int, cap: int) -> int:
+    return max(floor, min(cap, 1 << max(0, (max(value, 1) - 1).bit_length())))
+
+
+def heuristic_config(key: ShapeKey) -> AtmmConfig:
+    """Tiles from the shape alone, for shapes no table covers.
+
+    Decode-like batches (short segments) get 16-row tiles and split-K so that the weight reads, not the few token
+    rows, fill the GPU; prefill-like batches get taller tiles that reuse each weight tile across more rows.
+    """
+    rows_per_seg = max(1, key.tokens // max(key.segments, 1))
+    block_m = _pow2_at_least(rows_per_seg, 16, 64)
+    block_r = _pow2_at_least(key.max_rank, 16, 64)
+    row_blocks = key.segments * max(1, -(-rows_per_seg // block_m))
+    rank_blocks = max(1, -(-key.max_rank // block_r))
+    split_k = 1
+    while (rows_per_seg <= 32 and row_blocks * rank_blocks * split_k < 264 and split_k < 8
+           and key.in_dim // (split_k * 2) >= 256):
+        split_k *= 2
+    shrink = ShrinkConfig(block_m=block_m, block_r=block_r, block_k=128 if block_m <= 32 else 64,
+                          split_k=split_k, num_warps=4, num_stages=3)
+    expand = ExpandConfig(block_m=block_m, block_n=128, block_r=32, num_warps=4, num_stages=3,
+                          group_n=1 if rows_per_seg <= 16 else 4)
+    return AtmmConfig(shrink=shrink, expand=expand)
+
+
+def heuristic_merge_config(max_rank: int) -> MergeConfig:
+    """The merge streams the weights once, so the W read/write dominates: a mid tile, 8 column tiles a program."""
+    return MergeConfig(block_m=64 if max_rank <= 64 else 32, block_n=128, num_warps=4, num_stages=3, group_n=8)
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'nvidia_h200': the file name of a device's table."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def current_device_slug() -> str | None:
+    """The slug of the current CUDA device, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return device_slug(torch.cuda.get_device_name())
+
+
+class TileTable:
+    """Profiled best tiles per shape for one device, with nearest-shape and heuristic fallbacks."""
+
+    def __init__(
+        self,
+        device: str,
+        entries: dict[ShapeKey, AtmmConfig] | None = None,
+        merge: dict[int, MergeConfig] | None = None,
+        timings_us: dict[ShapeKey, float] | None = None,
+    ) -> None:
+        self.device = device
+        self.entries: dict[ShapeKey, AtmmConfig] = dict(entries or {})
+        self.merge: dict[int, MergeConfig] = dict(merge or {})  # keyed by max rank
+        self.timings_us: dict[ShapeKey, float] = dict(timings_us or {})
+
+    def lookup(self, key: ShapeKey) -> tuple[AtmmConfig, str]:
+        """The config for ``key`` and where it came from: 'exact', 'nearest' or 'heuristic'."""
+        if key in self.entries:
+            return self.entries[key], "exact"
+        if self.entries:
+            nearest = min(self.entries, key=key.distance)
+            return self.entries[nearest], "nearest"
+        return heuristic_config(key), "heuristic"
+
+    def lookup_merge(self, max_rank: int) -> MergeConfig:
+        if not self.merge:
+            return heuristic_merge_config(max_rank)
+        nearest = min(self.merge, key=lambda r: abs(math.log2(max(r, 1)) - math.log2(max(max_rank, 1))))
+        return self.merge[nearest]
+
+    def to_json(self) -> dict:
+        return {
+            "version": TABLE_VERSION,
+            "device": self.device,
+            "entries": [
+                {"key": asdict(k), "shrink": asdict(c.shrink), "expand": asdict(c.expand),
+                 "us": self.timings_us.get(k)}
+                for k, c in sorted(self.entries.items(), key=lambda kv: astuple_key(kv[0]))
+            ],
+            "merge": [{"max_rank": r, **asdict(c)} for r, c in sorted(self.merge.items())],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> TileTable:
+        if data.get("version") != TABLE_VERSION:
+            raise ValueError(f"tile table version {data.get('version')!r} is not {TABLE_VERSION}")
+        entries, timings = {}, {}
+        for row in data["entries"]:
+            key = ShapeKey(**row["key"])
+            entries[key] = AtmmConfig(shrink=ShrinkConfig(**row["shrink"]), expand=ExpandConfig(**row["expand"]))
+            if row.get("us") is not None:
+                timings[key] = float(row["us"])
+        merge = {}
+        for row in data.get("merge", []):
+            row = dict(row)
+            rank = int(row.pop("max_rank"))
+            known = {f.name for f in fields(MergeConfig)}
+            if set(row) - known:  # written by an older kernel version: its tiles do not apply
+                logger.warning("ignoring stale merge tiles for rank %d: %s", rank, row)
+                continue
+            merge[rank] = MergeConfig(**row)
+        return cls(data["device"], entries, merge, timings)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> TileTable:
+        return cls.from_json(json.loads(path.read_text()))
+
+
+def astuple_key(key: ShapeKey) -> tuple[int, ...]:
+    return (key.in_dim, key.out_dim, key.max_rank, key.segments, key.tokens)
+
+
+def table_path(slug: str) -> Path:
+    return CONFIG_DIR / f"{slug}.json"
+
+
+@functools.cache
+def device_table(slug: str | None = None) -> TileTable:
+    """The shipped table of a device (the current one by default); empty (heuristic only) if none was profiled."""
+    slug = slug or current_device_slug() or "cpu"
+    path = table_path(slug)
+    if path.is_file():
+        logger.info("tile table %s", path)
+        return TileTable.load(path)
+    logger.info("no tile table for %s: heuristic tiles", slug)
+    return TileTable(slug)

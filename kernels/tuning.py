@@ -1,0 +1,254 @@
+"""Offline tile tuning: profile ATMM and merge tiles over a grid of shapes on this GPU and write its table.
+
+For every shape the shrink candidates are timed alone, then the expand candidates on the winner's output; the
+best pair is the entry. Candidates come from two fixed pools (so the number of distinct compiled kernels stays
+small) filtered by shape: row tiles no taller than twice the rows per segment, rank tiles no wider than the
+rank, and K splits only while the K range per split still holds a tile. Timing: CUDA-graph replay, L2 flushed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from kernels.tile_config import (
+    AtmmConfig,
+    ExpandConfig,
+    MergeConfig,
+    ShapeKey,
+    ShrinkConfig,
+    TileTable,
+    current_device_slug,
+    table_path,
+)
+
+logger = logging.getLogger(__name__)
+
+# (block_m, block_r, block_k, split_k, num_warps, num_stages)
+SHRINK_POOL = [ShrinkConfig(*c) for c in (
+    (16, 16, 128, 1, 4, 3), (16, 16, 256, 2, 4, 3), (16, 16, 256, 4, 4, 3), (16, 16, 128, 8, 4, 3),
+    (16, 32, 256, 2, 4, 3), (16, 32, 128, 4, 4, 3), (16, 64, 128, 1, 4, 3), (16, 64, 128, 4, 4, 3),
+    (32, 32, 128, 1, 4, 3), (32, 64, 128, 1, 4, 3), (32, 16, 128, 2, 4, 3),
+    (64, 64, 64, 1, 4, 3), (64, 64, 128, 1, 8, 3), (64, 32, 128, 1, 4, 4),
+    (128, 64, 64, 1, 8, 3), (128, 128, 64, 1, 8, 3), (64, 128, 64, 1, 8, 3),
+)]
+# (block_m, block_n, block_r, num_warps, num_stages, group_n)
+EXPAND_POOL = [ExpandConfig(*c) for c in (
+    (16, 64, 32, 4, 2, 1), (16, 128, 32, 4, 2, 1), (16, 128, 32, 4, 3, 2), (16, 256, 32, 4, 3, 1),
+    (16, 64, 32, 4, 3, 4), (16, 128, 64, 4, 3, 4), (16, 256, 32, 8, 3, 2),
+    (32, 128, 32, 4, 3, 2), (32, 64, 32, 4, 3, 4), (32, 256, 32, 8, 3, 2),
+    (64, 128, 32, 4, 3, 4), (64, 64, 32, 4, 3, 8), (64, 256, 32, 8, 3, 4), (64, 128, 32, 4, 4, 8),
+    (128, 128, 32, 8, 3, 4), (128, 64, 32, 4, 3, 8), (128, 256, 32, 8, 2, 2),
+)]
+# (block_m, block_n, num_warps, num_stages, group_n)
+MERGE_POOL = [MergeConfig(*c) for c in (
+    (64, 128, 4, 3, 8), (64, 128, 4, 3, 4), (32, 256, 4, 3, 4), (64, 256, 8, 3, 4), (128, 128, 8, 3, 4),
+    (64, 64, 4, 4, 16), (128, 64, 4, 3, 8), (32, 128, 4, 4, 16),
+)]
+
+DIMS = ((3584, 3584), (3584, 512), (3584, 18944), (18944, 3584))  # Qwen2.5-VL-7B projections
+TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
+SEGMENTS = (1, 8, 32)
+RANKS = (16, 64, 128)
+
+
+def default_grid(quick: bool = False) -> list[ShapeKey]:
+    """The shapes to profile: 7B dims x tokens x segments (<= tokens) x max rank; --quick keeps a corner set."""
+    tokens = (1, 32, 128, 2048, 8192) if quick else TOKENS
+    dims = DIMS[:3] if quick else DIMS
+    ranks = (16, 128) if quick else RANKS
+    return [ShapeKey(s, t, i, o, r) for (i, o) in dims for r in ranks for t in tokens for s in SEGMENTS if s <= t]
+
+
+def _pow2(value: int) -> int:
+    return 1 << max(0, (max(value, 1) - 1).bit_length())
+
+
+def shrink_candidates(key: ShapeKey) -> list[ShrinkConfig]:
+    rows = max(1, key.tokens // key.segments)
+    out = [c for c in SHRINK_POOL
+           if c.block_m <= max(16, 2 * _pow2(rows)) and c.block_r <= max(16, _pow2(key.max_rank))
+           and key.in_dim // c.split_k >= c.block_k]
+    return out or SHRINK_POOL[:1]
+
+
+def expand_candidates(key: ShapeKey) -> list[ExpandConfig]:
+    rows = max(1, key.tokens // key.segments)
+    out = [c for c in EXPAND_POOL
+           if c.block_m <= max(16, 2 * _pow2(rows)) and c.block_r <= max(16, _pow2(key.max_rank))]
+    return out or EXPAND_POOL[:1]
+
+
+def synthetic_problem(key: ShapeKey, device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """x, y, weights and a batch of ``key``'s shape: tokens spread evenly over segments, every adapter at max rank."""
+    from kernels.lora_batch import LoRABatch, LoRAWeights
+
+    segments = min(key.segments, key.tokens)
+    a = torch.randn(segments, 1, key.max_rank, key.in_dim, device=device, dtype=dtype) / key.in_dim**0.5
+    b = torch.randn(segments, key.out_dim, key.max_rank, device=device, dtype=dtype) / key.max_rank**0.5
+    weights = LoRAWeights(a, b, (0, key.out_dim))
+    token_slots = torch.arange(key.tokens) % segments
+    batch = LoRABatch.from_token_slots(token_slots, [key.max_rank] * segments, [1.0] * segments, device=device)
+    x = torch.randn(key.tokens, key.in_dim, device=device, dtype=dtype)
+    y = torch.randn(key.tokens, key.out_dim, device=device, dtype=dtype)
+    return x, y, weights, batch
+
+
+TRACE: list[dict] = []  # every candidate's time, for `valora kernels tune --trace`
+
+
+def _best(timer, candidates: Iterable, run: Callable, label: str = "") -> tuple[object, float]:
+    best, best_us = None, float("inf")
+    for cfg in candidates:
+        try:
+            us = timer.graph_time_us(lambda cfg=cfg: run(cfg))
+        except Exception as exc:  # a tile that does not fit this GPU (shared memory, registers): skip it
+            logger.debug("skip %s: %s", cfg, exc)
+            continue
+        TRACE.append({"shape": label, "config": repr(cfg), "us": us})
+        if us < best_us:
+            best, best_us = cfg, us
+    if best is None:
+        raise RuntimeError("no candidate tile config ran")
+    return best, best_us
+
+
+def profile_shape(timer, key: ShapeKey) -> tuple[AtmmConfig, float]:
+    """The fastest shrink, then the fastest expand after it, for one shape; returns the pair and its total us."""
+    from kernels.atmm import RowPlan, launch_expand, launch_shrink, workspace_shape
+
+    x, y, weights, batch = synthetic_problem(key, timer.device)
+    plan = RowPlan.from_batch(batch)
+    tmps: dict[int, torch.Tensor] = {}
+
+    def tmp_for(split: int) -> torch.Tensor:
+        if split not in tmps:
+            probe = AtmmConfig(ShrinkConfig(16, 16, 64, split, 4, 2), EXPAND_POOL[0])
+            tmps[split] = torch.zeros(workspace_shape(plan, weights, probe), device=timer.device)
+        return tmps[split]
+
+    shrink, shrink_us = _best(timer, shrink_candidates(key),
+                              lambda c: launch_shrink(x, weights, plan, tmp_for(c.split_k), c), repr(key))
+    tmp = tmp_for(shrink.split_k)
+    launch_shrink(x, weights, plan, tmp, shrink)
+    expand, expand_us = _best(timer, expand_candidates(key), lambda c: launch_expand(y, weights, plan, tmp, c),
+                              repr(key))
+    return AtmmConfig(shrink, expand), shrink_us + expand_us
+
+
+def profile_merge(timer, rank: int, targets: int = 8, dim: int = 3584) -> tuple[MergeConfig, float]:
+    """The fastest merge tiles for one adapter of ``rank`` into ``targets`` square bf16 matrices."""
+    from kernels.swift_merge import swift_merge
+
+    plan, terms = _merge_problem(rank, targets, dim, str(timer.device))
+    return _best(timer, _merge_pool(rank), lambda c: swift_merge(plan, add=terms, config=c), f"merge rank {rank}")
+
+
+def _warm_worker(job: tuple[list[ShrinkConfig], list[ExpandConfig], list[MergeConfig]]) -> int:
+    """Compile (by running once on a tiny problem) the given configs; the disk cache then serves the parent."""
+    from kernels.atmm import RowPlan, launch_expand, launch_shrink, workspace_shape
+    from kernels.swift_merge import swift_merge
+
+    shrinks, expands, merges = job
+    # The same argument specialisation as the 7B shapes: dims and strides divisible by 16.
+    x, y, weights, batch = synthetic_problem(ShapeKey(2, 4, 3584, 512, 16))
+    plan = RowPlan.from_batch(batch)
+    for cfg in shrinks:
+        tmp = torch.zeros(workspace_shape(plan, weights, AtmmConfig(cfg, EXPAND_POOL[0])), device="cuda")
+        launch_shrink(x, weights, plan, tmp, cfg)
+    tmp1 = torch.zeros(workspace_shape(plan, weights, AtmmConfig(SHRINK_POOL[0], EXPAND_POOL[0])), device="cuda")
+    tmp2 = torch.zeros((2, *tmp1.shape[1:]), device="cuda")
+    for cfg in expands:  # one K split and several: the expand compiles both variants
+        launch_expand(y, weights, plan, tmp1, cfg)
+        launch_expand(y, weights, plan, tmp2, cfg)
+    for cfg in merges:
+        plan_m, terms = _merge_problem(16, targets=1, dim=512)
+        swift_merge(plan_m, add=terms, config=cfg)
+    torch.cuda.synchronize()
+    return len(shrinks) + len(expands) + len(merges)
+
+
+def warm_cache(extra: Iterable[AtmmConfig] = (), processes: int = 8) -> None:
+    """Compile every pool config in parallel worker processes (Triton's disk cache is shared)."""
+    import multiprocessing
+
+    shrinks = list(dict.fromkeys(SHRINK_POOL + [c.shrink for c in extra]))
+    expands = list(dict.fromkeys(EXPAND_POOL + [c.expand for c in extra]))
+    merges = list(dict.fromkeys(_merge_pool(r) for r in RANKS))
+    merges = [c for group in merges for c in group]
+    jobs = [(shrinks[i::processes], expands[i::processes], list(dict.fromkeys(merges))[i::processes])
+            for i in range(processes)]
+    started = time.monotonic()
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        done = sum(pool.map(_warm_worker, jobs))
+    logger.info("compiled %d kernel configs in %.0f s", done, time.monotonic() - started)
+
+
+def _merge_pool(rank: int) -> tuple[MergeConfig, ...]:
+    return tuple(MERGE_POOL)
+
+
+def _merge_problem(rank: int, targets: int, dim: int, device: str = "cuda"):
+    from kernels.lora_batch import LoRAWeights
+    from kernels.merge_plan import DeltaTerms, MergePlan, MergeTarget
+
+    dt = torch.bfloat16
+    items = []
+    for _ in range(targets):
+        lora = LoRAWeights(torch.randn(2, 1, rank, dim, device=device, dtype=dt) * 0.01,
+                           torch.randn(2, dim, rank, device=device, dtype=dt) * 0.01, (0, dim))
+        items.append(MergeTarget(torch.randn(dim, dim, device=device, dtype=dt), lora))
+    return MergePlan(items), DeltaTerms.of_adapter(1, rank, 0.5, device)
+
+
+def tune(
+    grid: list[ShapeKey] | None = None,
+    out_path: Path | None = None,
+    budget_s: float | None = None,
+    merge_ranks: Iterable[int] = RANKS,
+    trace_path: Path | None = None,
+    merge_only: bool = False,
+) -> Path:
+    """Profile ``grid`` (default: ``default_grid()``) on the current GPU and write the device's table.
+
+    Shapes past ``budget_s`` seconds are left out (lookups fall back to the nearest profiled shape).
+    ``merge_only`` keeps the table's ATMM entries and profiles the merge tiles again.
+    """
+    from kernels.timing import Timer
+
+    slug = current_device_slug()
+    if slug is None:
+        raise ValueError("tuning needs a CUDA GPU (kernels are timed on the device whose table is written)")
+    out_path = out_path or table_path(slug)
+    grid = grid if grid is not None else default_grid()
+    from kernels.tile_config import FIXED_CONFIG
+
+    if merge_only:
+        table = TileTable.load(out_path) if out_path.is_file() else TileTable(slug)
+        table.merge.clear()
+        grid = []
+    else:
+        warm_cache(extra=[FIXED_CONFIG])
+        table = TileTable(slug)
+    timer = Timer()
+    started = time.monotonic()
+    for rank in merge_ranks:
+        table.merge[rank], us = profile_merge(timer, rank)
+        logger.info("merge rank %d: %s %.1f us", rank, table.merge[rank], us)
+    for i, key in enumerate(grid):
+        if budget_s is not None and time.monotonic() - started > budget_s:
+            logger.warning("time budget spent: %d of %d shapes profiled", i, len(grid))
+            break
+        config, us = profile_shape(timer, key)
+        table.entries[key], table.timings_us[key] = config, us
+        logger.info("[%d/%d] %s: %.1f us %s", i + 1, len(grid), key, us, config)
+        table.save(out_path)  # keep what is done if the run is cut short
+    table.save(out_path)
+    if trace_path is not None:
+        trace_path.write_text(json.dumps(TRACE, indent=0))
+    return out_path

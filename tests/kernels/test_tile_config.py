@@ -1,0 +1,84 @@
+"""Tile table lookup (exact -> nearest -> heuristic), JSON round trip, the shipped H200 table, and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from kernels.tile_config import (
+    CONFIG_DIR,
+    FIXED_MERGE_CONFIG,
+    AtmmConfig,
+    ExpandConfig,
+    ShapeKey,
+    ShrinkConfig,
+    TileTable,
+    device_slug,
+    heuristic_config,
+)
+from kernels.tuning import default_grid, expand_candidates, shrink_candidates
+
+A = AtmmConfig(ShrinkConfig(16, 16, 128, 4, 4, 3), ExpandConfig(16, 128, 16, 4, 2))
+B = AtmmConfig(ShrinkConfig(64, 64, 64, 1, 8, 3), ExpandConfig(64, 128, 64, 8, 2))
+DECODE = ShapeKey(32, 32, 3584, 3584, 64)
+PREFILL = ShapeKey(32, 8192, 3584, 3584, 64)
+
+
+def test_lookup_exact_then_nearest_then_heuristic():
+    table = TileTable("test", {DECODE: A, PREFILL: B})
+    assert table.lookup(DECODE) == (A, "exact")
+    assert table.lookup(ShapeKey(32, 48, 3584, 3584, 64)) == (A, "nearest")
+    assert table.lookup(ShapeKey(32, 4096, 3584, 3584, 128)) == (B, "nearest")
+    config, source = TileTable("empty").lookup(DECODE)
+    assert source == "heuristic" and config == heuristic_config(DECODE)
+
+
+def test_json_round_trip(tmp_path):
+    table = TileTable("test", {DECODE: A, PREFILL: B}, timings_us={DECODE: 12.5})
+    table.merge[64] = FIXED_MERGE_CONFIG
+    path = tmp_path / "t.json"
+    table.save(path)
+    loaded = TileTable.load(path)
+    assert loaded.entries == table.entries and loaded.timings_us == {DECODE: 12.5}
+    assert loaded.merge == table.merge
+
+
+def test_heuristic_splits_k_for_decode_not_prefill():
+    assert heuristic_config(DECODE).shrink.split_k > 1
+    assert heuristic_config(PREFILL).shrink.split_k == 1
+    assert heuristic_config(PREFILL).shrink.block_m >= 64
+
+
+def test_device_slug():
+    assert device_slug("NVIDIA H200") == "nvidia_h200"
+    assert device_slug("NVIDIA GeForce RTX 4090 (laptop)") == "nvidia_geforce_rtx_4090_laptop"
+
+
+def test_shipped_h200_table_covers_the_bench_grid():
+    path = CONFIG_DIR / "nvidia_h200.json"
+    if not path.is_file():
+        pytest.fail("kernels/configs/nvidia_h200.json is missing (run `valora kernels tune` on an H200)")
+    table = TileTable.load(path)
+    assert table.device == "nvidia_h200" and table.merge
+    for key in (ShapeKey(32, 32, 3584, 3584, 128), ShapeKey(32, 8192, 3584, 18944, 64)):
+        assert table.lookup(key)[1] in ("exact", "nearest")
+
+
+def test_candidates_fit_the_shape():
+    for key in default_grid():
+        rows = key.tokens // key.segments
+        assert all(c.block_m <= max(16, 2 * (1 << (rows - 1).bit_length())) for c in shrink_candidates(key))
+        assert all(key.in_dim // c.split_k >= c.block_k for c in shrink_candidates(key))
+        assert expand_candidates(key)
+
+
+def test_cli_registers_kernels_tune():
+    from kernels.cli import register
+
+    parser = argparse.ArgumentParser(prog="valora")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["kernels", "tune", "--quick", "--budget-s", "60"])
+    assert args.quick and args.budget_s == 60 and callable(args.handler)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["kernels", "tune", "--help"])

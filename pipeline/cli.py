@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "apps.cli",
     "apps.moe.cli",
     "kernels.cli",
+    "ui.commands",
 ]
 
 

@@ -128,11 +128,13 @@ class MoETrainer:
         aux = self.model.aux_loss()
         return lm + self.recipe.balance * aux, float(aux.detach())
 
-    def train(self) -> None:
+    def train(self, until: int | None = None) -> None:
+        """Train to the recipe's last step (or stop after step ``until``, saving the state, as a kill would)."""
         recipe, start = self.recipe, time.time()
+        last = recipe.steps if until is None else min(until, recipe.steps)
         self.model.train()
         recent: list[float] = []
-        while self.step < recipe.steps:
+        while self.step < last:
             self.step += 1
             scale = min(1.0, self.step / 20) * (0.1 + 0.9 * (1 - self.step / recipe.steps))  # warm-up, decay
             for group in self.optimizer.param_groups:
@@ -149,7 +151,7 @@ class MoETrainer:
                 logger.info("%s step %s/%s loss %.4f balance %.3f (%.1f s)", self.name, self.step, recipe.steps,
                             mean, aux, time.time() - start)
                 recent = []
-            if self.step % recipe.save_every == 0 or self.step == recipe.steps:
+            if self.step % recipe.save_every == 0 or self.step == last:
                 self._save_state()
         self.model.eval()
 

@@ -187,3 +187,17 @@ def test_reused_deltas_reread_their_row_slot_buffer(tiny_checkpoint, moe_root):
             got = runner.model.compute_logits(runner.model(ids, positions, ForwardContext(attn, deltas)))[:t]
         want = runner.step(name, PROMPT, 0)
         assert rel(got, want) < 1e-6, name
+
+
+def test_triton_kernels_serve_both_paths(tiny_checkpoint, moe_root):
+    """The Triton routed operator and fused switch (interpreted on CPU) give the torch backend's results."""
+    short = PROMPT[:6]
+    reference = OneSequence(tiny_checkpoint / "base", moe_root, CONFIG)
+    reference.acquire("moe_pre")
+    want, want_logits = reference.greedy("moe_pre", short, 3)
+    runner = OneSequence(tiny_checkpoint / "base", moe_root, CONFIG, backend="triton")
+    runner.acquire("moe_pre")
+    got, got_logits = runner.greedy("moe_pre", short, 3)
+    assert runner.paths == ["routed", "switch", "switch"] and got == want
+    for a, b in zip(got_logits, want_logits, strict=True):
+        assert rel(a, b) < 1e-5

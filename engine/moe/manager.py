@@ -115,6 +115,8 @@ class MoEManager:
         self.store, self.layout, self.config = MoEStore(root), layout, config
         self.hidden_size, self.device, self.dtype, self.op = hidden_size, device, dtype, op
         self.pool = MoEPool(layout, config, hidden_size, device, dtype)
+        if self.store.names():  # reserve the pool before the engine sizes its KV cache from free memory
+            self.pool.allocate()
         self.switch = MergeSwitch(self.pool, linears, op, claims, restore)
         self.first = linears[FIRST_KEY]
         self.host: OrderedDict[str, HostMoE] = OrderedDict()
@@ -237,6 +239,7 @@ class MoEManager:
 
     def stats(self) -> dict[str, Any]:
         return {"moe_adapters_resident": self.pool.resident(), "moe_merged": self.switch.merged,
+                "moe_pool_bytes": self.pool.nbytes,
                 "moe_switch_steps": self.steps["switch"], "moe_routed_steps": self.steps["routed"],
                 "moe_unmerges": self.switch.unmerges, "moe_adapter_loads": self.pool.loads}
 

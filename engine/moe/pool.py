@@ -28,24 +28,23 @@ class MoEPool:
     Routers (fp32): ``global_router`` [slots, layers * E, hidden] (pre-gated) and ``site_router[group]``
     [layers, slots, E, in_dim] (per-layer and block). ``logit_bias`` [slots, E] is 0 for an adapter's experts
     and -inf past them; ``pair_live`` [slots, K] marks its top-k pairs.
+
+    The expert and router storage is allocated by ``allocate`` (the manager calls it at start-up when the
+    adapters directory holds MoE-LoRA adapters, so the KV cache is sized after it) or else on the first load.
     """
 
     def __init__(self, layout: LoRALayout, config: MoEConfig, hidden_size: int, device: torch.device,
                  dtype: torch.dtype) -> None:
-        self.layout, self.device = layout, device
+        self.layout, self.device, self.dtype, self.hidden_size = layout, device, dtype, hidden_size
         self.num_slots, self.experts, self.top_k, self.max_rank = (config.slots, config.max_experts,
                                                                    config.max_top_k, config.max_rank)
         n = self.num_slots * self.experts
-        self.a = {g: torch.zeros(layout.num_layers, n, len(w), self.max_rank, d, dtype=dtype, device=device)
-                  for g, (d, w) in layout.groups.items()}
-        self.b = {g: torch.zeros(layout.num_layers, n, sum(w), self.max_rank, dtype=dtype, device=device)
-                  for g, (d, w) in layout.groups.items()}
-        self._weights = {(layer, g): LoRAWeights(self.a[g][layer], self.b[g][layer], layout.slice_bounds(g))
-                         for g in layout.groups for layer in range(layout.num_layers)}
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        self._weights: dict[LayerKey, LoRAWeights] = {}
+        self.global_router = torch.empty(0)
+        self.site_router: dict[str, torch.Tensor] = {}
         f32 = dict(dtype=torch.float32, device=device)
-        self.global_router = torch.zeros(self.num_slots, layout.num_layers * self.experts, hidden_size, **f32)
-        self.site_router = {g: torch.zeros(layout.num_layers, self.num_slots, self.experts, d, **f32)
-                            for g, (d, _) in layout.groups.items()}
         self.expert_slots = torch.arange(n, dtype=torch.int32, device=device)
         self.expert_ranks = torch.zeros(n, dtype=torch.int32, device=device)
         self.expert_scales = torch.zeros(n, **f32)
@@ -59,11 +58,34 @@ class MoEPool:
         self.loads = 0
         self.evictions = 0
 
+    @property
+    def allocated(self) -> bool:
+        return bool(self.a)
+
+    def allocate(self) -> None:
+        """Allocate the expert and router storage (zeros) once."""
+        if self.allocated:
+            return
+        layout, dev, n = self.layout, self.device, self.num_slots * self.experts
+        self.a = {g: torch.zeros(layout.num_layers, n, len(w), self.max_rank, d, dtype=self.dtype, device=dev)
+                  for g, (d, w) in layout.groups.items()}
+        self.b = {g: torch.zeros(layout.num_layers, n, sum(w), self.max_rank, dtype=self.dtype, device=dev)
+                  for g, (d, w) in layout.groups.items()}
+        self._weights = {(layer, g): LoRAWeights(self.a[g][layer], self.b[g][layer], layout.slice_bounds(g))
+                         for g in layout.groups for layer in range(layout.num_layers)}
+        f32 = dict(dtype=torch.float32, device=dev)
+        self.global_router = torch.zeros(self.num_slots, layout.num_layers * self.experts, self.hidden_size, **f32)
+        self.site_router = {g: torch.zeros(layout.num_layers, self.num_slots, self.experts, d, **f32)
+                            for g, (d, _) in layout.groups.items()}
+        logger.info("MoE expert pool: %d slots x %d experts of rank <= %d (%.2f GiB)", self.num_slots,
+                    self.experts, self.max_rank, self.nbytes / 2**30)
+
     def weights(self, key: LayerKey) -> LoRAWeights:
         return self._weights[key]
 
     @property
     def nbytes(self) -> int:
+        """Device bytes of the expert and router storage (0 until allocated)."""
         tensors = [*self.a.values(), *self.b.values(), self.global_router, *self.site_router.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -126,6 +148,7 @@ class MoEPool:
 
     def _write(self, slot: int, host: HostMoE) -> None:
         """Copy ``host`` into ``slot`` (synchronously: loads are rare and happen between iterations)."""
+        self.allocate()
         spec, e, n = host.spec, self.experts, host.spec.num_experts
         lo, r = slot * e, spec.rank
         for group in self.layout.groups:

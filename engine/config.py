@@ -47,6 +47,10 @@ class EngineConfig(BaseModel):
     policy: Literal["valora", "slora", "dlora", "punica", "merged-only"] = Field(
         "valora", description="Orchestration policy choosing merged / unmerged / mixture per iteration."
     )
+    slo_s: float = Field(
+        10.0, gt=0.0, description="Latency SLO of requests without a deadline (deadline = created_at + slo_s); "
+        "the valora policy never holds a request past it when the engine has room."
+    )
     cuda_graphs: bool = Field(True, description="Capture decode iterations in CUDA graphs on GPU.")
     compile_ops: bool = Field(
         True, description="torch.compile the element-wise ops (norms, RoPE, SwiGLU) on GPU; CPU stays eager."

@@ -25,6 +25,7 @@ from engine.model.checkpoint import Checkpoint
 from engine.model.qwen2 import LORA_GROUPS
 from engine.model_runner import ModelRunner, build_model
 from engine.orchestrator.orchestrator import Orchestrator
+from engine.orchestrator.switcher import WeightSwitcher
 from engine.output_processor import OutputProcessor
 from engine.policy import policy_class
 from engine.request import EngineRequest, EngineResult
@@ -68,6 +69,9 @@ class ValoraEngine(EngineBackend):
                                 self.config.cpu_adapter_cache, self._lora_backend(self.config.policy),
                                 self.device, self.dtype, self.config.pinned_adapters)
         self.merge_state = self.lora.merge_state
+        # Before the KV cache is sized from free memory: the clean weight copies are part of the model's share.
+        copy = self.config.exact_unmerge and policy_class(self.config.policy).merges
+        self.switcher = WeightSwitcher(self.model.adapted_linears(), self.lora.pool, self.lora.op, copy)
 
     def _lora_backend(self, policy: str) -> str:
         """The configured multi-LoRA backend, unless 'auto' and the policy is defined by one (punica, on GPU)."""
@@ -85,8 +89,8 @@ class ValoraEngine(EngineBackend):
 
     def _init_scheduler(self) -> None:
         cfg = self.config
-        self.orchestrator = Orchestrator(cfg.policy, self.lora, self.model.adapted_linears(), cfg.slo_s,
-                                         cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.orchestrator = Orchestrator(cfg.policy, self.lora, self.model.adapted_linears(), self.switcher,
+                                         cfg.slo_s, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         blocks = BlockManager(self.runner.kv.num_blocks, self.runner.kv.block_size)
         self.scheduler = Scheduler(blocks, self.lora, self.orchestrator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.intake = RequestIntake(self.checkpoint.spec, self.checkpoint.tokenizer, self.lora,

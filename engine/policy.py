@@ -77,6 +77,7 @@ class ModePolicy(ABC):
 
     name: str = ""
     needs_cost: bool = False  # the engine measures a CostModel at start-up for it
+    merges: bool = True  # whether it ever folds an adapter into the weights
     lora_backend: str | None = None  # a multi-LoRA backend the policy is defined by (kernels.backend name)
 
     def __init__(self, ctx: PolicyContext) -> None:
@@ -109,6 +110,8 @@ def register_policy(*names: str):
 @register_policy("slora")
 class UnmergedPolicy(ModePolicy):
     """``slora``: always unmerged (S-LoRA style); every adapter's update runs through the multi-LoRA op."""
+
+    merges = False
 
     def decide(self, view: QueueView) -> ModeDecision:
         return ModeDecision()

@@ -34,11 +34,10 @@ class Orchestrator:
     """
 
     def __init__(self, policy: str, lora: LoRAManager, linears: dict[tuple[int, str], AdaptedLinear],
-                 slo_s: float, max_num_seqs: int, max_num_batched_tokens: int,
+                 switcher: WeightSwitcher, slo_s: float, max_num_seqs: int, max_num_batched_tokens: int,
                  clock: Callable[[], float] = time.time) -> None:
-        self.lora, self.linears, self.clock = lora, linears, clock
+        self.lora, self.linears, self.switcher, self.clock = lora, linears, switcher, clock
         self.state: MergeState = lora.merge_state
-        self.switcher = WeightSwitcher(linears, lora.pool, lora.op)
         self.cost: CostModel | None = None
         self.limits = (slo_s, max_num_seqs, max_num_batched_tokens)
         self.policy: ModePolicy = self._make(policy)
@@ -143,4 +142,4 @@ class Orchestrator:
         return {"policy": self.policy_name, "merged_adapter": s.merged, "mode_switches": s.switches,
                 "switch_ms_total": s.switch_s_total * 1e3, "switch_ms_last": s.last_switch_s * 1e3,
                 "switch_cost_ms": None if self.cost is None else self.cost.switch_s * 1e3,
-                "weights_claimed_by": s.claimed_by}
+                "merge_base_copy": self.switcher.base_copy, "weights_claimed_by": s.claimed_by}

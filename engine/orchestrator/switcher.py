@@ -24,15 +24,35 @@ class WeightSwitcher:
     Merges write the weights in place, so their addresses never change and captured CUDA graphs stay valid.
     Every DeltaTerms carries the pool's max rank as its rank bound, so the kernel's compile-time shape is the
     same for every adapter (no compilation when serving meets a new rank).
+
+    Drift. With ``base_copy`` (one more copy of the adapted weights), every switch writes W = base + ΔW_new:
+    the weights after any number of switches are bit-identical to those after one, and unmerged weights are
+    the checkpoint's exactly. Without it, a switch updates W in place (W - ΔW_old + ΔW_new, rounded once), so
+    each switch adds at most half an ulp of |W ± ΔW| per element: after n switches
+    |W_n - W_0| <= n/2 * ulp(max |W_0| + max |ΔW|) (in practice a random walk, about sqrt(n) of that); cycles of
+    one adapter alone are exact after the first (the kernel's merge/unmerge idempotence).
     """
 
-    def __init__(self, linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, op: LoRABackend) -> None:
+    def __init__(self, linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, op: LoRABackend,
+                 base_copy: bool) -> None:
         self.pool, self.op = pool, op
         self.device = pool.device
         self.max_rank = pool.layout.max_rank
-        targets = [MergeTarget(weight=linears[key].weight.detach(), lora=pool.weights(key))
-                   for key in sorted(linears)]
+        targets = []
+        for key in sorted(linears):
+            weight = linears[key].weight.detach()
+            base = weight.clone() if base_copy else None
+            targets.append(MergeTarget(weight=weight, lora=pool.weights(key), base=base))
         self.plan = MergePlan(targets)
+
+    @property
+    def base_copy(self) -> bool:
+        return self.plan.from_base
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory of the clean copies (0 without them)."""
+        return sum(t.base.numel() * t.base.element_size() for t in self.plan.targets if t.base is not None)
 
     def _terms(self, adapter: MergedAdapter) -> DeltaTerms:
         return DeltaTerms(
@@ -53,8 +73,9 @@ class WeightSwitcher:
         self.pool.wait_ready()
         synchronize(self.device)
         start = time.perf_counter()
-        self.op.swift_merge(self.plan, add=None if new is None else self._terms(new),
-                            sub=None if old is None else self._terms(old))
+        add = None if new is None else self._terms(new)
+        sub = None if old is None or self.base_copy else self._terms(old)  # from the copy: base + ΔW_new
+        self.op.swift_merge(self.plan, add=add, sub=sub)
         synchronize(self.device)
         return time.perf_counter() - start
 

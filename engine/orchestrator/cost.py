@@ -45,6 +45,7 @@ class CostModel:
     lora_token_rank_s: float  # per row and unit of rank: shrink + expand FLOPs
     decode_step_s: float  # an iteration of decode rows only, LoRA work excluded
     prefill_token_s: float  # each prefill row on top of that
+    iteration_s: float = 0.0  # a typical iteration as served lately, everything included (0: none measured)
     smoothing: float = 0.2  # weight of a new measurement in the moving averages
 
     def lora_s(self, comp: Composition, merged: str | None, merged_rank: int = 0) -> float:
@@ -65,6 +66,11 @@ class CostModel:
         return (self.lora_launch_s + sum(r for _, r in segments) * self.lora_segment_rank_s
                 + sum(t * r for t, r in segments) * self.lora_token_rank_s)
 
+    @property
+    def typical_iteration_s(self) -> float:
+        """The measured typical iteration, or the decode-step estimate before any was measured."""
+        return self.iteration_s or self.decode_step_s
+
     def step_s(self, decode_rows: int, prefill_tokens: int) -> float:
         """Base seconds of an iteration (LoRA work excluded)."""
         decode = self.decode_step_s if decode_rows or not prefill_tokens else 0.0
@@ -74,6 +80,8 @@ class CostModel:
         """Fold a measured iteration into the base-cost averages (its estimated LoRA share taken out)."""
         base = max(elapsed_s - lora_s, 0.0)
         a = self.smoothing
+        last = self.iteration_s or elapsed_s
+        self.iteration_s = last + a * (elapsed_s - last)
         if prefill_tokens == 0 and decode_rows:
             self.decode_step_s += a * (base - self.decode_step_s)
         elif prefill_tokens >= 16:

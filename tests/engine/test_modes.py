@@ -49,7 +49,7 @@ def unmerged(make_engine) -> list[list[int]]:
 @pytest.mark.parametrize("merged", ADAPTERS)
 def test_mixture_gives_the_unmerged_tokens(make_engine, unmerged, merged):
     """One continuous batch: M's rows on the merged weights, others x·ΔW_X − x·ΔW_M, base rows −x·ΔW_M."""
-    engine = make_engine(policy="valora")
+    engine = make_engine(policy="valora", pinned_adapters=list(ADAPTERS))  # resident: the switch is immediate
     force(engine, "mixture", merged)
     results = engine.generate(requests())
     assert [r.token_ids for r in results] == unmerged

@@ -133,5 +133,6 @@ def policy_class(name: str) -> type[ModePolicy]:
     return POLICIES[name]
 
 
-def create_policy(name: str, ctx: PolicyContext) -> ModePolicy:
-    return policy_class(name)(ctx)
+def create_policy(name: str, ctx: PolicyContext, **params) -> ModePolicy:
+    """A policy by registry name; ``params`` go to its constructor (its documented knobs)."""
+    return policy_class(name)(ctx, **params)

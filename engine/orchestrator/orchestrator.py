@@ -26,8 +26,8 @@ class Orchestrator:
 
     Guards applied over any policy's decision:
     - while another adapter type claims the weights (``MergeState.claim``), plain adapters stay unmerged;
-    - the merged adapter's slot is held while merged, so an idle merged adapter (no request of its own in the
-      engine) is unmerged when a waiting request needs a slot and none is free;
+    - an adapter with no request in the engine is never merged, and the merged adapter's slot is held while
+      merged, so an idle merged adapter is unmerged when a waiting request needs a slot and none is free;
     - a decision that would hold back every request is served without holds (the engine never stalls);
     - if the merged adapter's slot cannot be had yet (its weights are still loading), the weights stay as they
       are and everyone is served.
@@ -86,16 +86,17 @@ class Orchestrator:
         target = decision.merged_adapter
         if target is not None and self.state.claimed_by is not None:
             return ModeDecision()
-        if target is not None and target == self.state.merged and self._blocks_a_slot(target, running, waiting):
-            return ModeDecision()
+        if target is not None and not any(s.adapter == target for s in [*running, *waiting]):
+            if target != self.state.merged:  # merging an adapter nobody asks for only costs a switch and a slot
+                return self.policy.keep(self.state.merged)
+            if self._blocks_a_slot(running, waiting):
+                return ModeDecision()
         if decision.held and not any(decision.admits(s) for s in [*running, *waiting]):
             return self.policy.keep(target)
         return decision
 
-    def _blocks_a_slot(self, merged: str, running: Sequence[Seq], waiting: Sequence[Seq]) -> bool:
-        """The idle merged adapter's held slot is the one a waiting request needs."""
-        if any(s.adapter == merged for s in [*running, *waiting]):
-            return False
+    def _blocks_a_slot(self, running: Sequence[Seq], waiting: Sequence[Seq]) -> bool:
+        """The (idle) merged adapter's held slot is the one a waiting request needs."""
         pool = self.lora.pool
         if pool.has_empty_slot() or any(name not in pool.pinned for name in pool.lru):
             return False

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "pipeline.stream_commands",
     "apps.cli",
     "kernels.cli",
+    "ui.commands",
 ]
 
 

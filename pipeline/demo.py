@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ logger = logging.getLogger(__name__)
 TASKS = ["detection", "captioning", "vqa", "counting", "grounding"]
 CLIP_SEED = 7
 CLIP_FPS = 10.0
+UI_START_TIMEOUT_S = 60.0
 
 
 class DemoError(CommandError):
@@ -59,13 +62,15 @@ class Demo:
             self.start_workers()
             self.start_ingest()
             started = time.monotonic()
+            if self.options.ui:
+                self.start_ui()
             self.wait_until_processed()
             report = self.report(time.monotonic() - started)
             print(format_table(report), flush=True)
             if self.options.report:
                 Path(self.options.report).write_text(json.dumps(report, indent=2))
             if self.options.ui:
-                self.start_ui()
+                print("the demo keeps running for the dashboard; Ctrl-C stops it", flush=True)
                 self.stop_event.wait()
             return 0
         finally:
@@ -139,7 +144,8 @@ class Demo:
         pool = WorkerPool(TASKS, self.transport, self.registry, client, self.settings.worker,
                           worker_id=f"demo-worker-{os.getpid()}").start()
         self._cleanup.append(pool.stop)
-        summary = SummaryPublisher(self.transport, lambda: [self.stream_id], self.settings.worker.summary_interval_s)
+        summary = SummaryPublisher(self.transport, lambda: [spec.id for spec in self.registry.specs()],
+                                   self.settings.worker.summary_interval_s)
         self._cleanup.append(summary.stop)
         summary.start()
         self.summary = summary
@@ -148,20 +154,41 @@ class Demo:
             worker.prepare()
 
     def start_ingest(self) -> None:
-        from pipeline.ingest import Ingestor
+        from pipeline.ingest import IngestManager, Ingestor
 
-        self.ingestor = Ingestor(self.spec, self.transport, self.registry, self.ingest_cfg).start()
-        self._cleanup.append(self.ingestor.stop)
+        if not self.options.ui:
+            self.ingestor = Ingestor(self.spec, self.transport, self.registry, self.ingest_cfg).start()
+            self._cleanup.append(self.ingestor.stop)
+            return
+        # With the dashboard, streams registered there are ingested too: follow the whole registry.
+        self.ingest_manager = IngestManager(self.transport, self.registry, self.ingest_cfg)
+        self.ingest_manager.sync()
+        self.ingestor = self.ingest_manager.ingestors[self.stream_id]
+        self._thread("ingest-manager", lambda stop: self.ingest_manager.run(stop, poll_s=1.0))
 
     def start_ui(self) -> None:
-        """The dashboard (`valora ui`) on this demo's Redis, as a child process stopped with the demo."""
-        env = dict(os.environ, REDIS_URL=self.redis_url)
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--port", str(self.settings.ui.port)],
-                                env=env)
-        self._cleanup.append(proc.terminate)
-        if self.stop_event.wait(3.0) or proc.poll() is not None:
-            raise DemoError(f"the dashboard did not start (`valora ui` exited with {proc.returncode})")
-        print(f"dashboard on http://127.0.0.1:{self.settings.ui.port} (Ctrl-C stops the demo)", flush=True)
+        """The dashboard (`valora ui`) on this demo's Redis and media directory, as a child stopped with the demo.
+
+        Without a configured ui.password_hash, `valora ui` makes a one-time password and prints it.
+        """
+        port = self.settings.ui.port
+        env = dict(os.environ, REDIS_URL=self.redis_url, VALORA_INGEST__MEDIA_DIR=str(self.video.parent),
+                   VALORA_UI__PORT=str(port))
+        env.pop("VALORA_REDIS__URL", None)
+        command = [sys.executable, "-m", "pipeline.cli", "ui", "--port", str(port)]
+        if not self.settings.ui.password_hash:
+            command.append("--one-time-password")
+        proc = subprocess.Popen(command, env=env)
+        self._cleanup.append(lambda: _end(proc))
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + UI_START_TIMEOUT_S
+        while not _answers(url + "/_stcore/health"):
+            if proc.poll() is not None:
+                raise DemoError(f"the dashboard did not start (`valora ui` exited with {proc.returncode})")
+            if time.monotonic() > deadline or self.stop_event.wait(0.5):
+                raise DemoError(f"the dashboard did not answer on {url} within {UI_START_TIMEOUT_S:.0f} s")
+        print(f"dashboard is up on {url} (Ctrl-C stops the demo)", flush=True)
 
     def wait_until_processed(self) -> None:
         """Until the clip is ingested and every task group has taken and acknowledged every frame."""
@@ -170,6 +197,8 @@ class Demo:
         deadline = time.monotonic() + self.options.timeout_s
         key = Keys.frames(self.stream_id)
         while time.monotonic() < deadline:
+            if self.stop_event.is_set():
+                raise DemoError("stopped before the clip was processed")
             if not self.engine_thread.is_alive():
                 raise DemoError("the engine service stopped unexpectedly (see the log above)")
             health = self.ingestor.health
@@ -213,6 +242,24 @@ class Demo:
         thread.start()
         self._cleanup.append(lambda: thread.join(30))
         return thread
+
+
+def _answers(url: str) -> bool:
+    """Whether an HTTP GET of ``url`` succeeds (the dashboard's health endpoint)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _end(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def primary_metric(task: str) -> str:

@@ -14,7 +14,7 @@ from engine.base import EngineBackend, create_engine, error_result
 from engine.config import EngineConfig
 from engine.request import EngineRequest, EngineResult, ImageRef
 from pipeline.config import ServiceConfig
-from pipeline.schema import EngineHealth
+from pipeline.schema import EngineHealth, EngineTick
 from pipeline.transport import REDIS_DOWN, Delivery, Keys, Transport
 
 logger = logging.getLogger(__name__)
@@ -180,9 +180,17 @@ class EngineService:
                               detail=self.engine.health())
         try:
             self.transport.engine_health_put(health, self.cfg.health_ttl_s)
+            self.transport.engine_tick_add(EngineTick.from_health(health, gpu_memory_mb()))
         except REDIS_DOWN:
             if ready:
                 raise
+
+
+def gpu_memory_mb() -> float | None:
+    """GPU memory this process has allocated, or None where CUDA was never initialised (CPU engines)."""
+    import torch
+
+    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
 
 
 def wait_for_engines(transport: Transport, count: int, timeout_s: float, stop_event: threading.Event | None = None

@@ -279,3 +279,33 @@ class MetricsSummary(BaseModel):
     streams: list[str] = Field(default_factory=list)
     window_results: int = 0
     updated_at: float = Field(default_factory=time.time)
+
+
+class EngineTick(BaseModel):
+    """One engine replica's state at one health refresh; a capped stream of these is the Engine page's timeline.
+
+    Fields the backend does not report stay None (the `hf` backend has no orchestrator, pool or merged adapter).
+    """
+
+    engine_id: str
+    ts: float = Field(default_factory=time.time)
+    backend: str = ""
+    mode: str | None = Field(None, description="Inference mode of the latest iteration: merged, unmerged, mixture.")
+    merged_adapter: str | None = Field(None, description="Adapter folded into the base weights, if any.")
+    batch_size: int | None = Field(None, description="Sequences in the running batch.")
+    waiting: int | None = Field(None, description="Sequences queued behind the running batch.")
+    inflight: int = Field(0, description="Requests the service has handed to the engine and not yet answered.")
+    served: int = 0
+    adapters_resident: list[str] | None = Field(None, description="Adapters in the device pool (or loaded).")
+    gpu_memory_mb: float | None = Field(None, description="GPU memory allocated by the engine process.")
+
+    @classmethod
+    def from_health(cls, health: EngineHealth, gpu_memory_mb: float | None = None) -> EngineTick:
+        detail = health.detail
+        resident = detail.get("adapters_resident", detail.get("adapters_loaded"))
+        return cls(engine_id=health.engine_id, ts=health.updated_at, backend=health.backend,
+                   mode=detail.get("mode"), merged_adapter=detail.get("merged_adapter"),
+                   batch_size=detail.get("running"), waiting=detail.get("waiting", detail.get("queued")),
+                   inflight=health.inflight, served=health.served,
+                   adapters_resident=list(resident) if resident is not None else None,
+                   gpu_memory_mb=detail.get("gpu_memory_mb", gpu_memory_mb))

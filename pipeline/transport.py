@@ -12,7 +12,7 @@ import redis
 import redis.exceptions
 
 from engine.request import EngineRequest, EngineResult
-from pipeline.schema import EngineHealth, FrameEntry, MetricsSummary, StreamHealth, TaskResult
+from pipeline.schema import EngineHealth, EngineTick, FrameEntry, MetricsSummary, StreamHealth, TaskResult
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class Keys:
     ENGINE_GROUP = "engine"
     DEAD_LETTER = "valora:deadletter"  # stream: entries delivered too often
     METRICS_SUMMARY = "valora:metrics:summary"  # string: MetricsSummary JSON
+    ENGINE_TIMELINE = "valora:engine:timeline"  # stream: EngineTick JSON, capped
 
     @staticmethod
     def frames(stream: str) -> str:
@@ -244,6 +245,11 @@ class Transport:
         entries = self.client.xrevrange(Keys.frames(stream_id), count=1)
         return self.decode_frame(entries[0][1]) if entries else None
 
+    def frames_range(self, stream_id: str, start: str, count: int = 32) -> list[tuple[str, FrameEntry]]:
+        """Up to ``count`` (entry id, frame) pairs from ``start`` (XRANGE bound: 'ms', 'ms-n', '(id'), oldest first."""
+        entries = self.client.xrange(Keys.frames(stream_id), min=start, count=count)
+        return [(eid.decode(), self.decode_frame(fields)) for eid, fields in entries]
+
     def stream_last_id(self, stream_id: str) -> str | None:
         entries = self.client.xrevrange(Keys.frames(stream_id), count=1)
         return entries[0][0].decode() if entries else None
@@ -455,6 +461,14 @@ class Transport:
 
     def engine_health_put(self, health: EngineHealth, ttl_s: int) -> None:
         self.client.set(Keys.engine_health(health.engine_id), health.model_dump_json(), ex=ttl_s)
+
+    def engine_tick_add(self, tick: EngineTick, maxlen: int = 3600) -> None:
+        self.client.xadd(Keys.ENGINE_TIMELINE, {"json": tick.model_dump_json()}, maxlen=maxlen, approximate=True)
+
+    def engine_ticks(self, count: int = 600) -> list[EngineTick]:
+        """The newest ``count`` ticks of every replica, oldest first."""
+        entries = self.client.xrevrange(Keys.ENGINE_TIMELINE, count=count)
+        return [EngineTick.model_validate_json(fields[b"json"]) for _, fields in reversed(entries)]
 
     def engine_health_all(self) -> list[EngineHealth]:
         keys = sorted(self.client.scan_iter(match=Keys.engine_health("*"), count=100))

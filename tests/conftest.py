@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-import redis
+import os
+
 import torch
+
+# Without a CUDA GPU every Triton kernel runs under the CPU interpreter. This must be set before any test
+# package imports a kernel module, or that module is built for a GPU and fails when the interpreter calls it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import redis  # noqa: E402
 
 from pipeline.redis_server import RedisServer
 

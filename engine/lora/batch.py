@@ -112,11 +112,14 @@ class StaticLoRABatch:
             num_tokens=size, max_rank=max_rank, max_seg_len=size,
         )
 
-    def fill(self, rows: Sequence[LoRARows], pool: AdapterPool, num_rows: int,
+    def fill(self, rows: Sequence[LoRARows], pool: AdapterPool, num_rows: int | None = None,
              merged_slot: int | None = None) -> None:
-        """Load the segments of the first ``num_rows`` rows (padding rows beyond them get none)."""
+        """Load the segments of ``rows``; in mixture mode (``merged_slot``) rows < ``num_rows`` without a plain
+        adapter get the -M term (padding rows beyond ``num_rows`` get none)."""
         if (merged_slot is None) != (self.num_terms == 1):
             raise ValueError(f"a {self.num_terms}-term static batch cannot hold merged_slot={merged_slot}")
+        if merged_slot is not None and num_rows is None:
+            raise ValueError("mixture mode needs num_rows: the rows without a plain adapter get -M")
         live = [r for r in rows if r.count > 0]
         if merged_slot is not None:
             live = mixture_rows(live, num_rows, merged_slot)

@@ -83,19 +83,19 @@ class Orchestrator:
         return decision
 
     def _guard(self, decision: ModeDecision, running: Sequence[Seq], waiting: Sequence[Seq]) -> ModeDecision:
-        target = decision.merged_adapter
+        target, current = decision.merged_adapter, self.state.merged
+        asked = {s.adapter for s in [*running, *waiting]}
         if target is not None and self.state.claimed_by is not None:
             return ModeDecision()
-        if target is not None and not any(s.adapter == target for s in [*running, *waiting]):
-            if target != self.state.merged:  # merging an adapter nobody asks for only costs a switch and a slot
-                return self.policy.keep(self.state.merged)
-            if self._blocks_a_slot(running, waiting):
-                return ModeDecision()
+        if current is not None and current not in asked and self._blocks_a_slot(waiting):
+            return ModeDecision()
+        if target is not None and target != current and target not in asked:
+            return self.policy.keep(current)  # merging an adapter nobody asks for only costs a switch and a slot
         if decision.held and not any(decision.admits(s) for s in [*running, *waiting]):
             return self.policy.keep(target)
         return decision
 
-    def _blocks_a_slot(self, running: Sequence[Seq], waiting: Sequence[Seq]) -> bool:
+    def _blocks_a_slot(self, waiting: Sequence[Seq]) -> bool:
         """The (idle) merged adapter's held slot is the one a waiting request needs."""
         pool = self.lora.pool
         if pool.has_empty_slot() or any(name not in pool.pinned for name in pool.lru):

@@ -82,7 +82,7 @@ def prefill_logits(engine, adapter: str | None, prompt: str, n: int = 6) -> torc
     (res,) = engine.generate([EngineRequest(prompt=prompt, adapter=adapter, head=name,
                                             images=[ImageRef(id="p", jpeg=jpeg(9))])])
     assert res.ok, res.error
-    return engine.model.compute_logits(res.head_output["hidden"])
+    return engine.model.compute_logits(res.head_output["hidden"].to(next(engine.model.parameters())))
 
 
 @pytest.mark.parametrize("merged", ADAPTERS)

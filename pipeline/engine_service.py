@@ -14,6 +14,7 @@ from engine.base import EngineBackend, create_engine, error_result
 from engine.config import EngineConfig
 from engine.request import EngineRequest, EngineResult, ImageRef
 from pipeline.config import ServiceConfig
+from pipeline.metrics import METRICS
 from pipeline.schema import EngineHealth, EngineTick
 from pipeline.transport import REDIS_DOWN, Delivery, Keys, Transport
 
@@ -175,9 +176,13 @@ class EngineService:
         if not force and ready and now - self._last_health < 1.0:
             return
         self._last_health = now
+        detail = self.engine.health()
         health = EngineHealth(engine_id=self.engine_id, ready=ready, backend=self.engine.config.backend,
                               inflight=len(self.inflight), served=self.served, errors=self.errors,
-                              detail=self.engine.health())
+                              mode=detail.get("mode"), merged_adapter=detail.get("merged_adapter"),
+                              mode_switches=detail.get("mode_switches", 0),
+                              switch_ms_total=detail.get("switch_ms_total", 0.0), detail=detail)
+        METRICS.observe_engine(health)
         try:
             self.transport.engine_health_put(health, self.cfg.health_ttl_s)
             self.transport.engine_tick_add(EngineTick.from_health(health, gpu_memory_mb()))

@@ -45,15 +45,12 @@ class GraphRunner:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.static_lora = {(b, k): StaticLoRABatch(b, lora.layout.max_rank, device, k)
                             for b in self.sizes for k in (1, 2)}
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (multi-LoRA backend, bucket, LoRA terms) -> graph and its output; the backend's kernels are captured
+        self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def can_run(self, batch: int, terms: int) -> bool:
         return batch <= self.sizes[-1] and (self.lora.graph_safe or not terms)
-
-    def clear(self) -> None:
-        """Drop every captured graph (after the multi-LoRA backend changed)."""
-        self.graphs.clear()
 
     def run(self, inp: ModelInput, terms: int) -> torch.Tensor:
         """Replay the graph of the smallest bucket that holds ``inp``; returns hidden states [B, hidden]."""
@@ -64,7 +61,7 @@ class GraphRunner:
             merged = self.lora.merge_state.slot if terms == 2 else None
             self.static_lora[size, terms].fill(inp.lora_rows, self.lora.pool, batch, merged)
             self.lora.pool.wait_ready()
-        key = (size, terms)
+        key = (getattr(self.lora.op, "name", ""), size, terms)
         if key not in self.graphs:
             self.graphs[key] = self._capture(size, terms)
         graph, hidden = self.graphs[key]

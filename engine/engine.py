@@ -130,9 +130,7 @@ class ValoraEngine(EngineBackend):
         self.orchestrator.switch_to(None)
         backend = self._lora_backend(name)
         if resolve_backend_name(backend, self.device) != resolve_backend_name(self.lora.op.name, self.device):
-            self.lora.set_backend(backend)
-            if self.runner.graphs is not None:
-                self.runner.graphs.clear()
+            self.lora.set_backend(backend)  # decode graphs are kept per backend
         self.orchestrator.set_policy(name)
         self.mode = "unmerged"
 

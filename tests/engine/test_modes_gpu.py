@@ -10,7 +10,18 @@ from tests.engine.reference import jpeg
 from tests.engine.test_modes import ADAPTERS, force, prefill_logits, switch_randomly
 
 pytestmark = pytest.mark.gpu
-GPU = {"device": "cuda", "kv_cache_blocks": 512}
+GPU = {"device": "cuda", "kv_cache_blocks": 512, "compile_ops": False}  # compiling the element-wise ops is not tested
+
+
+@pytest.fixture(scope="module")
+def plain(make_engine):
+    return make_engine(policy="slora", **GPU)
+
+
+@pytest.fixture(scope="module")
+def switching(make_engine):
+    """A bf16 engine with every tiny adapter resident, whose modes the tests force."""
+    return make_engine(policy="valora", pinned_adapters=list(ADAPTERS), **GPU)
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +36,18 @@ def rel(ours: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("merged", ADAPTERS)
-def test_bf16_modes_are_as_accurate_as_unmerged(make_engine, exact, merged):
+def test_bf16_modes_are_as_accurate_as_unmerged(plain, switching, exact, merged):
     """Merged / mixture bf16 logits stay within twice the unmerged bf16 error (plus 5e-3) of fp32."""
-    plain = make_engine(policy="slora", **GPU)
-    engine = make_engine(policy="valora", pinned_adapters=list(ADAPTERS), **GPU)
     for adapter in (None, *ADAPTERS):
-        force(engine, "merged" if adapter == merged else "mixture", merged)
-        ours = rel(prefill_logits(engine, adapter, "how many buses are there?"), exact[adapter])
+        force(switching, "merged" if adapter == merged else "mixture", merged)
+        ours = rel(prefill_logits(switching, adapter, "how many buses are there?"), exact[adapter])
         unmerged = rel(prefill_logits(plain, adapter, "how many buses are there?"), exact[adapter])
         assert ours <= 2 * unmerged + 5e-3, f"{adapter} with {merged} merged: {ours:.2e} vs unmerged {unmerged:.2e}"
 
 
-def test_bf16_switches_leave_no_drift(make_engine):
-    engine = make_engine(policy="valora", pinned_adapters=list(ADAPTERS), **GPU)
+def test_bf16_switches_leave_no_drift(switching):
+    engine = switching
+    engine.orchestrator.switch_to(None)
     before = {k: lin.weight.detach().clone() for k, lin in engine.model.adapted_linears().items()}
     switch_randomly(engine, 1000)
     engine.orchestrator.switch_to(None)
@@ -60,7 +70,7 @@ def test_merged_mode_under_cuda_graphs(make_engine):
     without = eager.generate(decode_requests(adapters))
     assert {r.mode for r in with_graphs} == {"merged"} and graphed.merge_state.switches >= 3
     captured = graphed.runner.graphs.graphs
-    assert captured and all(terms == 0 for _, terms in captured), f"merged decode ran LoRA graphs: {list(captured)}"
+    assert captured and all(terms == 0 for _, _, terms in captured), f"merged decode ran LoRA graphs: {list(captured)}"
     assert [r.token_ids for r in with_graphs] == [r.token_ids for r in without]
 
 
@@ -73,7 +83,7 @@ def test_mixture_mode_under_cuda_graphs(make_engine, merged):
         force(engine, "mixture", merged)
     with_graphs = graphed.generate(decode_requests(adapters))
     without = eager.generate(decode_requests(adapters))
-    assert any(terms == 2 for _, terms in graphed.runner.graphs.graphs), "no mixture graph was captured"
+    assert any(terms == 2 for _, _, terms in graphed.runner.graphs.graphs), "no mixture graph was captured"
     assert [r.token_ids for r in with_graphs] == [r.token_ids for r in without]
     assert all(r.output_tokens > 0 for r in with_graphs)
 
@@ -89,5 +99,7 @@ def test_mixture_graphs_replay_after_the_merged_adapter_changes(make_engine):
     for engine in (graphed, eager):
         force(engine, "mixture", "ad4")
     with_graphs = graphed.generate(decode_requests(adapters))
-    assert set(graphed.runner.graphs.graphs) == keys, "the second run should replay the captured graphs"
+    mixture = {k for k in keys if k[2] == 2}
+    assert mixture, "the first run captured no mixture graph"
+    assert {k for k in graphed.runner.graphs.graphs if k[2] == 2} == mixture, "the mixture graphs were re-captured"
     assert [r.token_ids for r in with_graphs] == [r.token_ids for r in eager.generate(decode_requests(adapters))]

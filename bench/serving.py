@@ -115,6 +115,7 @@ def add_adapters(engine, count: int, seed: int) -> list[tuple[str, int]]:
         spec = AdapterSpec(name=name, path=Path("<memory>"), rank=rank, alpha=2.0 * rank, use_rslora=False,
                            target_modules=(), rank_pattern={}, alpha_pattern={})
         engine.lora.add_adapter(spec, HostAdapter(name, rank, spec.scaling, a, b, None), pin=True)
+        synchronize(device)  # the slot copy (a side stream on GPU) reads a and b: keep them until it is done
         out.append((name, rank))
     return out
 
@@ -227,7 +228,7 @@ def switch_cost(engine) -> dict:
     weights = sum(t.weight.numel() * t.weight.element_size() for t in switcher.plan.targets)
     adapter = sum(t.lora.a[0].numel() + t.lora.b[0].numel() for t in switcher.plan.targets) * pool.a["o"].element_size()
     moved = 2 * weights + adapter  # read base (or W), write W, read the adapter's A and B once
-    src = torch.empty(weights // 4 or 1, dtype=torch.bfloat16, device=engine.device)
+    src = torch.empty(min(weights, 1 << 30) // 2, dtype=torch.bfloat16, device=engine.device)  # <= 1 GiB
     dst = torch.empty_like(src)
     times = []
     for _ in range(5):

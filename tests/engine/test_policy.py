@@ -109,7 +109,7 @@ def seqs(adapters: list[str | None], arrival: float = 0.0, decoding: bool = True
 
 def test_dlora_threshold_merges_the_dominant_adapter_and_pauses_the_rest():
     state = MergeState()
-    policy = create_policy("dlora", context(state))
+    policy = create_policy("dlora", context(state), dwell=1)
     running = seqs(["a1"] * 9 + ["a2"])
     decision = policy.decide(QueueView(running, [], None, now=0.0))
     assert decision.mode == "merged" and decision.merged_adapter == "a1"

@@ -13,10 +13,13 @@ PYTEST_ARGS ?=
 # The virtualenv with the runtime package. torch comes first: a CPU build where no NVIDIA GPU is present.
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# Without an NVIDIA GPU take PyTorch's CPU build (its own index, when reachable; a local wheel otherwise).
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
-	else \
+	elif $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=5)" >/dev/null 2>&1; then \
 		$(PIP) install -q "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
+	else \
+		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
 	fi
 	$(PIP) install -q -e .
 	touch $@

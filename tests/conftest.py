@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server on a free port for the whole session, and CUDA gating."""
+"""Shared fixtures: a real redis-server for the session, a tiny Qwen2.5-VL checkpoint with adapters, CUDA gating."""
 
 from __future__ import annotations
 
@@ -7,6 +7,17 @@ import redis
 import torch
 
 from pipeline.redis_server import RedisServer
+
+TOKENIZER_CORPUS = [
+    "a red car and a blue bus on the road",
+    "how many cars are there? 3",
+    "the leftmost person is green",
+    "car 12 40 50 80; bus 1 2 3 4",
+    "what color is the truck? yellow",
+] * 20
+
+# Adapters of the tiny checkpoint: name -> (rank, alpha, rslora, seed).
+TINY_ADAPTERS = {"ad8": (8, 16, False, 1), "ad4": (4, 4, False, 2), "ad16": (16, 8, True, 3)}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,3 +43,20 @@ def redis_url(redis_server):
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny Qwen2.5-VL checkpoint (models/base layout) with three PEFT adapters of mixed ranks.
+
+    Returns the root: ``root/base`` is the checkpoint, ``root/adapters/<name>`` the adapters.
+    """
+    from apps.model import tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = tiny.train_tokenizer(TOKENIZER_CORPUS, vocab_size=320)
+    model = tiny.build_model("test", tokenizer, seed=0)
+    tiny.save_checkpoint(root / "base", model, tokenizer, tiny.image_processor("test"))
+    for name, (rank, alpha, rslora, seed) in TINY_ADAPTERS.items():
+        tiny.save_random_adapter(model, root / "adapters" / name, rank, alpha, seed=seed, use_rslora=rslora)
+    return root

@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 COMMAND_MODULES = [
     "pipeline.commands",
     "apps.cli",
+    "apps.model.cli",
 ]
 
 

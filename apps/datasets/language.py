@@ -23,9 +23,10 @@ def counts(objects: list[ObjectTruth], classes: tuple[str, ...] = CLASSES) -> di
 
 def caption(objects: list[ObjectTruth]) -> str:
     """One sentence: groups of (colour, class) in class then palette order, e.g. 'two red cars and a person in
-    blue on the street'; an empty frame is 'an empty street'."""
+    blue on the street'. An empty frame is 'nothing on the street': every caption has four words or more, so
+    it has 4-grams and an exact copy can reach the full CIDEr-D score."""
     if not objects:
-        return "an empty street"
+        return "nothing on the street"
     groups = Counter((o.cls, o.color) for o in objects)
     order = sorted(groups, key=lambda key: (CLASSES.index(key[0]), COLOR_NAMES.index(key[1])))
     phrases = [noun_phrase(cls, color, groups[(cls, color)]) for cls, color in order]

@@ -78,7 +78,7 @@ def test_vqa_answers_follow_from_the_objects(truths):
 def test_caption_names_every_object_once(truths):
     for truth in truths:
         if not truth.objects:
-            assert truth.caption == "an empty street"
+            assert truth.caption == "nothing on the street"
             continue
         assert truth.caption.endswith(" on the street")
         for cls in CLASSES:

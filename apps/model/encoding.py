@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from engine.prompt import PromptBuilder
+
+if TYPE_CHECKING:
+    from apps.model.frames import FrameSet
 
 IGNORE = -100  # label of positions that carry no loss (prompt, image, padding)
 
@@ -22,7 +25,9 @@ class Example:
     prompt: str
     image: np.ndarray | None  # [height, width, 3] uint8 RGB
     target: str | None = None  # answer text; None for a head-only example
-    head_target: Any = None  # what the task's head should output (see apps.model.heads)
+    head_target: Any = None  # the task's head answer for this frame (Task.head_target)
+    frame: int | None = None  # index of the picture in a FrameSet (then `image` may be None)
+    item: str | None = None  # the question or expression asked, for scoring
 
 
 @dataclass
@@ -36,11 +41,24 @@ class Batch:
     pixel_values: torch.Tensor | None  # [patches, channels * temporal * patch * patch]
     image_grid_thw: torch.Tensor | None  # [images, 3]
     examples: list[Example]
+    image_token_id: int
+    image_features: list[torch.Tensor] | None = None  # cached vision output per picture, each [tokens, hidden]
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        if self.pixel_values is not None:
-            inputs.update(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw)
+    def model_inputs(self) -> dict[str, Any]:
+        inputs: dict[str, Any] = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.image_grid_thw is None:
+            return inputs
+        # Image tokens get 3-D M-RoPE positions only when transformers is told which tokens they are, as the
+        # engines tell it when serving.
+        image_tokens = (self.input_ids == self.image_token_id).int()
+        inputs.update(image_grid_thw=self.image_grid_thw, mm_token_type_ids=image_tokens)
+        if self.image_features is not None:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            encoded = BaseModelOutputWithPooling(pooler_output=tuple(self.image_features))
+            inputs["mm_encoder_outputs"] = {"image": encoded}
+        else:
+            inputs["pixel_values"] = self.pixel_values
         return inputs
 
 
@@ -70,14 +88,23 @@ class Encoder:
             labels = labels + answer
         return ids, labels, n_prompt
 
-    def batch(self, examples: Sequence[Example], pixels: tuple[torch.Tensor, torch.Tensor] | None = None) -> Batch:
-        """Encode and right-pad examples; ``pixels`` reuses precomputed processor output for their images."""
-        images = [ex.image for ex in examples if ex.image is not None]
-        if images and len(images) != len(examples):
+    def batch(self, examples: Sequence[Example], frames: FrameSet | None = None, cached: bool = False,
+              left_pad: bool = False) -> Batch:
+        """Encode and pad examples (right, or left for generation). Pictures come from ``frames`` for examples
+        that name a frame; with ``cached`` their vision features are reused instead of pixels (frozen vision)."""
+        if frames is not None and any(ex.frame is None for ex in examples):
+            raise ValueError("every example of a FrameSet batch must name its frame")
+        images = [frames.images[ex.frame] if frames is not None else ex.image for ex in examples]
+        if any(img is None for img in images) and any(img is not None for img in images):
             raise ValueError("a batch mixes examples with and without pictures")
-        pixel_values = grids = None
-        if images:
-            pixel_values, grids = pixels if pixels is not None else self.pixels(images)
+        pixel_values = grids = features = None
+        if cached:
+            if frames is None or frames.features is None:
+                raise ValueError("cached features need a FrameSet encoded with the base model")
+            features = [frames.features[ex.frame] for ex in examples]
+            grids = frames.grids[[ex.frame for ex in examples]]
+        elif images and images[0] is not None:
+            pixel_values, grids = self.pixels(images)
         rows = [self.tokens(ex.prompt, grids[i].tolist() if grids is not None else None, ex.target)
                 for i, ex in enumerate(examples)]
         width = max(len(ids) for ids, _, _ in rows)
@@ -85,11 +112,14 @@ class Encoder:
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (ids, lab, _) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(ids)] = 1
-        prompt_lens = torch.tensor([n for _, _, n in rows])
-        return Batch(input_ids, mask, labels, prompt_lens, pixel_values, grids, list(examples))
+            at = slice(width - len(ids), width) if left_pad else slice(0, len(ids))
+            input_ids[i, at] = torch.tensor(ids)
+            labels[i, at] = torch.tensor(lab)
+            mask[i, at] = 1
+        # With left padding a prompt ends at the row's end; prompt_lens keeps meaning "index after the prompt".
+        prompt_lens = torch.tensor([(width - len(ids) + n) if left_pad else n for ids, _, n in rows])
+        return Batch(input_ids, mask, labels, prompt_lens, pixel_values, grids, list(examples),
+                     self.prompts.image_token_id, features)
 
 
 def shifted_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

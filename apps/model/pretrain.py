@@ -23,6 +23,7 @@ PRETRAIN_SEED = 7  # dataset seed of pretraining stills; adapters train on seed 
 STATE_FILE = "state.pt"
 # Settings a resumed run may change (training longer stretches the schedule from where it is).
 RESUMABLE_CHANGES = ("steps", "save_every", "log_every")
+MICRO_BATCHES = 4
 
 
 def _lr(cfg: PretrainConfig, step: int) -> float:
@@ -101,19 +102,26 @@ class Pretrainer:
         tmp.replace(self.work / STATE_FILE)
 
     def train_step(self) -> float:
+        """One optimizer step; the batch runs as length-sorted micro-batches, so little compute goes to padding."""
         cfg = self.cfg
-        batch = self.encoder.batch(examples("train", self.step * cfg.batch_size, cfg.batch_size, PRETRAIN_SEED,
-                                            cfg.image_size))
+        batch_examples = examples("train", self.step * cfg.batch_size, cfg.batch_size, PRETRAIN_SEED, cfg.image_size)
+        batch_examples.sort(key=lambda ex: len(ex.target or ""))
         for group in self.optimizer.param_groups:
             group["lr"] = _lr(cfg, self.step)
-        logits = self.model(**batch.model_inputs()).logits  # logits: [batch, seq, vocab]
-        loss = shifted_loss(logits, batch.labels)
-        loss.backward()
+        total = 0.0
+        size = max(1, cfg.batch_size // MICRO_BATCHES)
+        for i in range(0, len(batch_examples), size):
+            part = batch_examples[i : i + size]
+            batch = self.encoder.batch(part)
+            logits = self.model(**batch.model_inputs()).logits  # logits: [micro batch, seq, vocab]
+            loss = shifted_loss(logits, batch.labels) * len(part) / len(batch_examples)
+            loss.backward()
+            total += loss.item()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss.item()
+        return total
 
     @torch.no_grad()
     def val_loss(self) -> float:

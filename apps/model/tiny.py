@@ -164,3 +164,13 @@ def save_random_adapter(model, out_dir: str | Path, rank: int, alpha: float | No
     peft_model.save_pretrained(out)
     peft_model.unload()  # leaves ``model`` without LoRA layers for the next adapter
     return out
+
+
+def small_base(out_dir: str | Path, preset: str = "test", vocab_size: int = 512, seed: int = 0,
+               frames: int = 200) -> Path:
+    """A randomly initialised base checkpoint with the domain tokenizer (query tokens included), for tests."""
+    from apps.model.corpus import tokenizer_corpus
+
+    tokenizer = train_tokenizer(tokenizer_corpus(frames), vocab_size, QUERY_TOKENS)
+    model = build_model(preset, tokenizer, seed=seed)
+    return save_checkpoint(out_dir, model, tokenizer, image_processor(preset))

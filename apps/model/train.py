@@ -1,0 +1,204 @@
+"""Training one PEFT LoRA adapter (and its tasks' heads, jointly) for one or more tasks, saved in PEFT format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apps.model import tiny
+from apps.model.encoding import IGNORE, Encoder, Example, prompt_states
+from apps.model.frames import FrameSet
+from apps.model.heads import BoxHead, CountingHead, save_head
+from apps.model.recipes import AdapterRecipe
+from apps.tasks import Task, get_task
+from engine.heads import TaskHead
+
+logger = logging.getLogger(__name__)
+
+RECIPE_FILE = "recipe.json"
+VISION_TARGETS = ("qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "merger.mlp.0",
+                  "merger.mlp.2")
+
+
+def load_base(base_dir: str | Path):
+    """(model in fp32 eval mode, tokenizer, image processor) of the base checkpoint."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from engine.hf_engine import load_checkpoint_parts
+
+    folder, tokenizer, processor = load_checkpoint_parts(str(base_dir))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, tokenizer, processor
+
+
+def target_regex(targets: tuple[str, ...], vision: bool) -> str:
+    """PEFT target_modules: the language model's projections, and the vision tower's when asked."""
+    lm = tiny.lm_target_regex(targets)
+    if not vision:
+        return lm
+    names = "|".join(t.replace(".", r"\.") for t in VISION_TARGETS)
+    return rf"({lm}|.*visual\..*({names})$)"
+
+
+def build_head(task: Task, encoder: Encoder, hidden_size: int, adapter: str) -> TaskHead | None:
+    """The head a task declares, sized for its head prompt; None for tasks without one."""
+    if task.head is None:
+        return None
+    if task.head == "counting-head":
+        return CountingHead(hidden_size, task.classes, adapter=adapter)
+    if task.head == "detection-head":
+        ids = encoder.prompts.build(task.head_prompt(), [[1, 2, 2]])
+        query_ids = set(encoder.tokenizer.convert_tokens_to_ids(tiny.QUERY_TOKENS))
+        at = [i for i, t in enumerate(ids) if t in query_ids]
+        if not at:
+            raise ValueError(f"the {task.name} head prompt {task.head_prompt()!r} has no query tokens")
+        return BoxHead(hidden_size, queries=len(at), tail=len(ids) - 1 - at[-1], classes=task.classes, adapter=adapter)
+    raise ValueError(f"no head implementation for {task.head!r} of task {task.name}")
+
+
+def task_examples(task: Task, frames: FrameSet, with_head: bool) -> tuple[list[Example], list[Example]]:
+    """(text examples, head examples) of a task over every frame of a FrameSet."""
+    text, head = [], []
+    for index, truth in enumerate(frames.truths):
+        for item in task.items(truth):
+            text.append(Example(task.name, task.prompt(item), None, task.target_text(truth, item), frame=index,
+                                item=item))
+        if with_head:
+            head.append(Example(task.name, task.head_prompt(), None, head_target=task.head_target(truth),
+                                frame=index))
+    return text, head
+
+
+@dataclass
+class TrainResult:
+    name: str
+    path: Path
+    recipe: AdapterRecipe
+    seconds: float
+    final_loss: float
+
+
+class AdapterTrainer:
+    """One adapter (PEFT LoRA over the base) plus the heads of its tasks, trained together on mixed batches."""
+
+    def __init__(self, base, tokenizer, processor, recipe: AdapterRecipe, frames: FrameSet, name: str) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.recipe, self.frames, self.name = recipe, frames, name
+        self.encoder = Encoder(tokenizer, processor, base.config.vision_config.spatial_merge_size)
+        if not recipe.vision:
+            frames.encode(base, self.encoder)
+        torch.manual_seed(recipe.seed)
+        config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
+                            target_modules=target_regex(recipe.targets, recipe.vision))
+        self.model = get_peft_model(base, config, adapter_name=name)
+        hidden = base.config.text_config.hidden_size
+        self.tasks = [get_task(t) for t in recipe.tasks]
+        self.heads: dict[str, TaskHead] = {}
+        self.pools: list[list[Example]] = []
+        for task in self.tasks:
+            head = build_head(task, self.encoder, hidden, name) if recipe.heads else None
+            text, head_examples = task_examples(task, frames, head is not None)
+            self.pools.append(text)
+            if head is not None:
+                self.heads[task.name] = head.train()
+                self.pools.append(head_examples)
+        lora = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": lora, "lr": recipe.lr}]
+        groups += [{"params": list(h.parameters()), "lr": recipe.head_lr} for h in self.heads.values()]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.rng = np.random.default_rng(recipe.seed)
+
+    def _sample(self) -> list[Example]:
+        """A batch with the example pools (every task's text, every head) taking turns."""
+        order = self.rng.permutation(len(self.pools))
+        picks = [self.pools[order[i % len(order)]] for i in range(self.recipe.batch_size)]
+        return [pool[int(self.rng.integers(len(pool)))] for pool in picks]
+
+    def _loss(self, examples: list[Example]) -> torch.Tensor:
+        batch = self.encoder.batch(examples, self.frames, cached=not self.recipe.vision)
+        need_hidden = any(ex.head_target is not None for ex in examples)
+        out = self.model(**batch.model_inputs(), output_hidden_states=need_hidden)
+        # Per-example mean over answer tokens, then the mean over examples: a one-word answer weighs as much as
+        # a long detection list.
+        logits, labels = out.logits[:, :-1], batch.labels[:, 1:]  # [batch, seq - 1, vocab], [batch, seq - 1]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none")  # [batch, seq - 1]
+        counted = (labels != IGNORE).sum(1)
+        rows = counted > 0
+        loss = (token_loss.sum(1)[rows] / counted[rows]).sum() / len(examples)
+        for task_name, head in self.heads.items():
+            index = [i for i, ex in enumerate(examples) if ex.task == task_name and ex.head_target is not None]
+            if not index:
+                continue
+            states = prompt_states(out.hidden_states[-1][index], batch.prompt_lens[index], head.positions)
+            targets = [head.target(examples[i].head_target) for i in index]
+            loss = loss + head.loss(head(states), targets) * len(index) / len(examples)
+        return loss
+
+    def train(self) -> float:
+        recipe, start, recent = self.recipe, time.time(), []
+        self.model.train()
+        for step in range(1, recipe.steps + 1):
+            scale = min(1.0, step / 20) * (0.1 + 0.9 * (1 - step / recipe.steps))  # warm-up, linear decay
+            for group, base_lr in zip(self.optimizer.param_groups, self._base_lrs(), strict=True):
+                group["lr"] = base_lr * scale
+            loss = self._loss(self._sample())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            recent.append(loss.item())
+            if step % recipe.log_every == 0 or step == recipe.steps:
+                logger.info("adapter %s step %s/%s loss %.4f (%.1f s)", self.name, step, recipe.steps,
+                            sum(recent) / len(recent), time.time() - start)
+                recent = recent[-5:]
+        self.model.eval()
+        for head in self.heads.values():
+            head.eval()
+        return sum(recent) / max(1, len(recent))
+
+    def _base_lrs(self) -> list[float]:
+        return [self.recipe.lr] + [self.recipe.head_lr] * len(self.heads)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """PEFT folder (adapter_config.json + fp16 adapter_model.safetensors), heads/ and recipe.json."""
+        from safetensors.torch import load_file, save_file
+
+        out = Path(out_dir)
+        self.model.save_pretrained(out, selected_adapters=[self.name])
+        nested = out / self.name  # peft writes non-default adapters into a sub-folder
+        if nested.is_dir():
+            for f in nested.iterdir():
+                f.replace(out / f.name)
+            nested.rmdir()
+        (out / "README.md").unlink(missing_ok=True)  # peft's model-card template says nothing here
+        weights = out / "adapter_model.safetensors"
+        save_file({k: v.half() for k, v in load_file(str(weights)).items()}, str(weights))
+        for task_name, head in self.heads.items():
+            save_head(out, get_task(task_name).head, head)
+        (out / RECIPE_FILE).write_text(json.dumps(asdict(self.recipe), indent=2) + "\n")
+        return out
+
+    def unload(self):
+        """The base model without this adapter's LoRA layers, for the next adapter."""
+        return self.model.unload()
+
+
+def train_adapter(base_dir: str | Path, recipe: AdapterRecipe, frames: FrameSet, out_dir: str | Path,
+                  name: str, base_parts=None) -> tuple[TrainResult, AdapterTrainer]:
+    """Train and save one adapter; ``base_parts`` reuses a loaded (model, tokenizer, processor)."""
+    model, tokenizer, processor = base_parts or load_base(base_dir)
+    start = time.time()
+    trainer = AdapterTrainer(model, tokenizer, processor, recipe, frames, name)
+    loss = trainer.train()
+    path = trainer.save(out_dir)
+    seconds = time.time() - start
+    logger.info("trained adapter %s (%s, rank %s) in %.0f s", name, ",".join(recipe.tasks), recipe.rank, seconds)
+    return TrainResult(name, path, recipe, seconds, loss), trainer

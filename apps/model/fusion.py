@@ -25,6 +25,9 @@ class FusionConfig:
     targets: dict[str, float]
     ranks: tuple[int, ...] = (8, 16, 32)
     steps_per_task: int = 150
+    # Adding a task at the current rank continues from the current adapter (and its heads) for 1.5 x
+    # steps_per_task, half of each batch on the new task; otherwise an adapter trains from scratch.
+    warm_start: bool = True
     template: AdapterRecipe = field(default_factory=lambda: AdapterRecipe(tasks=("counting",)))
 
     def __post_init__(self) -> None:
@@ -68,26 +71,29 @@ class Fusion:
     def _name(self, index: int) -> str:
         return f"fused-{index}"
 
-    def _try(self, name: str, tasks: tuple[str, ...], rank: int) -> Candidate:
-        recipe = replace(self.cfg.template, tasks=tasks, rank=rank, alpha=2.0 * rank,
-                         steps=self.cfg.steps_per_task * len(tasks))
+    def _try(self, name: str, tasks: tuple[str, ...], rank: int, warm: Candidate | None = None) -> Candidate:
+        warm = warm if warm is not None and warm.recipe.rank == rank and self.cfg.warm_start else None
+        steps = int(1.5 * self.cfg.steps_per_task) if warm is not None else self.cfg.steps_per_task * len(tasks)
+        recipe = replace(self.cfg.template, tasks=tasks, rank=rank, alpha=2.0 * rank, steps=steps)
         folder = self.work / f"{name}-r{rank}-{'+'.join(tasks)}"
-        result, trainer = train_adapter(self.base_dir, recipe, self.train, folder, name, base_parts=self.base)
+        result, trainer = train_adapter(self.base_dir, recipe, self.train, folder, name, base_parts=self.base,
+                                        init=warm.path if warm is not None else None,
+                                        focus=tasks[-1] if warm is not None else None)
         evaluator = Evaluator(trainer.model, trainer.encoder)
         scores = {t: evaluator.score(get_task(t), self.val, name, trainer.heads.get(t)) for t in tasks}
         self.base = (trainer.unload(), *self.base[1:])
         candidate = Candidate(name, recipe, folder, scores, result.seconds)
         self.trials.append({"adapter": name, "tasks": list(tasks), "rank": rank, "met": candidate.meets(
             self.cfg.targets), "scores": {t: round(s.primary, 2) for t, s in scores.items()},
-            "train_seconds": round(result.seconds, 1)})
+            "train_seconds": round(result.seconds, 1), "warm_start": warm is not None})
         logger.info("candidate %s rank %s %s: %s (targets %s)", name, rank, "+".join(tasks),
                     {t: round(s.primary, 1) for t, s in scores.items()}, {t: self.cfg.targets[t] for t in tasks})
         return candidate
 
-    def _fit(self, name: str, tasks: tuple[str, ...], ranks: tuple[int, ...]) -> Candidate | None:
-        """The first rank at which an adapter for ``tasks`` meets every target; None if none does."""
+    def _fit(self, current: Candidate, task: str, ranks: tuple[int, ...]) -> Candidate | None:
+        """The first rank at which ``current`` plus ``task`` meets every target; None if none does."""
         for rank in ranks:
-            candidate = self._try(name, tasks, rank)
+            candidate = self._try(current.name, (*current.recipe.tasks, task), rank, warm=current)
             if candidate.meets(self.cfg.targets):
                 return candidate
         return None
@@ -110,7 +116,7 @@ class Fusion:
         for task in self.cfg.tasks:
             if current is not None:
                 ranks = tuple(r for r in self.cfg.ranks if r >= current.recipe.rank)
-                joined = self._fit(current.name, (*current.recipe.tasks, task), ranks)
+                joined = self._fit(current, task, ranks)
                 if joined is not None:
                     current = joined
                     continue

@@ -14,7 +14,7 @@ import torch
 from apps.model import tiny
 from apps.model.encoding import IGNORE, Encoder, Example, prompt_states
 from apps.model.frames import FrameSet
-from apps.model.heads import BoxHead, CountingHead, save_head
+from apps.model.heads import HEADS_DIR, BoxHead, CountingHead, load_head, save_head
 from apps.model.recipes import AdapterRecipe
 from apps.tasks import Task, get_task
 from engine.heads import TaskHead
@@ -87,7 +87,10 @@ class TrainResult:
 class AdapterTrainer:
     """One adapter (PEFT LoRA over the base) plus the heads of its tasks, trained together on mixed batches."""
 
-    def __init__(self, base, tokenizer, processor, recipe: AdapterRecipe, frames: FrameSet, name: str) -> None:
+    def __init__(self, base, tokenizer, processor, recipe: AdapterRecipe, frames: FrameSet, name: str,
+                 init: Path | None = None, focus: str | None = None) -> None:
+        """``init``: a saved adapter of the same rank (and its heads) to continue from; ``focus``: a task that gets
+        half of every batch (the one just added to a warm-started adapter)."""
         from peft import LoraConfig, get_peft_model
 
         self.recipe, self.frames, self.name = recipe, frames, name
@@ -98,28 +101,51 @@ class AdapterTrainer:
         config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
                             target_modules=target_regex(recipe.targets, recipe.vision))
         self.model = get_peft_model(base, config, adapter_name=name)
+        if init is not None:
+            self._load_lora(Path(init))
         hidden = base.config.text_config.hidden_size
         self.tasks = [get_task(t) for t in recipe.tasks]
         self.heads: dict[str, TaskHead] = {}
         self.pools: list[list[Example]] = []
+        weights: list[float] = []
         for task in self.tasks:
             head = build_head(task, self.encoder, hidden, name) if recipe.heads else None
+            saved = Path(init) / HEADS_DIR / f"{task.head}.json" if init is not None and head is not None else None
+            if saved is not None and saved.is_file():
+                head = load_head(saved)[1]
+                head.adapter = name
             text, head_examples = task_examples(task, frames, head is not None)
-            self.pools.append(text)
+            new_pools = [text] + ([head_examples] if head is not None else [])
             if head is not None:
                 self.heads[task.name] = head.train()
-                self.pools.append(head_examples)
+            self.pools += new_pools
+            weights += [(2.0 if task.name == focus else 1.0)] * len(new_pools)
+        if focus is not None and len(self.tasks) > 1:
+            # The focus task's pools share half the batch, the others the other half.
+            share = {True: sum(w for w in weights if w == 2.0), False: sum(w for w in weights if w == 1.0)}
+            weights = [0.5 * w / share[w == 2.0] for w in weights]
+        self.weights = np.asarray(weights) / sum(weights)
         lora = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": lora, "lr": recipe.lr}]
         groups += [{"params": list(h.parameters()), "lr": recipe.head_lr} for h in self.heads.values()]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.rng = np.random.default_rng(recipe.seed)
 
+    def _load_lora(self, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(self.model, {k: v.float() for k, v in state.items()},
+                                           adapter_name=self.name)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter {folder} does not fit this recipe: {result.unexpected_keys[:3]}")
+        logger.info("adapter %s continues from %s", self.name, folder)
+
     def _sample(self) -> list[Example]:
-        """A batch with the example pools (every task's text, every head) taking turns."""
-        order = self.rng.permutation(len(self.pools))
-        picks = [self.pools[order[i % len(order)]] for i in range(self.recipe.batch_size)]
-        return [pool[int(self.rng.integers(len(pool)))] for pool in picks]
+        """A batch drawn from the example pools (every task's text, every head) by their weights."""
+        picks = self.rng.choice(len(self.pools), size=self.recipe.batch_size, p=self.weights)
+        return [self.pools[p][int(self.rng.integers(len(self.pools[p])))] for p in picks]
 
     def _loss(self, examples: list[Example]) -> torch.Tensor:
         batch = self.encoder.batch(examples, self.frames, cached=not self.recipe.vision)
@@ -192,11 +218,12 @@ class AdapterTrainer:
 
 
 def train_adapter(base_dir: str | Path, recipe: AdapterRecipe, frames: FrameSet, out_dir: str | Path,
-                  name: str, base_parts=None) -> tuple[TrainResult, AdapterTrainer]:
+                  name: str, base_parts=None, init: Path | None = None,
+                  focus: str | None = None) -> tuple[TrainResult, AdapterTrainer]:
     """Train and save one adapter; ``base_parts`` reuses a loaded (model, tokenizer, processor)."""
     model, tokenizer, processor = base_parts or load_base(base_dir)
     start = time.time()
-    trainer = AdapterTrainer(model, tokenizer, processor, recipe, frames, name)
+    trainer = AdapterTrainer(model, tokenizer, processor, recipe, frames, name, init=init, focus=focus)
     loss = trainer.train()
     path = trainer.save(out_dir)
     seconds = time.time() - start

@@ -79,11 +79,22 @@ def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return iou - (hull_area - union) / hull_area
 
 
+def anchor_points(queries: int, rows: int = 3) -> torch.Tensor:
+    """Reference centres of the queries, a rows x (queries / rows) grid over the frame: [queries, 2] (cx, cy)."""
+    rows = rows if queries % rows == 0 else 1
+    cols = queries // rows
+    cx = (torch.arange(cols, dtype=torch.float32) + 0.5) / cols
+    cy = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows
+    return torch.stack(torch.meshgrid(cx, cy, indexing="xy"), -1).reshape(-1, 2)
+
+
 class BoxHead(TaskHead):
     """DETR-style set prediction: each query position gives class logits (plus no-object) and a box.
 
     The prompt ends with ``queries`` query tokens followed by ``tail`` tokens of the chat template, so the head
-    reads ``queries + tail`` positions and uses the first ``queries``.
+    reads ``queries + tail`` positions and uses the first ``queries``. As in Anchor-DETR, each query predicts its
+    box centre as an offset from a fixed reference point, which makes Hungarian matching stable from the first
+    steps (a query is matched to objects near its point) and training converge in far fewer steps.
     """
 
     kind = "boxes"
@@ -97,12 +108,14 @@ class BoxHead(TaskHead):
         self.config = dict(hidden_size=hidden_size, queries=queries, tail=tail, classes=list(classes), inner=inner,
                            score_threshold=score_threshold)
         self.mlp = _mlp(hidden_size, inner, len(classes) + 1 + 4)
+        self.register_buffer("anchors", torch.logit(anchor_points(queries)), persistent=False)  # [queries, 2]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., queries + tail, hidden_size] -> [..., queries, classes + 1 + 4] (logits, cxcywh in 0..1)."""
         out = self.mlp(hidden[..., : self.queries, :])
         logits, box = out[..., : len(self.classes) + 1], out[..., len(self.classes) + 1 :]
-        return torch.cat([logits, box.sigmoid()], -1)
+        centre = (box[..., :2] + self.anchors).sigmoid()
+        return torch.cat([logits, centre, box[..., 2:].sigmoid()], -1)
 
     def split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [..., queries, classes + 1], boxes [..., queries, 4] xyxy)."""

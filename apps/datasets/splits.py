@@ -21,7 +21,7 @@ def split_id(split: str) -> int:
 
 
 class SynthDataset(Sequence[Sample]):
-    """n random-access stills of one split; sample i is the same on every machine and every call."""
+    """n random-access stills of one split; sample i is the same on every call (its truth on every machine)."""
 
     def __init__(self, split: str, n: int, seed: int = 0, size: int | str | Sequence[int] = DEFAULT_SIZE) -> None:
         if n < 0:

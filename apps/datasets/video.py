@@ -27,8 +27,10 @@ class VideoWriter:
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
         self._stream.codec_context.time_base = 1 / self.rate
-        # One thread keeps the encoder bit-exact across machines and cheap on a shared 2-core box.
-        self._stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        # Bit-exact clips for a seed: x264's MB-tree rate control made the bitstream depend on heap contents
+        # (measured: the same frames encoded differently after unrelated allocations), and threads on scheduling.
+        self._stream.codec_context.thread_count = 1
+        self._stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "threads=1:no-mbtree=1"}
         self.frames = 0
 
     def write(self, rgb: np.ndarray) -> None:

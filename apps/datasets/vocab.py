@@ -20,6 +20,9 @@ COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
+# Every answer the synthetic questions can have (a closed set, e.g. for a VQA classifier head).
+VQA_ANSWERS: tuple[str, ...] = ("yes", "no", *(str(n) for n in range(9)), *COLOR_NAMES, *CLASSES, "nothing")
+
 
 def plural(cls: str) -> str:
     """Plural noun of a class name ("person" -> "people"); unknown names get an "s"."""

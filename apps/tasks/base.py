@@ -42,6 +42,8 @@ class Task(ABC):
         if not classes or len(set(classes)) != len(classes):
             raise ValueError(f"classes must be distinct and non-empty, got {list(classes)}")
         self.classes = tuple(classes)
+        # Parsers lower-case model text; this maps what they read back to the user's spelling of a class.
+        self.class_by_lower = {cls.lower(): cls for cls in self.classes}
 
     @property
     def primary_metric(self) -> str:

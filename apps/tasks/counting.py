@@ -12,7 +12,7 @@ from apps.tasks.output import CountingOutput, TaskOutput
 
 SEPARATOR = ", "
 MAX_COUNT = 999
-_ITEM = re.compile(r"([a-z][a-z ]{0,39}?) +([0-9]{1,3})")
+_ITEM = re.compile(r"([a-z][a-z _-]{0,39}?) +([0-9]{1,3})")
 
 
 def _count(value: Any) -> int | None:
@@ -45,8 +45,8 @@ class CountingTask(Task):
         error = False
         for part in filter(None, (p.strip() for p in " ".join(text.lower().split()).split(","))):
             match = _ITEM.fullmatch(part)
-            cls = match.group(1).strip() if match else None
-            if cls is None or cls not in self.classes or cls in counts:
+            cls = self.class_by_lower.get(match.group(1).strip()) if match else None
+            if cls is None or cls in counts:
                 error = True
                 continue
             counts[cls] = int(match.group(2))

@@ -16,7 +16,7 @@ from apps.tasks.output import Detection, DetectionOutput, TaskOutput
 NONE = "none"
 SEPARATOR = "; "
 MAX_DETECTIONS = 100  # as COCO's maxDets; anything past it is dropped and flags parse_error
-_ITEM = re.compile(r"([a-z][a-z ]{0,39}?) +([0-9]{1,3}) +([0-9]{1,3}) +([0-9]{1,3}) +([0-9]{1,3})")
+_ITEM = re.compile(r"([a-z][a-z _-]{0,39}?) +([0-9]{1,3}) +([0-9]{1,3}) +([0-9]{1,3}) +([0-9]{1,3})")
 
 
 def _valid_box(box: Any) -> list[float] | None:
@@ -66,6 +66,7 @@ class DetectionTask(Task):
                 error = True
                 continue
             cls, cells = match.group(1).strip(), [int(g) for g in match.groups()[1:]]
+            cls = self.class_by_lower.get(cls, cls)
             if not all(0 <= c <= GRID for c in cells) or cells[2] <= cells[0] or cells[3] <= cells[1]:
                 error = True
                 continue

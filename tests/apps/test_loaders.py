@@ -12,6 +12,7 @@ from PIL import Image
 
 from apps.datasets.loaders import load_coco, load_llava, load_refcoco
 from apps.tasks.captioning import CaptioningTask
+from apps.tasks.counting import CountingTask
 from apps.tasks.detection import DetectionTask
 from apps.tasks.grounding import GroundingTask
 from apps.tasks.vqa import VQATask
@@ -22,7 +23,7 @@ COCO = {
         {"id": 7, "file_name": "a.jpg", "width": 100, "height": 80},
         {"id": 9, "file_name": "b.jpg", "width": 50, "height": 50},
     ],
-    "categories": [{"id": 1, "name": "dog"}, {"id": 3, "name": "traffic light"}, {"id": 5, "name": "cat"}],
+    "categories": [{"id": 1, "name": "dog"}, {"id": 3, "name": "Traffic-Light"}, {"id": 5, "name": "cat"}],
     "annotations": [
         {"id": 11, "image_id": 7, "category_id": 1, "bbox": [10, 10, 20, 30], "area": 600, "iscrowd": 0},
         {"id": 12, "image_id": 7, "category_id": 3, "bbox": [90, 70, 20, 20], "iscrowd": 0},  # leaves the image
@@ -40,21 +41,24 @@ def _write(path, data) -> str:
 
 def test_coco_maps_images_to_frame_truths(tmp_path):
     data = load_coco(_write(tmp_path / "instances.json", COCO))
-    assert data.classes == ("dog", "traffic light", "cat")
+    assert data.classes == ("dog", "Traffic-Light", "cat")
     first, second = data.samples
     assert first.path == tmp_path / "a.jpg" and first.truth.frame == 7
     assert [(o.track_id, o.cls, o.box) for o in first.truth.objects] == [
         (11, "dog", [10, 10, 30, 40]),
-        (12, "traffic light", [90, 70, 100, 80]),  # clipped to the image
+        (12, "Traffic-Light", [90, 70, 100, 80]),  # clipped to the image
     ]
-    assert first.truth.counts == {"dog": 1, "traffic light": 1, "cat": 0}
-    assert second.truth.counts == {"dog": 2, "traffic light": 0, "cat": 0}
+    assert first.truth.counts == {"dog": 1, "Traffic-Light": 1, "cat": 0}
+    assert second.truth.counts == {"dog": 2, "Traffic-Light": 0, "cat": 0}
     # The task modules work on the user's classes: perfect text scores 100.
     task = DetectionTask(classes=data.classes)
     truths = [s.truth for s in data.samples]
     outputs = [task.parse_text(task.target_text(t)) for t in truths]
     assert not any(o.parse_error for o in outputs)
     assert task.evaluate(outputs, truths)["map50"] == pytest.approx(100.0)
+    counting = CountingTask(classes=data.classes)
+    counted = [counting.parse_text(counting.target_text(t)) for t in truths]
+    assert [c.counts for c in counted] == [t.counts for t in truths] and not any(c.parse_error for c in counted)
 
 
 def test_coco_reads_pixels_on_demand(tmp_path):

@@ -15,16 +15,16 @@ from apps.model.recipes import AdapterRecipe
 def micro(tmp_path_factory):
     """A random tiny base, 6 train and 2 val frames, and a fusion run over three tasks.
 
-    Targets make the outcome deterministic: 0 is always met; captioning's 100 (CIDEr-D of a perfect caption) is
-    never met by a barely trained model, so captioning cannot join the first adapter at any rank and gets one of
-    its own, where it misses its target too.
+    Targets make the outcome deterministic: 0 is always met; counting's 100 (every class of every frame counted
+    exactly) is never met by a barely trained model, so counting cannot join the first adapter at any rank and
+    gets one of its own, where it misses its target too.
     """
     from apps.model import tiny
     from apps.model.frames import FrameSet
 
     root = tmp_path_factory.mktemp("fusion")
     tiny.small_base(root / "base", frames=50)
-    cfg = FusionConfig(tasks=("counting", "vqa", "captioning"), targets={"counting": 0, "vqa": 0, "captioning": 100},
+    cfg = FusionConfig(tasks=("vqa", "grounding", "counting"), targets={"vqa": 0, "grounding": 0, "counting": 100},
                        ranks=(2, 4), steps_per_task=2,
                        template=AdapterRecipe(tasks=("counting",), batch_size=4))
     fusion = Fusion(root / "base", cfg, FrameSet("train", 6), FrameSet("val", 2), root / "work", root / "adapters")
@@ -34,21 +34,21 @@ def micro(tmp_path_factory):
 def test_packs_tasks_and_starts_a_new_adapter_for_one_that_does_not_fit(micro):
     root, fusion, manifest = micro
     assert {name: entry.tasks for name, entry in manifest.adapters.items()} == {
-        "fused-0": ["counting", "vqa"], "fused-1": ["captioning"]}
+        "fused-0": ["vqa", "grounding"], "fused-1": ["counting"]}
     tried = [(t["adapter"], tuple(t["tasks"]), t["rank"], t["met"]) for t in manifest.trials]
     assert tried == [
-        ("fused-0", ("counting",), 2, True),
-        ("fused-0", ("counting", "vqa"), 2, True),
-        ("fused-0", ("counting", "vqa", "captioning"), 2, False),  # falls under target ...
-        ("fused-0", ("counting", "vqa", "captioning"), 4, False),  # ... and a larger rank does not help
-        ("fused-1", ("captioning",), 2, False),
-        ("fused-1", ("captioning",), 4, False),
+        ("fused-0", ("vqa",), 2, True),
+        ("fused-0", ("vqa", "grounding"), 2, True),
+        ("fused-0", ("vqa", "grounding", "counting"), 2, False),  # falls under target ...
+        ("fused-0", ("vqa", "grounding", "counting"), 4, False),  # ... and a larger rank does not help
+        ("fused-1", ("counting",), 2, False),
+        ("fused-1", ("counting",), 4, False),
     ]
     assert [t["warm_start"] for t in manifest.trials] == [False, True, True, False, False, False]
-    assert manifest.adapters["fused-0"].rank == 2 and manifest.adapters["fused-0"].heads == {
-        "counting": "counting-head"}
+    assert manifest.adapters["fused-0"].rank == 2 and manifest.adapters["fused-0"].heads == {}
+    assert manifest.adapters["fused-1"].heads == {"counting": "counting-head"}
     assert manifest.tasks["counting"].head == "counting-head" and manifest.tasks["vqa"].head is None
-    assert manifest.tasks["captioning"].adapter == "fused-1" and not manifest.tasks["captioning"].met
+    assert manifest.tasks["counting"].adapter == "fused-1" and not manifest.tasks["counting"].met
     assert manifest.tasks["vqa"].met and manifest.tasks["vqa"].metric == "exact_match"
 
 

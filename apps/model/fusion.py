@@ -25,8 +25,8 @@ class FusionConfig:
     targets: dict[str, float]
     ranks: tuple[int, ...] = (8, 16, 32)
     steps_per_task: int = 150
-    # Adding a task at the current rank continues from the current adapter (and its heads) for 1.5 x
-    # steps_per_task, half of each batch on the new task; otherwise an adapter trains from scratch.
+    # Adding a task (at the current rank or a larger one) continues from the current adapter and its heads for
+    # 1.5 x steps_per_task, half of each batch on the new task; a new adapter trains from scratch.
     warm_start: bool = True
     template: AdapterRecipe = field(default_factory=lambda: AdapterRecipe(tasks=("counting",)))
 
@@ -72,7 +72,7 @@ class Fusion:
         return f"fused-{index}"
 
     def _try(self, name: str, tasks: tuple[str, ...], rank: int, warm: Candidate | None = None) -> Candidate:
-        warm = warm if warm is not None and warm.recipe.rank == rank and self.cfg.warm_start else None
+        warm = warm if warm is not None and warm.recipe.rank <= rank and self.cfg.warm_start else None
         steps = int(1.5 * self.cfg.steps_per_task) if warm is not None else self.cfg.steps_per_task * len(tasks)
         recipe = replace(self.cfg.template, tasks=tasks, rank=rank, alpha=2.0 * rank, steps=steps)
         folder = self.work / f"{name}-r{rank}-{'+'.join(tasks)}"

@@ -34,8 +34,8 @@ class AdapterRecipe:
     heads: bool = True  # train the tasks' heads jointly with the adapter
     steps: int = 400
     batch_size: int = 16
-    lr: float = 2e-3
-    head_lr: float = 1e-3
+    lr: float = 5e-3
+    head_lr: float = 2e-3
     seed: int = 0
     log_every: int = 25
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,15 +133,26 @@ class AdapterTrainer:
         self.rng = np.random.default_rng(recipe.seed)
 
     def _load_lora(self, folder: Path) -> None:
-        from peft import set_peft_model_state_dict
+        """Continue from a saved adapter of this rank or a smaller one: its A rows and B columns fill the first
+        slots, the new B columns stay zero, so with the same alpha / rank the model's function is unchanged."""
         from safetensors.torch import load_file
 
-        state = load_file(str(folder / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(self.model, {k: v.float() for k, v in state.items()},
-                                           adapter_name=self.name)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"adapter {folder} does not fit this recipe: {result.unexpected_keys[:3]}")
-        logger.info("adapter %s continues from %s", self.name, folder)
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        if saved["lora_alpha"] / saved["r"] != self.recipe.alpha / self.recipe.rank or saved["r"] > self.recipe.rank:
+            raise ValueError(f"adapter {folder} (rank {saved['r']}, alpha {saved['lora_alpha']}) cannot seed rank "
+                             f"{self.recipe.rank}, alpha {self.recipe.alpha}")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for key, value in load_file(str(folder / "adapter_model.safetensors")).items():
+                target = re.sub(r"\.lora_([AB])\.weight$", rf".lora_\1.{self.name}.weight", key)
+                if target not in params:
+                    raise ValueError(f"adapter {folder} does not fit this recipe: no parameter for {key}")
+                param = params[target]
+                if ".lora_A." in target:
+                    param[: value.shape[0]] = value.float()  # A: [rank, in]
+                else:
+                    param[:, : value.shape[1]] = value.float()  # B: [out, rank]
+        logger.info("adapter %s continues from %s (rank %s -> %s)", self.name, folder, saved["r"], self.recipe.rank)
 
     def _sample(self) -> list[Example]:
         """A batch drawn from the example pools (every task's text, every head) by their weights."""

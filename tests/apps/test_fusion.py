@@ -41,10 +41,10 @@ def test_packs_tasks_and_starts_a_new_adapter_for_one_that_does_not_fit(micro):
         ("fused-0", ("vqa", "grounding"), 2, True),
         ("fused-0", ("vqa", "grounding", "counting"), 2, False),  # falls under target ...
         ("fused-0", ("vqa", "grounding", "counting"), 4, False),  # ... and a larger rank does not help
-        ("fused-1", ("counting",), 2, False),
-        ("fused-1", ("counting",), 4, False),
+        ("fused-1", ("counting",), 2, False),  # a new adapter (from scratch) ...
+        ("fused-1", ("counting",), 4, False),  # ... grown to the larger rank
     ]
-    assert [t["warm_start"] for t in manifest.trials] == [False, True, True, False, False, False]
+    assert [t["warm_start"] for t in manifest.trials] == [False, True, True, True, False, False]
     assert manifest.adapters["fused-0"].rank == 2 and manifest.adapters["fused-0"].heads == {}
     assert manifest.adapters["fused-1"].heads == {"counting": "counting-head"}
     assert manifest.tasks["counting"].head == "counting-head" and manifest.tasks["vqa"].head is None

@@ -83,7 +83,13 @@ def test_saved_adapter_reproduces_the_trained_model(base, tmp_path):
     assert (trained - plain).abs().max() > 1e-3  # training changed the model
     assert torch.allclose(again, trained, atol=2e-3)  # fp16 storage of A and B
     trainer.unload()
-    warm = AdapterTrainer(model, tokenizer, processor, recipe, frames, "b", init=tmp_path / "a")
-    with torch.no_grad():
-        assert torch.allclose(warm.model(**batch.model_inputs()).logits, again, atol=1e-4)
-    warm.model.unload()
+    from dataclasses import replace
+
+    for grown in (recipe, replace(recipe, rank=8, alpha=64.0)):  # same rank, and a larger one at equal alpha / r
+        warm = AdapterTrainer(model, tokenizer, processor, grown, frames, "b", init=tmp_path / "a")
+        with torch.no_grad():
+            assert torch.allclose(warm.model(**batch.model_inputs()).logits, again, atol=1e-4)
+        warm.model.unload()
+    with pytest.raises(ValueError, match="cannot seed"):
+        AdapterTrainer(model, tokenizer, processor, replace(recipe, rank=2, alpha=16.0), frames, "c",
+                       init=tmp_path / "a")

@@ -34,13 +34,12 @@ class Score:
         return next(iter(self.metrics.values()))
 
 
-def task_items(task: Task, frames: FrameSet, use_head: bool) -> list[Example]:
+def task_items(task: Task, frames: FrameSet) -> list[Example]:
     """What the task asks of every frame, as the pipeline asks it (one example per request)."""
     out = []
     for index, truth in enumerate(frames.truths):
         for item in task.items(truth):
-            prompt = task.head_prompt(item) if use_head else task.prompt(item)
-            out.append(Example(task.name, prompt, None, frame=index, item=item))
+            out.append(Example(task.name, task.prompt(item), None, frame=index, item=item))
     return out
 
 
@@ -92,7 +91,7 @@ class Evaluator:
     def score(self, task: Task, frames: FrameSet, adapter: str | None, head: TaskHead | None = None) -> Score:
         """Score one task with ``adapter`` (None: base) on the head path when a head is given, else text."""
         start = time.time()
-        examples = task_items(task, frames, head is not None)
+        examples = task_items(task, frames)
         with _adapter_scope(self.model, adapter):
             if head is not None:
                 results = [EngineResult(request_id="eval", head_output=a) for a in self.heads(examples, frames, head)]

@@ -114,6 +114,9 @@ class Fusion:
         accepted: list[Candidate] = []
         current: Candidate | None = None
         for task in self.cfg.tasks:
+            if current is not None and not current.meets(self.cfg.targets):
+                accepted.append(current)  # it already misses a target: nothing may join it
+                current = None
             if current is not None:
                 ranks = tuple(r for r in self.cfg.ranks if r >= current.recipe.rank)
                 joined = self._fit(current, task, ranks)

@@ -79,36 +79,37 @@ def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return iou - (hull_area - union) / hull_area
 
 
-def anchor_points(queries: int, rows: int = 3) -> torch.Tensor:
-    """Reference centres of the queries, a rows x (queries / rows) grid over the frame: [queries, 2] (cx, cy)."""
-    rows = rows if queries % rows == 0 else 1
-    cols = queries // rows
+def anchor_points(rows: int, cols: int) -> torch.Tensor:
+    """Centres of a rows x cols grid over the frame, row-major: [rows * cols, 2] (cx, cy)."""
     cx = (torch.arange(cols, dtype=torch.float32) + 0.5) / cols
     cy = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows
     return torch.stack(torch.meshgrid(cx, cy, indexing="xy"), -1).reshape(-1, 2)
 
 
 class BoxHead(TaskHead):
-    """DETR-style set prediction: each query position gives class logits (plus no-object) and a box.
+    """DETR-style set prediction over a fixed grid of query positions: the picture's image tokens.
 
-    The prompt ends with ``queries`` query tokens followed by ``tail`` tokens of the chat template, so the head
-    reads ``queries + tail`` positions and uses the first ``queries``. As in Anchor-DETR, each query predicts its
-    box centre as an offset from a fixed reference point, which makes Hungarian matching stable from the first
-    steps (a query is matched to objects near its point) and training converge in far fewer steps.
+    Each merged image token (row-major over the rows x cols grid the image processor gives a frame) is a query:
+    its final hidden state gives class logits (plus no-object) and a box whose centre is an offset from the
+    token's cell centre, as Anchor-DETR's reference points. Training matches queries to objects one-to-one with
+    the Hungarian algorithm. The prompt is the picture, then ``tail`` tokens (the task text and the chat
+    template), so the head reads ``rows * cols + tail`` positions and uses the first ``rows * cols``; it serves
+    frames whose processed grid is rows x cols (224 x 224 synthetic frames: 6 x 6).
     """
 
     kind = "boxes"
 
-    def __init__(self, hidden_size: int, queries: int, tail: int, classes: tuple[str, ...] = CLASSES,
+    def __init__(self, hidden_size: int, rows: int, cols: int, tail: int, classes: tuple[str, ...] = CLASSES,
                  inner: int = 256, score_threshold: float = 0.05, adapter: str | None = None) -> None:
         super().__init__()
-        self.classes, self.queries, self.tail, self.adapter = tuple(classes), queries, tail, adapter
-        self.positions = queries + tail
+        self.classes, self.rows, self.cols, self.tail, self.adapter = tuple(classes), rows, cols, tail, adapter
+        self.queries = rows * cols
+        self.positions = self.queries + tail
         self.score_threshold = score_threshold
-        self.config = dict(hidden_size=hidden_size, queries=queries, tail=tail, classes=list(classes), inner=inner,
-                           score_threshold=score_threshold)
+        self.config = dict(hidden_size=hidden_size, rows=rows, cols=cols, tail=tail, classes=list(classes),
+                           inner=inner, score_threshold=score_threshold)
         self.mlp = _mlp(hidden_size, inner, len(classes) + 1 + 4)
-        self.register_buffer("anchors", torch.logit(anchor_points(queries)), persistent=False)  # [queries, 2]
+        self.register_buffer("anchors", torch.logit(anchor_points(rows, cols)), persistent=False)  # [queries, 2]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., queries + tail, hidden_size] -> [..., queries, classes + 1 + 4] (logits, cxcywh in 0..1)."""

@@ -11,7 +11,7 @@ class PretrainConfig:
 
     preset: str = "demo"
     vocab_size: int = 1024
-    steps: int = 450
+    steps: int = 650
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 50

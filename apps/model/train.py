@@ -23,6 +23,7 @@ from engine.heads import TaskHead
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.json"
+REFERENCE_FRAME = 224  # side of the frames the box head's grid is sized for (the synthetic frames)
 VISION_TARGETS = ("qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "merger.mlp.0",
                   "merger.mlp.2")
 
@@ -54,12 +55,14 @@ def build_head(task: Task, encoder: Encoder, hidden_size: int, adapter: str) -> 
     if task.head == "counting-head":
         return CountingHead(hidden_size, task.classes, adapter=adapter)
     if task.head == "detection-head":
-        ids = encoder.prompts.build(task.head_prompt(), [[1, 2, 2]])
-        query_ids = set(encoder.tokenizer.convert_tokens_to_ids(tiny.QUERY_TOKENS))
-        at = [i for i, t in enumerate(ids) if t in query_ids]
-        if not at:
-            raise ValueError(f"the {task.name} head prompt {task.head_prompt()!r} has no query tokens")
-        return BoxHead(hidden_size, queries=len(at), tail=len(ids) - 1 - at[-1], classes=task.classes, adapter=adapter)
+        # The image tokens of a reference frame are the queries; what follows them is the head's tail.
+        _, grid = encoder.pixels([np.zeros((REFERENCE_FRAME, REFERENCE_FRAME, 3), dtype=np.uint8)])
+        t, h, w = (int(v) for v in grid[0])
+        merge = encoder.prompts.merge_len ** 0.5
+        ids = encoder.prompts.build(task.prompt(), [[t, h, w]])
+        last_image = max(i for i, tok in enumerate(ids) if tok == encoder.prompts.image_token_id)
+        return BoxHead(hidden_size, rows=int(h // merge), cols=int(w // merge), tail=len(ids) - 1 - last_image,
+                       classes=task.classes, adapter=adapter)
     raise ValueError(f"no head implementation for {task.head!r} of task {task.name}")
 
 
@@ -71,7 +74,7 @@ def task_examples(task: Task, frames: FrameSet, with_head: bool) -> tuple[list[E
             text.append(Example(task.name, task.prompt(item), None, task.target_text(truth, item), frame=index,
                                 item=item))
         if with_head:
-            head.append(Example(task.name, task.head_prompt(), None, head_target=task.head_target(truth),
+            head.append(Example(task.name, task.prompt(), None, head_target=task.head_target(truth),
                                 frame=index))
     return text, head
 

@@ -33,7 +33,6 @@ class Task(ABC):
     metrics: ClassVar[tuple[str, ...]]  # primary first
     metric_labels: ClassVar[dict[str, str]]
     prompt_template: ClassVar[str]
-    head_prompt_template: ClassVar[str | None] = None  # prompt of the head path (e.g. with query tokens); None: same
     max_tokens: ClassVar[int]
     output_type: ClassVar[type[TaskOutput]]
     extra_params: ClassVar[dict[str, str]] = {}  # task-specific request params -> what they mean
@@ -82,10 +81,6 @@ class Task(ABC):
     def prompt(self, item: str | None = None) -> str:
         return self.prompt_template.format(item=item)
 
-    def head_prompt(self, item: str | None = None) -> str:
-        """The prompt of a head request: the head reads the hidden states of its last positions."""
-        return (self.head_prompt_template or self.prompt_template).format(item=item)
-
     def requests(
         self, image: ImageRef, params: Mapping[str, Any] | None = None, truth: FrameTruth | None = None
     ) -> list[EngineRequest]:
@@ -97,7 +92,7 @@ class Task(ABC):
         return [
             EngineRequest(
                 adapter=adapter,
-                prompt=self.head_prompt(item) if use_head else self.prompt(item),
+                prompt=self.prompt(item),
                 images=[image],
                 sampling=sampling,
                 head=self.head if use_head else None,

@@ -40,8 +40,6 @@ class DetectionTask(Task):
     metrics = ("map50", "map50_95")
     metric_labels = {"map50": "mAP@0.5", "map50_95": "mAP@[.5:.95]"}
     prompt_template = "detect objects"
-    # The box head reads one hidden state per query token (special tokens of the shipped tokenizer).
-    head_prompt_template = "detect objects " + "".join(f"<|query_{i}|>" for i in range(12))
     max_tokens = 160
     output_type = DetectionOutput
 

@@ -78,8 +78,9 @@ def _perfect_box_output(head: BoxHead, labels: list[int], boxes: list[list[float
 
 
 def test_box_head_shapes_decode_and_matching_loss():
-    head = BoxHead(32, queries=6, tail=3)
-    assert head.positions == 9
+    head = BoxHead(32, rows=2, cols=3, tail=3)
+    assert head.positions == 9 and head.queries == 6
+    assert torch.allclose(torch.sigmoid(head.anchors[4]), torch.tensor([0.5, 0.75]))  # row 1, column 1
     out = head(torch.randn(2, 9, 32))
     assert out.shape == (2, 6, 10) and (out[..., 6:] >= 0).all() and (out[..., 6:] <= 1).all()
     truth = {"detections": [{"cls": "bus", "box": [0.1, 0.2, 0.4, 0.5], "score": 1.0},
@@ -106,7 +107,7 @@ def test_box_head_shapes_decode_and_matching_loss():
 
 
 def test_heads_save_and_load(tmp_path):
-    heads = {"counting-head": CountingHead(16, adapter="a"), "detection-head": BoxHead(16, 4, 2, adapter="a")}
+    heads = {"counting-head": CountingHead(16, adapter="a"), "detection-head": BoxHead(16, 2, 2, 2, adapter="a")}
     for name, head in heads.items():
         save_head(tmp_path / "a", name, head)
     loaded = load_heads(tmp_path)
@@ -155,7 +156,8 @@ def test_heads_decode_zero_tokens_through_the_hf_engine(trained_tiny):
 
     root = trained_tiny
     heads = load_heads(root / "adapters")
-    assert set(heads) == {"counting-head", "detection-head"} and heads["detection-head"].queries == 12
+    box = heads["detection-head"]
+    assert set(heads) == {"counting-head", "detection-head"} and (box.rows, box.cols) == (4, 4)  # 112 px: 4 x 4
     engine = create_engine(EngineConfig(backend="hf", model=str(root / "base"), adapters=str(root / "adapters"),
                                         device="cpu"), heads=heads)
     model, tokenizer, processor = load_base(root / "base")
@@ -171,7 +173,7 @@ def test_heads_decode_zero_tokens_through_the_hf_engine(trained_tiny):
             assert res.ok, res.error
             assert res.output_tokens == 0 and res.finish_reason == "head" and res.text == ""
             assert not task.parse(res).parse_error
-        direct = evaluator.heads(task_items(task, frames, True), frames, heads[task.head])
+        direct = evaluator.heads(task_items(task, frames), frames, heads[task.head])
         if task_name == "counting":
             assert [r.head_output for r in results] == direct
         else:

@@ -138,6 +138,17 @@ def _register_adapters(subparsers: argparse._SubParsersAction) -> None:
     _training_args(gen, targets_flag="--lora-targets")
     gen.set_defaults(handler=_generate)
 
+    man = sub.add_parser("manifest", help="Write manifest.json for adapters trained elsewhere, scored on val again.")
+    man.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
+                     help="An adapter folder (with recipe.json) and the name it is shipped under; repeatable.")
+    man.add_argument("--targets", dest="accuracy", required=True, type=_targets,
+                     help="Accuracy target per task on its primary metric.")
+    man.add_argument("--base", default="models/base", help="Base checkpoint directory.")
+    man.add_argument("--val-frames", type=int, default=60, help="Held-out frames (val split) for scoring.")
+    man.add_argument("--out", default="models/adapters", help="Where the adapters and manifest.json go.")
+    _common(man)
+    man.set_defaults(handler=_manifest)
+
 
 def _train(args: argparse.Namespace) -> int:
     from apps.model.evaluate import Evaluator
@@ -183,6 +194,23 @@ def _generate(args: argparse.Namespace) -> int:
     if missed:
         print(f"target missed for: {', '.join(missed)}")
         return 1
+    return 0
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from apps.model.frames import FrameSet
+    from apps.model.fusion import assemble
+
+    _threads(args)
+    folders = {}
+    for spec in args.adapter:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not Path(folder).is_dir():
+            raise ValueError(f"--adapter takes NAME=DIR with an existing DIR, got {spec!r}")
+        folders[name] = Path(folder)
+    manifest = assemble(args.base, folders, args.accuracy, FrameSet("val", args.val_frames), args.out)
+    for task, entry in manifest.tasks.items():
+        print(f"  {task}: {entry.metric} {entry.accuracy:.2f} (target {entry.target:.1f}) on {entry.adapter}")
     return 0
 
 

@@ -131,26 +131,63 @@ class Fusion:
         return self._write(accepted)
 
     def _write(self, accepted: list[Candidate]) -> Manifest:
-        self.out.mkdir(parents=True, exist_ok=True)
-        adapters, tasks = {}, {}
-        for cand in accepted:
-            target = self.out / cand.name
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.copytree(cand.path, target)
-            heads = {t: get_task(t).head for t in cand.recipe.tasks
-                     if get_task(t).head and (target / "heads" / f"{get_task(t).head}.json").is_file()}
-            adapters[cand.name] = AdapterEntry(
-                tasks=list(cand.recipe.tasks), rank=cand.recipe.rank, alpha=cand.recipe.alpha,
-                vision=cand.recipe.vision, size_bytes=folder_bytes(target), train_seconds=round(cand.seconds, 1),
-                heads=heads)
-            for t in cand.recipe.tasks:
-                score = cand.scores[t]
-                tasks[t] = TaskEntry(adapter=cand.name, head=heads.get(t), metric=get_task(t).primary_metric,
-                                     target=self.cfg.targets[t], accuracy=round(score.primary, 2),
-                                     metrics={k: round(v, 3) for k, v in score.metrics.items()},
-                                     met=score.primary >= self.cfg.targets[t])
-        manifest = Manifest(base=str(self.base_dir), split=self.val.split, frames=len(self.val), adapters=adapters,
-                            tasks=tasks, trials=self.trials)
-        manifest.save(self.out)
-        return manifest
+        return write_manifest(accepted, self.base_dir, self.val, self.cfg.targets, self.out, self.trials)
+
+
+def write_manifest(accepted: list[Candidate], base_dir: Path, val: FrameSet, targets: dict[str, float],
+                   out: Path, trials: list[dict]) -> Manifest:
+    """Copy the accepted adapters to ``out`` and write manifest.json for them."""
+    out.mkdir(parents=True, exist_ok=True)
+    adapters, tasks = {}, {}
+    for cand in accepted:
+        target = out / cand.name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(cand.path, target)
+        heads = {t: get_task(t).head for t in cand.recipe.tasks
+                 if get_task(t).head and (target / "heads" / f"{get_task(t).head}.json").is_file()}
+        adapters[cand.name] = AdapterEntry(
+            tasks=list(cand.recipe.tasks), rank=cand.recipe.rank, alpha=cand.recipe.alpha,
+            vision=cand.recipe.vision, size_bytes=folder_bytes(target), train_seconds=round(cand.seconds, 1),
+            heads=heads)
+        for t in cand.recipe.tasks:
+            score = cand.scores[t]
+            tasks[t] = TaskEntry(adapter=cand.name, head=heads.get(t), metric=get_task(t).primary_metric,
+                                 target=targets[t], accuracy=round(score.primary, 2),
+                                 metrics={k: round(v, 3) for k, v in score.metrics.items()},
+                                 met=score.primary >= targets[t])
+    manifest = Manifest(base=str(base_dir), split=val.split, frames=len(val), adapters=adapters, tasks=tasks,
+                        trials=trials)
+    manifest.save(out)
+    return manifest
+
+
+def assemble(base_dir: str | Path, folders: dict[str, Path], targets: dict[str, float], val: FrameSet,
+             out: str | Path, trials: list[dict] | None = None) -> Manifest:
+    """A manifest for adapters trained elsewhere (each folder holds recipe.json): every task they serve is
+    scored on ``val`` again, and the folders are copied to ``out`` under the given names."""
+    import json
+
+    from peft import PeftModel
+
+    from apps.model.encoding import Encoder
+    from apps.model.heads import HEADS_DIR, load_head
+
+    model, tokenizer, processor = load_base(base_dir)
+    candidates = []
+    for name, folder in folders.items():
+        recipe = AdapterRecipe(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in json.loads((folder / "recipe.json").read_text()).items()})
+        missing = [t for t in recipe.tasks if t not in targets]
+        if missing:
+            raise ValueError(f"no accuracy target for task(s) {missing} of adapter {folder}")
+        model = PeftModel.from_pretrained(model, folder, adapter_name=name).eval()
+        evaluator = Evaluator(model, Encoder(tokenizer, processor))
+        scores = {}
+        for t in recipe.tasks:
+            head_file = folder / HEADS_DIR / f"{get_task(t).head}.json"
+            head = load_head(head_file)[1] if get_task(t).head and head_file.is_file() else None
+            scores[t] = evaluator.score(get_task(t), val, name, head)
+        model = model.unload()
+        candidates.append(Candidate(name, recipe, Path(folder), scores, 0.0))
+    return write_manifest(candidates, Path(base_dir), val, targets, Path(out), list(trials or []))

@@ -34,7 +34,7 @@ def test_base_loads_in_fp32_and_is_tiny():
     n = sum(p.numel() for p in model.parameters())
     assert 10e6 <= n <= 30e6
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert len(tokenizer) <= 2048 and processor.max_pixels == 168 * 168
+    assert len(tokenizer) <= 2048 and processor.size["longest_edge"] == 168 * 168
 
 
 def test_manifest_serves_every_task_consistently(manifest):

@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "pipeline.commands",
     "pipeline.stream_commands",
     "apps.cli",
+    "apps.model.cli",
     "kernels.cli",
     "ui.commands",
 ]

@@ -137,12 +137,13 @@ class Demo:
     def start_workers(self) -> None:
         from pipeline.engine_client import ServiceClient
         from pipeline.metrics import SummaryPublisher
-        from pipeline.worker import WorkerPool
+        from pipeline.worker import WorkerPool, manifest_defaults
 
         client = ServiceClient(self.transport, self.settings.service.requests_maxlen)
         self._cleanup.append(client.close)
         pool = WorkerPool(TASKS, self.transport, self.registry, client, self.settings.worker,
-                          worker_id=f"demo-worker-{os.getpid()}").start()
+                          worker_id=f"demo-worker-{os.getpid()}",
+                          defaults=manifest_defaults(self.settings.engine.adapters)).start()
         self._cleanup.append(pool.stop)
         summary = SummaryPublisher(self.transport, lambda: [spec.id for spec in self.registry.specs()],
                                    self.settings.worker.summary_interval_s)

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from apps.model.heads import load_heads
 from engine.base import EngineBackend, create_engine, error_result
 from engine.config import EngineConfig
 from engine.request import EngineRequest, EngineResult, ImageRef
@@ -212,9 +213,10 @@ def wait_for_engines(transport: Transport, count: int, timeout_s: float, stop_ev
 
 
 def build_engine(cfg: EngineConfig) -> EngineBackend:
-    """The configured engine backend; a missing model directory surfaces as FileNotFoundError naming it."""
+    """The configured engine backend with the task heads saved beside its adapters; a missing model directory
+    surfaces as FileNotFoundError naming it."""
     if not cfg.model.startswith("dummy:") and not Path(cfg.model).is_dir():
         raise FileNotFoundError(f"no model at {cfg.model} (set --model / VALORA_ENGINE__MODEL)")
     if not Path(cfg.adapters).is_dir():
         raise FileNotFoundError(f"no adapter directory at {cfg.adapters} (set --adapters / VALORA_ENGINE__ADAPTERS)")
-    return create_engine(cfg)
+    return create_engine(cfg, heads=load_heads(cfg.adapters))

@@ -41,6 +41,16 @@ def service_s(seq: Sequence, cost: CostModel, lora_step_s: float) -> float:
     return prefill_left(seq) * cost.prefill_token_s + decode_left(seq) * (cost.decode_step_s + lora_step_s)
 
 
+def rows_and_iterations(seq: Sequence, budget: int) -> tuple[int, int]:
+    """(rows_next, iterations_left) in one pass over the sequence's fields (policies call this per request)."""
+    tokens, computed, prompt = len(seq.token_ids), seq.num_computed, len(seq.prompt_ids)
+    remaining = tokens - computed
+    prefill = remaining if remaining > 1 or computed < prompt else 0
+    decode = 0 if seq.head is not None else max(seq.max_tokens - (tokens - prompt), 0)
+    iterations = (1 if prefill else 0) + max(decode - (1 if prefill else 0), 0)
+    return (min(prefill, budget) if prefill else 1), iterations
+
+
 def rows_next(seq: Sequence, budget: int) -> int:
     """Input rows the sequence adds to an iteration (its prefill chunk, or one decode row)."""
     return min(seq.remaining, budget) if seq.in_prefill else 1

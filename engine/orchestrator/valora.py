@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass
 
 from engine.orchestrator import demand
+from engine.orchestrator.cost import Composition, Load
 from engine.policy import ModeDecision, ModePolicy, PolicyContext, QueueView, register_policy
 from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Queue:
+    """The requests in the engine as one decision reads them (running first, then waiting)."""
+
+    seqs: list[Sequence]
+    groups: list[str | None]  # the plain adapter whose weights serve each request (None: none)
+    left: list[int]  # iterations each request still needs
+    comp: Composition  # rows per group if all of them ran in one iteration
+    counts: Counter  # requests per group
+    longest: dict[str | None, int]  # per group, the most iterations any of its requests still needs
 
 
 @register_policy("valora")
@@ -60,10 +74,11 @@ class ValoraPolicy(ModePolicy):
         self._track(view, seqs)
         if not seqs:
             return self.keep(view.merged)
-        target = self._weights(view, seqs)
+        queue = self._snapshot(seqs)
+        target = self._weights(view, queue)
         if target is None:
             return ModeDecision()
-        return self._phase(view, target, seqs)
+        return self._phase(view, target, queue)
 
     # -- what the queue looks like
     def _track(self, view: QueueView, seqs: list[Sequence]) -> None:
@@ -77,80 +92,96 @@ class ValoraPolicy(ModePolicy):
         while self.arrivals and self.arrivals[0][0] < view.now - self.window_s:
             self.arrivals.popleft()
 
+    def _snapshot(self, seqs: list[Sequence]) -> _Queue:
+        """One pass over the requests: groups, rows of the next iteration, iterations still needed."""
+        ctx = self.ctx
+        rows: Counter[str | None] = Counter()
+        counts: Counter[str | None] = Counter()
+        longest: dict[str | None, int] = {}
+        groups, left = [], []
+        budget, state = ctx.max_num_batched_tokens, ctx.state
+        for seq in seqs:
+            g = demand.group(seq, state)
+            n, it = demand.rows_and_iterations(seq, budget)
+            groups.append(g)
+            left.append(it)
+            counts[g] += 1
+            rows[g] += n
+            if it > longest.get(g, -1):
+                longest[g] = it
+        comp = {g: Load(n, ctx.rank_of(g) if g is not None else 0) for g, n in rows.items()}
+        return _Queue(seqs, groups, left, comp, counts, longest)
+
     def _arrival_rates(self, merged: str, now: float) -> tuple[float, float]:
         """Arrivals per second lately of M's requests and of the requests M's weights do not serve."""
         span = max(min(self.window_s, now - (self.started or now)), 1e-3)
         ours = sum(1 for _, g in self.arrivals if g == merged)
         return ours / span, (len(self.arrivals) - ours) / span
 
-    def _rates(self, view: QueueView, seqs: list[Sequence], merged: str | None) -> tuple[float, float]:
-        """(always-serve rate, batched-cycle rate) of latency lost per second with ``merged`` in the weights."""
+    def _rates(self, view: QueueView, queue: _Queue, merged: str | None) -> tuple[float, float, float]:
+        """(always-serve rate, batched-cycle rate, LoRA seconds per iteration) with ``merged`` in the weights."""
         ctx, cost = self.ctx, self.ctx.cost
-        comp = demand.composition(seqs, ctx.state, ctx.rank_of, ctx.max_num_batched_tokens)
-        n, step = len(seqs), max(cost.typical_iteration_s, 1e-6)
-        lora = cost.lora_s(comp, merged, ctx.rank_of(merged) if merged else 0)
+        n, step = len(queue.seqs), max(cost.typical_iteration_s, 1e-6)
+        lora = cost.lora_s(queue.comp, merged, ctx.rank_of(merged) if merged else 0)
         always = n * lora / step
         if merged is None or lora == 0.0:
-            return always, always
-        others = [s for s in seqs if demand.group(s, ctx.state) != merged]
-        length = max((demand.iterations_left(s) for s in others), default=32)  # a phase lasts its longest
+            return always, always, lora
+        length = max((it for g, it in queue.longest.items() if g != merged), default=32)  # a phase: its longest
         ours, rate = self._arrival_rates(merged, view.now)
         if rate == 0.0:
-            return always, 0.0
+            return always, 0.0, lora
         if rate >= ours:  # a held request must be outnumbered by those its wait speeds up
-            return always, always
+            return always, always, lora
         cycle = max(math.sqrt(2 * n * lora * length / rate), length * step)
-        return always, rate * cycle / 2 + n * lora * length / cycle
+        return always, rate * cycle / 2 + n * lora * length / cycle, lora
 
     # -- step 1: which adapter the weights hold
-    def _weights(self, view: QueueView, seqs: list[Sequence]) -> str | None:
-        ctx, cur = self.ctx, view.merged
-        counts = demand.counts(seqs, ctx.state)
+    def _weights(self, view: QueueView, queue: _Queue) -> str | None:
+        ctx, cur, counts = self.ctx, view.merged, queue.counts
         top = max((g for g in counts if g is not None), key=lambda g: (counts[g], g == cur), default=None)
         candidates = {None, cur, top}
-        rate = {c: min(self._rates(view, seqs, c)) for c in candidates}
+        rate = {c: min(self._rates(view, queue, c)[:2]) for c in candidates}
         step = ctx.cost.typical_iteration_s
         self.credit = {c: max(0.0, self.credit.get(c, 0.0) + (rate[cur] - rate[c]) * step)
                        for c in candidates if c != cur}
         if not self.credit:
             return cur
         best = max(self.credit, key=self.credit.__getitem__)
-        if self.credit[best] > 0 and self.credit[best] >= ctx.cost.switch_s * len(seqs):
+        if self.credit[best] > 0 and self.credit[best] >= ctx.cost.switch_s * len(queue.seqs):
             logger.debug("valora: weights %s -> %s (credit %.4f request-s)", cur, best, self.credit[best])
             self.credit = {}
             return best
         return cur
 
     # -- steps 2 and 3: who runs with M merged
-    def _phase(self, view: QueueView, merged: str, seqs: list[Sequence]) -> ModeDecision:
-        ctx, cost, state = self.ctx, self.ctx.cost, self.ctx.state
-        others_running = [s for s in view.running if demand.group(s, state) != merged]
-        others_waiting = [s for s in view.waiting if demand.group(s, state) != merged]
-        if not others_running and not others_waiting:
+    def _phase(self, view: QueueView, merged: str, queue: _Queue) -> ModeDecision:
+        ctx, cost = self.ctx, self.ctx.cost
+        n_running = len(view.running)
+        others = [i for i, g in enumerate(queue.groups) if g != merged]
+        if not others:
             return ModeDecision("merged", merged)
-        always, batched = self._rates(view, seqs, merged)
-        ours_waiting = sum(1 for s in view.waiting if demand.group(s, state) == merged)
-        saturated = ours_waiting >= max(1, ctx.max_num_seqs - len(view.running))
-        if not others_waiting or (always <= batched and not saturated):
+        waiting = [i for i in others if i >= n_running]
+        always, batched, lora = self._rates(view, queue, merged)
+        ours_waiting = len(queue.seqs) - n_running - len(waiting)
+        saturated = ours_waiting >= max(1, ctx.max_num_seqs - n_running)
+        if not waiting or (always <= batched and not saturated):
             return ModeDecision("mixture", merged)
+        seqs, left, now = queue.seqs, queue.left, view.now
         budget = ctx.max_num_batched_tokens
-        lora = cost.lora_s(demand.composition([*others_running, *others_waiting], state, ctx.rank_of, budget),
-                           merged, ctx.rank_of(merged))
-        longest = cost.step_s(len(view.running) + len(others_waiting), budget) + cost.lora_launch_s + lora
-        admit = {s.seq_id for s in others_waiting if self._urgent(s, view.now, lora, 2 * longest)
-                 or view.now - s.clock.arrived >= self.hold_share * self._budget(s)}
-        phase_left = max((demand.iterations_left(s) for s in [*others_running, *others_waiting]
-                          if s.seq_id in admit or s in others_running), default=0)
-        rest = [s for s in others_waiting if s.seq_id not in admit]
+        longest = cost.step_s(n_running + len(waiting), budget) + cost.lora_launch_s + lora
+        admit = {i for i in waiting if self._urgent(seqs[i], now, lora, 2 * longest)
+                 or now - seqs[i].clock.arrived >= self.hold_share * self._budget(seqs[i])}
+        phase_left = max((left[i] for i in others if i < n_running or i in admit), default=0)
+        rest = [i for i in waiting if i not in admit]
         if rest:
-            adds = max(demand.iterations_left(s) for s in rest) - phase_left
-            waited = sum(max(view.now - s.clock.arrived, 0.0) for s in rest)
+            adds = max(left[i] for i in rest) - phase_left
+            waited = sum(max(now - seqs[i].clock.arrived, 0.0) for i in rest)
             if waited >= len(seqs) * lora * adds:
-                admit |= {s.seq_id for s in rest}
+                admit.update(rest)
             else:
-                admit |= {s.seq_id for s in rest if demand.iterations_left(s) <= phase_left}
-        held = frozenset(s.seq_id for s in others_waiting if s.seq_id not in admit)
-        return ModeDecision("mixture" if others_running or admit else "merged", merged, held)
+                admit.update(i for i in rest if left[i] <= phase_left)
+        held = frozenset(seqs[i].seq_id for i in waiting if i not in admit)
+        return ModeDecision("mixture" if len(others) > len(waiting) or admit else "merged", merged, held)
 
     def _budget(self, seq: Sequence) -> float:
         """The request's whole latency budget: deadline (or created_at + slo_s) minus created_at."""

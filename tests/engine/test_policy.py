@@ -134,3 +134,16 @@ def test_merged_only_serves_groups_in_arrival_order():
     outcomes = sorted(sim.run(trace), key=lambda o: o.started)
     assert [o.request.adapter for o in outcomes] == ["a1", "a2", "a1", None]
     assert set(sim.modes) == {"merged"}
+
+
+def test_one_pass_helper_agrees_with_the_named_ones():
+    from engine.orchestrator import demand
+
+    states = seqs(["a1", None]) + seqs(["a2"], decoding=False)
+    head = make_sequence(SimRequest(0.0, "a3", 12, 0))
+    chunked = make_sequence(SimRequest(0.0, "a3", 40, 9))
+    chunked.num_computed = 25
+    for seq in [*states, head, chunked]:
+        for budget in (8, 2048):
+            assert demand.rows_and_iterations(seq, budget) == (demand.rows_next(seq, budget),
+                                                               demand.iterations_left(seq))

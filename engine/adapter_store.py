@@ -82,10 +82,11 @@ class AdapterStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._specs: dict[str, AdapterSpec] = {}
+        self._extra: dict[str, AdapterSpec] = {}
         self.rescan()
 
     def rescan(self) -> None:
-        self._specs = {}
+        self._specs = dict(self._extra)
         if not self.root.is_dir():
             return
         from engine.moe.spec import is_moe_folder  # its own store serves MoE-LoRA adapters
@@ -97,6 +98,11 @@ class AdapterStore:
                 self._specs[folder.name] = read_adapter_spec(folder)
             except AdapterError as exc:
                 logger.warning("skipping adapter: %s", exc)
+
+    def add(self, spec: AdapterSpec) -> None:
+        """Know an adapter that has no folder here (built in memory); a rescan keeps it."""
+        self._extra[spec.name] = spec
+        self._specs[spec.name] = spec
 
     def names(self) -> list[str]:
         return sorted(self._specs)

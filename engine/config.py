@@ -52,6 +52,15 @@ class EngineConfig(BaseModel):
     policy: Literal["valora", "slora", "dlora", "punica", "merged-only"] = Field(
         "valora", description="Orchestration policy choosing merged / unmerged / mixture per iteration."
     )
+    slo_s: float = Field(
+        10.0, gt=0.0, description="Latency SLO of requests without a deadline (deadline = created_at + slo_s); "
+        "the valora policy never holds a request past it when the engine has room."
+    )
+    exact_unmerge: bool = Field(
+        True, description="Keep a clean copy of the adapted base weights (one more copy of the language model's "
+        "linears, allocated only for policies that merge) so that merges write base + ΔW and switching back "
+        "restores the base bit-exactly; off, merges update the weights in place within a stated rounding bound."
+    )
     cuda_graphs: bool = Field(True, description="Capture decode iterations in CUDA graphs on GPU.")
     compile_ops: bool = Field(
         True, description="torch.compile the element-wise ops (norms, RoPE, SwiGLU) on GPU; CPU stays eager."

@@ -1,4 +1,4 @@
-"""GraphRunner: decode iterations captured as CUDA graphs per (batch-size bucket, with/without LoRA), replayed."""
+"""GraphRunner: decode iterations captured as CUDA graphs per (batch-size bucket, LoRA terms), replayed."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ class GraphRunner:
     """Static input buffers sized for the largest bucket; each bucket's graph reads a prefix of them.
 
     Padded rows write their keys into scratch block 0 and attend over it; their outputs are dropped.
-    Graphs are captured on first use of a (bucket, LoRA) pair, so unused sizes cost nothing.
+    Graphs are keyed by (bucket, LoRA terms per segment): 0 runs no multi-LoRA op (base rows only, or merged
+    mode), 1 plain multi-LoRA, 2 mixture mode (+X -M). Merges rewrite the weights in place, so every graph stays
+    valid across mode switches. Graphs are captured on first use, so unused keys cost nothing.
     """
 
     def __init__(self, model: Qwen2LM, lora: AdapterManager, max_batch: int, max_blocks: int,
@@ -43,28 +45,30 @@ class GraphRunner:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.cu_query_lens = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.static_lora = {b: StaticLoRABatch(b, lora.layout.max_rank, device) for b in self.sizes}
+        self.static_lora = {(b, k): StaticLoRABatch(b, lora.layout.max_rank, device, k)
+                            for b in self.sizes for k in (1, 2)}
         self.static_moe = StaticMoE(lora.moe, self.sizes, device)
+        # (multi-LoRA backend, bucket, LoRA terms, MoE plan key) -> graph and its output
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def can_run(self, batch: int, with_lora: bool, moe: MoEPlan) -> bool:
-        needs_op = with_lora or moe.path != "none"
-        return batch <= self.sizes[-1] and (self.lora.graph_safe or not needs_op)
+    def can_run(self, batch: int, terms: int, moe: MoEPlan) -> bool:
+        return batch <= self.sizes[-1] and (self.lora.graph_safe or not (terms or moe.path != "none"))
 
-    def run(self, inp: ModelInput, moe: MoEPlan) -> torch.Tensor:
+    def run(self, inp: ModelInput, terms: int, moe: MoEPlan) -> torch.Tensor:
         """Replay the graph of the smallest bucket that holds ``inp``; returns hidden states [B, hidden]."""
-        batch, with_lora = inp.num_tokens, bool(inp.lora_rows)
+        batch = inp.num_tokens
         size = next(b for b in self.sizes if b >= batch)
         self._load(inp, size)
-        if with_lora:
-            self.static_lora[size].fill(inp.lora_rows, self.lora.pool)
+        if terms:
+            merged = self.lora.merge_state.slot if terms == 2 else None
+            self.static_lora[size, terms].fill(inp.lora_rows, self.lora.pool, batch, merged)
             self.lora.pool.wait_ready()
         self.lora.moe.prepare(moe)
         self.static_moe.fill(moe, size)
-        key = (size, with_lora, moe.key)
+        key = (getattr(self.lora.op, "name", ""), size, terms, moe.key)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(size, with_lora, moe)
+            self.graphs[key] = self._capture(size, terms, moe)
         graph, hidden = self.graphs[key]
         graph.replay()
         return hidden[:batch]
@@ -84,14 +88,14 @@ class GraphRunner:
             self.block_tables[b:size].zero_()
             self.context_lens[b:size].fill_(1)
 
-    def _capture(self, size: int, with_lora: bool, moe: MoEPlan) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        logger.info("capturing decode graph for batch %d (lora=%s, moe=%s)", size, with_lora, moe.key)
+    def _capture(self, size: int, terms: int, moe: MoEPlan) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        logger.info("capturing decode graph for batch %d (LoRA terms %d, MoE %s)", size, terms, moe.key)
         attn = AttentionMetadata(
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             cu_query_lens=self.cu_query_lens[:size + 1], context_lens=self.context_lens[:size],
             max_query_len=1, query_lens_host=[1] * size, context_lens_host=[1] * size, use_triton=True,
         )
-        deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, self.static_lora[size].batch)] if with_lora else []
+        deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, self.static_lora[size, terms].batch)] if terms else []
         ctx = ForwardContext(attn, deltas + self.static_moe.deltas(moe, size))
         forward: Callable[[], torch.Tensor] = lambda: self.model(  # noqa: E731
             self.input_ids[:size], self.positions[:, :size], ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import torch
@@ -18,12 +19,15 @@ from engine.device import resolve_device, resolve_dtype
 from engine.heads import TaskHead
 from engine.intake import RequestIntake
 from engine.lora.layout import LoRALayout
+from engine.lora.ops import resolve_backend_name
 from engine.model.checkpoint import Checkpoint
 from engine.model.qwen2 import LORA_GROUPS
 from engine.model_runner import ModelRunner, build_model
 from engine.moe.adapters import AdapterManager
+from engine.orchestrator.orchestrator import Orchestrator
+from engine.orchestrator.switcher import WeightSwitcher
 from engine.output_processor import OutputProcessor
-from engine.policy import create_policy
+from engine.policy import policy_class
 from engine.request import EngineRequest, EngineResult
 from engine.scheduler import Scheduler
 
@@ -34,8 +38,9 @@ logger = logging.getLogger(__name__)
 class ValoraEngine(EngineBackend):
     """In-process engine: ``add_request`` queues, ``step`` runs one iteration (schedule -> run -> postprocess).
 
-    The orchestrator hooks in through ``scheduler.policy`` (a ModePolicy deciding each iteration's mode and
-    merged adapter) and the adapter pool (``lora.pool``: per-layer slot weights to merge from).
+    The orchestrator (``self.orchestrator``) decides each iteration's mode and merged adapter through the
+    configured policy and switches the base weights with one swift-merge launch; ``merge_state`` is the
+    engine-wide record of what the weights hold.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -47,7 +52,7 @@ class ValoraEngine(EngineBackend):
         self._init_lora()
         self._init_runner()
         self._init_scheduler()
-        self.mode, self.merged_adapter, self.steps = "unmerged", None, 0
+        self.mode, self.steps = "unmerged", 0
         self._ready: list[EngineResult] = []
         logger.info("engine %s ready: %s on %s (%s)", self.engine_id, self.config.model, self.device, self.dtype)
 
@@ -61,19 +66,36 @@ class ValoraEngine(EngineBackend):
         layout = LoRALayout(self.checkpoint.spec.num_layers, self.model.lora_group_shapes(), LORA_GROUPS,
                             self.config.max_lora_rank)
         self.lora = AdapterManager(AdapterStore(self.config.adapters), layout, self.config.lora_slots,
-                                   self.config.cpu_adapter_cache, self.config.lora_backend, self.device, self.dtype,
-                                   self.config.pinned_adapters, moe=self.config.moe,
+                                   self.config.cpu_adapter_cache, self._lora_backend(self.config.policy),
+                                   self.device, self.dtype, self.config.pinned_adapters, moe=self.config.moe,
                                    hidden_size=self.checkpoint.spec.hidden_size, linears=self.model.adapted_linears())
+        self.merge_state = self.lora.merge_state
+        # Before the KV cache is sized from free memory: the clean weight copies are part of the model's share.
+        copy = self.config.exact_unmerge and policy_class(self.config.policy).merges
+        self.switcher = WeightSwitcher(self.model.adapted_linears(), self.lora.pool, self.lora.op, copy)
+        if self.switcher.base_copy:  # MoE-LoRA's merge-switch then leaves the weights bit-exact too
+            self.lora.moe.switch.restore = lambda: self.switcher.op.swift_merge(self.switcher.plan)
+
+    def _lora_backend(self, policy: str) -> str:
+        """The configured multi-LoRA backend, unless 'auto' and the policy is defined by one (punica, on GPU)."""
+        wanted = policy_class(policy).lora_backend
+        if self.config.lora_backend != "auto" or wanted is None:
+            return self.config.lora_backend
+        if self.device.type != "cuda":
+            logger.warning("policy %r runs the %r kernels on GPU only; the CPU uses the torch backend", policy, wanted)
+            return "auto"
+        return wanted
 
     def _init_runner(self) -> None:
         self.runner = ModelRunner(self.config, self.checkpoint, self.lora, self.model, self.vision, self.heads,
                                   self.device)
 
     def _init_scheduler(self) -> None:
-        self.policy_name, policy = create_policy(self.config.policy)
+        cfg = self.config
+        self.orchestrator = Orchestrator(cfg.policy, self.lora, self.model.adapted_linears(), self.switcher,
+                                         cfg.slo_s, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         blocks = BlockManager(self.runner.kv.num_blocks, self.runner.kv.block_size)
-        self.scheduler = Scheduler(blocks, self.lora, policy, self.config.max_num_seqs,
-                                   self.config.max_num_batched_tokens)
+        self.scheduler = Scheduler(blocks, self.lora, self.orchestrator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.intake = RequestIntake(self.checkpoint.spec, self.checkpoint.tokenizer, self.lora,
                                     self.runner.vision_cache, self.heads, self.config.max_model_len,
                                     blocks.capacity_tokens, self.config.max_num_batched_tokens)
@@ -97,10 +119,27 @@ class ValoraEngine(EngineBackend):
 
     def step(self) -> list[EngineResult]:
         sched = self.scheduler.schedule()
+        start = time.perf_counter()
         out = self.runner.run(sched) if sched.chunks else None
-        self.mode, self.merged_adapter, self.steps = sched.mode, sched.merged_adapter, self.steps + 1
+        self.orchestrator.observe(sched.chunks, time.perf_counter() - start)
+        self.mode, self.steps = sched.mode, self.steps + 1
         ready, self._ready = self._ready, []
         return ready + self.outputs.process(sched, out)
+
+    def set_policy(self, name: str) -> None:
+        """Serve with policy ``name`` from now on (between requests): the weights go back to the base first."""
+        if self.has_unfinished():
+            raise ValueError("the policy can only change while no request is in the engine")
+        self.orchestrator.switch_to(None)
+        backend = self._lora_backend(name)
+        if resolve_backend_name(backend, self.device) != resolve_backend_name(self.lora.op.name, self.device):
+            self.lora.set_backend(backend)  # decode graphs are kept per backend
+        self.orchestrator.set_policy(name)
+        self.mode = "unmerged"
+
+    @property
+    def merged_adapter(self) -> str | None:
+        return self.merge_state.merged
 
     def has_unfinished(self) -> bool:
         return bool(self._ready) or self.scheduler.has_unfinished()
@@ -109,10 +148,10 @@ class ValoraEngine(EngineBackend):
         return {
             "ready": True, "backend": "valora", "engine_id": self.engine_id, "model": self.config.model,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-            "policy": self.policy_name, "mode": self.mode, "merged_adapter": self.merged_adapter,
-            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting), "steps": self.steps,
-            "preemptions": self.scheduler.num_preemptions, "kv_blocks_free": self.scheduler.blocks.num_free,
-            **self.runner.stats(), **self.lora.stats(),
+            "mode": self.mode, "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "steps": self.steps, "preemptions": self.scheduler.num_preemptions,
+            "kv_blocks_free": self.scheduler.blocks.num_free, **self.orchestrator.stats(), **self.runner.stats(),
+            **self.lora.stats(),
         }
 
     def close(self) -> None:

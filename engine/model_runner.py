@@ -85,8 +85,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, sched: ScheduleOutput) -> RunOutput:
-        if sched.mode != "unmerged":
-            raise ValueError(f"mode {sched.mode!r} needs merged weights, which this runner does not keep yet")
+        """Forward the scheduled chunks on the weights as the orchestrator left them (``lora.merge_state``)."""
+        if sched.merged_adapter != self.lora.merge_state.merged:
+            raise ValueError(f"schedule expects {sched.merged_adapter!r} merged, the weights hold "
+                             f"{self.lora.merge_state.merged!r}")
         pending = [c.seq for c in sched.chunks if any(img.embeds is None for img in c.seq.images)]
         if pending and self.vision_cache is not None:
             self.vision_cache.encode(pending, self.lora.vision_lora)
@@ -103,9 +105,14 @@ class ModelRunner:
         return out
 
     def _forward(self, inp: ModelInput, is_decode: bool, moe: MoEPlan) -> torch.Tensor:
-        """hidden states [T, hidden] of every scheduled row (MoE-LoRA rows: the deltas of ``moe``)."""
-        if is_decode and self.graphs is not None and self.graphs.can_run(inp.num_tokens, bool(inp.lora_rows), moe):
-            return self.graphs.run(inp, moe)
+        """hidden states [T, hidden] of every scheduled row.
+
+        Rows of the merged adapter need no LoRA work; while one is merged every other row gets its mixture terms.
+        MoE-LoRA rows (no plain adapter) add the deltas of ``moe``.
+        """
+        terms = self.lora.num_terms(inp.lora_rows, inp.num_tokens)
+        if is_decode and self.graphs is not None and self.graphs.can_run(inp.num_tokens, terms, moe):
+            return self.graphs.run(inp, terms, moe)
         delta = self.lora.build_delta(inp.lora_rows, inp.num_tokens)
         ctx = ForwardContext(inp.attn, ([delta] if delta is not None else []) + self.lora.moe.build_deltas(moe))
         embeds = None

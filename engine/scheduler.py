@@ -7,11 +7,12 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from engine.adapter_store import AdapterError
 from engine.block_manager import BlockManager
 from engine.lora.manager import LoRAManager, SlotStatus
-from engine.policy import ModePolicy
+from engine.policy import ModeDecision
 from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,21 @@ class ScheduleOutput:
         return bool(self.chunks) and all(c.count == 1 and c.start >= c.seq.prompt_len for c in self.chunks)
 
 
-class Scheduler:
-    """Running sequences first (oldest first), then waiting ones in arrival order while budget and memory last."""
+class ModeSource(Protocol):
+    """Decides each iteration's mode (the orchestrator), given the running and waiting sequences."""
 
-    def __init__(self, blocks: BlockManager, lora: LoRAManager, policy: ModePolicy, max_num_seqs: int,
+    def decide(self, running: list[Sequence], waiting: deque[Sequence]) -> ModeDecision: ...
+
+
+class Scheduler:
+    """Running sequences first (oldest first), then waiting ones in arrival order while budget and memory last.
+
+    Sequences the mode decision holds back are skipped (running ones keep their cache blocks).
+    """
+
+    def __init__(self, blocks: BlockManager, lora: LoRAManager, modes: ModeSource, max_num_seqs: int,
                  max_num_batched_tokens: int) -> None:
-        self.blocks, self.lora, self.policy = blocks, lora, policy
+        self.blocks, self.lora, self.modes = blocks, lora, modes
         self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -73,14 +83,14 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduleOutput:
-        decision = self.policy.decide(self.running, self.waiting)
+        decision = self.modes.decide(self.running, self.waiting)
         out = ScheduleOutput(mode=decision.mode, merged_adapter=decision.merged_adapter)
-        budget = self._schedule_running(out, self.max_tokens)
+        budget = self._schedule_running(out, self.max_tokens, decision)
         if not out.preempted:
-            self._admit_waiting(out, budget)
+            self._admit_waiting(out, budget, decision)
         out.chunks.sort(key=lambda c: c.count > 1 or c.start < c.seq.prompt_len)  # decodes first
         if not out.chunks and not out.failed:
-            self._unblock(out)
+            self._unblock(out, decision)
         self._prefetch_queued()
         return out
 
@@ -100,11 +110,11 @@ class Scheduler:
             count = min(count, seq.remaining - seq.head.positions)
         return max(count, 0)
 
-    def _schedule_running(self, out: ScheduleOutput, budget: int) -> int:
+    def _schedule_running(self, out: ScheduleOutput, budget: int, decision: ModeDecision) -> int:
         idx = 0
         while idx < len(self.running) and budget > 0:
             seq = self.running[idx]
-            count = self._chunk_size(seq, budget)
+            count = self._chunk_size(seq, budget) if decision.admits(seq) else 0
             if count == 0:
                 idx += 1
                 continue
@@ -121,12 +131,12 @@ class Scheduler:
                 idx += 1
         return budget
 
-    def _admit_waiting(self, out: ScheduleOutput, budget: int) -> None:
+    def _admit_waiting(self, out: ScheduleOutput, budget: int, decision: ModeDecision) -> None:
         blocked_on_slot = False  # then later adapter requests wait too, so busy slots drain (no starvation)
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if seq.adapter is not None and blocked_on_slot:
+            if not decision.admits(seq) or (seq.adapter is not None and blocked_on_slot):
                 continue
             count = self._chunk_size(seq, budget)
             reserve = self.watermark if self.running else 0
@@ -164,12 +174,14 @@ class Scheduler:
             if seq.adapter is not None and not seq.holds_slot:
                 self.lora.prefetch_to_device(seq.adapter)
 
-    def _unblock(self, out: ScheduleOutput) -> None:
+    def _unblock(self, out: ScheduleOutput, decision: ModeDecision) -> None:
         """Nothing ran: wait for an adapter read, or fail the oldest request if it can never be scheduled."""
         if self.lora.loads_in_flight():
             self.lora.wait_for_load()
-        elif self.waiting and not self.running:
-            seq = self.waiting.popleft()
+            return
+        seq = next((s for s in self.waiting if decision.admits(s)), None)
+        if seq is not None and not self.running:
+            self.waiting.remove(seq)
             reason = (f"adapter {seq.adapter!r} cannot get a slot: every one of the {self.lora.pool.num_slots} "
                       "slots is pinned" if seq.adapter and not seq.holds_slot else "it does not fit the KV cache")
             out.failed.append((seq, f"request cannot be scheduled: {reason}"))

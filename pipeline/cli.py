@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "pipeline.commands",
     "pipeline.stream_commands",
     "apps.cli",
+    "apps.model.cli",
     "apps.moe.cli",
     "kernels.cli",
     "ui.commands",

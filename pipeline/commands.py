@@ -110,7 +110,7 @@ def _worker(args: argparse.Namespace) -> int:
     from pipeline.engine_client import LocalClient, ServiceClient
     from pipeline.metrics import SummaryPublisher, start_exporter
     from pipeline.registry import StreamRegistry
-    from pipeline.worker import WorkerPool
+    from pipeline.worker import WorkerPool, manifest_defaults
 
     settings = settings_from(args)
     transport = connect(settings)
@@ -123,7 +123,8 @@ def _worker(args: argparse.Namespace) -> int:
     else:
         client = ServiceClient(transport, settings.service.requests_maxlen)
     tasks = TASK_CHOICES[1:] if args.task == "all" else [args.task]
-    pool = WorkerPool(tasks, transport, registry, client, settings.worker).start()
+    pool = WorkerPool(tasks, transport, registry, client, settings.worker,
+                      defaults=manifest_defaults(settings.engine.adapters)).start()
     summary = SummaryPublisher(transport, lambda: [s.id for s in registry.specs()],
                                settings.worker.summary_interval_s).start()
     stop_on_signals().wait()

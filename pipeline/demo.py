@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.cli import CommandError
 from pipeline.config import Settings
-from pipeline.schema import StreamSpec, TaskResult
+from pipeline.schema import FrameEntry, StreamSpec, TaskResult
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +137,13 @@ class Demo:
     def start_workers(self) -> None:
         from pipeline.engine_client import ServiceClient
         from pipeline.metrics import SummaryPublisher
-        from pipeline.worker import WorkerPool
+        from pipeline.worker import WorkerPool, manifest_defaults
 
         client = ServiceClient(self.transport, self.settings.service.requests_maxlen)
         self._cleanup.append(client.close)
         pool = WorkerPool(TASKS, self.transport, self.registry, client, self.settings.worker,
-                          worker_id=f"demo-worker-{os.getpid()}").start()
+                          worker_id=f"demo-worker-{os.getpid()}",
+                          defaults=manifest_defaults(self.settings.engine.adapters)).start()
         self._cleanup.append(pool.stop)
         summary = SummaryPublisher(self.transport, lambda: [spec.id for spec in self.registry.specs()],
                                    self.settings.worker.summary_interval_s)
@@ -214,6 +215,7 @@ class Demo:
 
         results = self.transport.all_results(self.stream_id)
         summary = summarise(results, self.transport.dropped(self.stream_id))
+        frames = [frame for _, frame in self.transport.frames_range(self.stream_id, "-", count=100_000)]
         tasks: dict[str, Any] = {}
         for name in TASKS:
             stats = summary.tasks.get(name)
@@ -221,7 +223,8 @@ class Demo:
                 "requests": stats.requests if stats else 0, "results": stats.results if stats else 0,
                 "errors": stats.errors if stats else 0,
                 "p50_ms": _round(stats.p50_ms if stats else None), "p95_ms": _round(stats.p95_ms if stats else None),
-                "accuracy": _round(stats.accuracy if stats else None), "metric": primary_metric(name),
+                "accuracy": _round(corpus_score(name, results, frames)), "metric": primary_metric(name),
+                "live_accuracy": _round(stats.accuracy if stats else None),
                 "first_error": first_error(results, name),
             }
         return {"video": str(self.video), "frames": self.ingestor.health.frames_published, "fps": self.options.fps,
@@ -242,6 +245,24 @@ class Demo:
         thread.start()
         self._cleanup.append(lambda: thread.join(30))
         return thread
+
+
+def corpus_score(task_name: str, results: list[TaskResult], frames: list[FrameEntry]) -> float | None:
+    """The task's primary metric over the whole clip (as `valora eval` scores it), from the stored outputs and the
+    ground truth the frames carried; None when no result has truth to score against."""
+    from apps.tasks import get_task
+    from apps.tasks.output import load_output
+
+    truth_of = {frame.seq: frame.truth for frame in frames if frame.truth is not None}
+    outputs, truths = [], []
+    for result in results:
+        if result.task == task_name and result.seq in truth_of:
+            for data in result.outputs:
+                outputs.append(load_output(data))
+                truths.append(truth_of[result.seq])
+    if not outputs:
+        return None
+    return next(iter(get_task(task_name).evaluate(outputs, truths).values()))
 
 
 def _answers(url: str) -> bool:

@@ -10,10 +10,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from apps.model.heads import load_heads
 from engine.base import EngineBackend, create_engine, error_result
 from engine.config import EngineConfig
 from engine.request import EngineRequest, EngineResult, ImageRef
 from pipeline.config import ServiceConfig
+from pipeline.metrics import METRICS
 from pipeline.schema import EngineHealth, EngineTick
 from pipeline.transport import REDIS_DOWN, Delivery, Keys, Transport
 
@@ -175,9 +177,13 @@ class EngineService:
         if not force and ready and now - self._last_health < 1.0:
             return
         self._last_health = now
+        detail = self.engine.health()
         health = EngineHealth(engine_id=self.engine_id, ready=ready, backend=self.engine.config.backend,
                               inflight=len(self.inflight), served=self.served, errors=self.errors,
-                              detail=self.engine.health())
+                              mode=detail.get("mode"), merged_adapter=detail.get("merged_adapter"),
+                              mode_switches=detail.get("mode_switches", 0),
+                              switch_ms_total=detail.get("switch_ms_total", 0.0), detail=detail)
+        METRICS.observe_engine(health)
         try:
             self.transport.engine_health_put(health, self.cfg.health_ttl_s)
             self.transport.engine_tick_add(EngineTick.from_health(health, gpu_memory_mb()))
@@ -207,9 +213,10 @@ def wait_for_engines(transport: Transport, count: int, timeout_s: float, stop_ev
 
 
 def build_engine(cfg: EngineConfig) -> EngineBackend:
-    """The configured engine backend; a missing model directory surfaces as FileNotFoundError naming it."""
+    """The configured engine backend with the task heads saved beside its adapters; a missing model directory
+    surfaces as FileNotFoundError naming it."""
     if not cfg.model.startswith("dummy:") and not Path(cfg.model).is_dir():
         raise FileNotFoundError(f"no model at {cfg.model} (set --model / VALORA_ENGINE__MODEL)")
     if not Path(cfg.adapters).is_dir():
         raise FileNotFoundError(f"no adapter directory at {cfg.adapters} (set --adapters / VALORA_ENGINE__ADAPTERS)")
-    return create_engine(cfg)
+    return create_engine(cfg, heads=load_heads(cfg.adapters))

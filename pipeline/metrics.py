@@ -9,12 +9,13 @@ from collections import defaultdict
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from pipeline.schema import MetricsSummary, TaskResult, TaskStats
+from pipeline.schema import EngineHealth, MetricsSummary, TaskResult, TaskStats
 from pipeline.transport import REDIS_DOWN, Keys, Transport
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("frame_to_result", "engine", "queue", "vision", "prefill", "decode")
+MODES = ("unmerged", "merged", "mixture")
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
 
@@ -33,6 +34,14 @@ class PipelineMetrics:
         self.pending = Gauge("valora_queue_pending", "Entries delivered but not acknowledged", ["stream", "group"])
         self.lag = Gauge("valora_queue_lag_seconds", "Age of the newest frame minus the last delivered",
                          ["stream", "group"])
+        self.engine_mode = Gauge("valora_engine_mode", "1 for the engine's current inference mode, else 0",
+                                 ["engine", "mode"])
+        self.merged_adapter = Gauge("valora_engine_merged_adapter", "1 for the adapter merged into the engine's "
+                                    "base weights (series removed when it is unmerged)", ["engine", "adapter"])
+        self.mode_switches = Counter("valora_engine_mode_switches", "Weight switches of the engine", ["engine"])
+        self.switch_seconds = Counter("valora_engine_switch_seconds", "Seconds the engine spent switching weights",
+                                      ["engine"])
+        self._engines: dict[str, tuple[str | None, int, float]] = {}  # engine -> (merged, switches, switch ms)
 
     def observe(self, result: TaskResult) -> None:
         status = "ok" if result.ok else "error"
@@ -44,6 +53,22 @@ class PipelineMetrics:
             self.latency.labels(result.task, stage).observe(ms / 1000.0)
         if result.accuracy is not None:
             self.accuracy.labels(result.stream, result.task).set(result.accuracy)
+
+    def observe_engine(self, health: EngineHealth) -> None:
+        """Mode, merged adapter and switch counters from an engine replica's health (the orchestrator's state)."""
+        engine = health.engine_id
+        merged, switches, switch_ms = self._engines.get(engine, (None, 0, 0.0))
+        if health.mode is not None:
+            for mode in MODES:
+                self.engine_mode.labels(engine, mode).set(1.0 if mode == health.mode else 0.0)
+        if merged is not None and merged != health.merged_adapter:
+            self.merged_adapter.remove(engine, merged)
+        if health.merged_adapter is not None:
+            self.merged_adapter.labels(engine, health.merged_adapter).set(1.0)
+        if health.mode_switches >= switches:  # a restarted replica starts from zero again
+            self.mode_switches.labels(engine).inc(health.mode_switches - switches)
+            self.switch_seconds.labels(engine).inc(max(health.switch_ms_total - switch_ms, 0.0) / 1000.0)
+        self._engines[engine] = (health.merged_adapter, health.mode_switches, health.switch_ms_total)
 
     def refresh_streams(self, transport: Transport, streams: list[str]) -> None:
         """Queue lag and pending counts from XINFO, and ingest counters from the health hashes."""

@@ -252,6 +252,10 @@ class EngineHealth(BaseModel):
     inflight: int = 0
     served: int = 0
     errors: int = 0
+    mode: str | None = Field(None, description="Inference mode of the latest iteration: merged, unmerged, mixture.")
+    merged_adapter: str | None = Field(None, description="Adapter folded into the base weights now, if any.")
+    mode_switches: int = Field(0, description="Weight switches (merge, unmerge, adapter change) since start-up.")
+    switch_ms_total: float = Field(0.0, description="Milliseconds spent switching weights since start-up.")
     detail: dict[str, Any] = Field(default_factory=dict, description="The backend's own health() report.")
     updated_at: float = Field(default_factory=time.time)
 

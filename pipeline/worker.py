@@ -9,8 +9,11 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from apps.datasets.schema import FrameTruth
+from apps.model.manifest import Manifest
 from apps.tasks import get_task
 from apps.tasks.base import Task
 from engine.request import EngineRequest, EngineResult, ImageRef
@@ -44,8 +47,9 @@ class TaskWorker:
     """Runs one task over every enabled stream that asks for it; XACKs a frame only with its stored result."""
 
     def __init__(self, task: str | Task, transport: Transport, registry: StreamRegistry, client: EngineClient,
-                 cfg: WorkerConfig, worker_id: str | None = None) -> None:
+                 cfg: WorkerConfig, worker_id: str | None = None, defaults: dict[str, Any] | None = None) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
+        self.defaults = dict(defaults or {})  # task params from the adapter manifest; a StreamSpec's params win
         self.group = Keys.task_group(self.task.name)
         self.transport = transport
         self.registry = registry
@@ -155,7 +159,7 @@ class TaskWorker:
         truth = frame.truth
         read_at = time.time()
         try:
-            requests = self.task.requests(image, spec.tasks[self.task.name].params, truth)
+            requests = self.task.requests(image, {**self.defaults, **spec.tasks[self.task.name].params}, truth)
         except ValueError as exc:
             self._store(_Job(delivery, frame, truth, [], [], read_at), error=f"bad {self.task.name} params: {exc}")
             return None
@@ -227,9 +231,11 @@ class WorkerPool:
     """One TaskWorker thread per task, sharing one engine client."""
 
     def __init__(self, tasks: list[str], transport: Transport, registry: StreamRegistry, client: EngineClient,
-                 cfg: WorkerConfig, worker_id: str | None = None) -> None:
+                 cfg: WorkerConfig, worker_id: str | None = None,
+                 defaults: dict[str, dict[str, Any]] | None = None) -> None:
         worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.workers = [TaskWorker(t, transport, registry, client, cfg, worker_id) for t in tasks]
+        defaults = defaults or {}
+        self.workers = [TaskWorker(t, transport, registry, client, cfg, worker_id, defaults.get(t)) for t in tasks]
         self.stop_event = threading.Event()
         self.threads = [threading.Thread(target=w.run, args=(self.stop_event,), name=f"worker-{w.task.name}",
                                          daemon=True) for w in self.workers]
@@ -243,6 +249,20 @@ class WorkerPool:
         self.stop_event.set()
         for thread in self.threads:
             thread.join(timeout_s)
+
+
+def manifest_defaults(adapters_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-task params from the adapter manifest: the adapter that serves each task, and its head when it has one.
+
+    Without a manifest the tasks keep their own default adapters (and decode text).
+    """
+    try:
+        manifest = Manifest.load(adapters_dir)
+    except FileNotFoundError:
+        logger.info("no adapter manifest in %s; tasks use their default adapters", adapters_dir)
+        return {}
+    return {task: {"adapter": entry.adapter, **({"use_head": True} if entry.head else {})}
+            for task, entry in manifest.tasks.items()}
 
 
 def _stream_of(key: str) -> str:

@@ -38,62 +38,108 @@ def _segments(rows: Sequence[LoRARows]) -> tuple[np.ndarray, list[int], list[int
     return np.concatenate(indices), indptr, slots
 
 
-def build_lora_batch(rows: Sequence[LoRARows], pool: AdapterPool, num_tokens: int,
-                     device: torch.device) -> LoRABatch | None:
-    """The batch for ``num_tokens`` input rows; None when no row has an adapter."""
+def mixture_rows(rows: Sequence[LoRARows], num_tokens: int, merged_slot: int) -> list[LoRARows]:
+    """Mixture mode's runs: the merged adapter's rows dropped, rows with no plain adapter as slot -1 runs."""
+    out = [r for r in rows if r.slot != merged_slot]
+    pos = 0
+    for start, count in sorted((r.start, r.count) for r in rows):
+        if start > pos:
+            out.append(LoRARows(-1, pos, start - pos))
+        pos = max(pos, start + count)
+    if pos < num_tokens:
+        out.append(LoRARows(-1, pos, num_tokens - pos))
+    return out
+
+
+def segment_terms(slots: Sequence[int], pool: AdapterPool,
+                  merged_slot: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(slots, ranks, scales) of each segment's terms: [S] for plain multi-LoRA, [S, 2] in mixture mode.
+
+    Mixture: a segment of adapter X computes +X then -M; a segment of rows with no plain adapter (slot -1)
+    computes -M alone (its second term is inactive).
+    """
+    if merged_slot is None:
+        return (np.asarray(slots, dtype=np.int32), np.asarray([pool.rank_in[s] for s in slots], dtype=np.int32),
+                np.asarray([pool.scale_in[s] for s in slots], dtype=np.float32))
+    minus_m = (merged_slot, pool.rank_in[merged_slot], -pool.scale_in[merged_slot])
+    terms = [[(s, pool.rank_in[s], pool.scale_in[s]), minus_m] if s >= 0 else [minus_m, (-1, 0, 0.0)]
+             for s in slots]
+    arr = np.asarray(terms, dtype=np.float64).reshape(len(slots), 2, 3)
+    return arr[..., 0].astype(np.int32), arr[..., 1].astype(np.int32), arr[..., 2].astype(np.float32)
+
+
+def build_lora_batch(rows: Sequence[LoRARows], pool: AdapterPool, num_tokens: int, device: torch.device,
+                     merged_slot: int | None = None) -> LoRABatch | None:
+    """The batch for ``num_tokens`` input rows; None when no row needs LoRA work.
+
+    ``merged_slot``: the adapter folded into the base weights (mixture / merged mode), see ``mixture_rows``.
+    """
     rows = [r for r in rows if r.count > 0]
+    if merged_slot is not None:
+        rows = mixture_rows(rows, num_tokens, merged_slot)
     if not rows:
         return None
     indices, indptr, slots = _segments(rows)
-    ranks = [pool.rank_in[s] for s in slots]
+    seg_slots, seg_ranks, seg_scales = segment_terms(slots, pool, merged_slot)
     return LoRABatch(
         token_indices=torch.from_numpy(indices).to(device),
         seg_indptr=torch.tensor(indptr, dtype=torch.int32).to(device),
-        seg_slots=torch.tensor(slots, dtype=torch.int32).to(device),
-        seg_ranks=torch.tensor(ranks, dtype=torch.int32).to(device),
-        seg_scales=torch.tensor([pool.scale_in[s] for s in slots], dtype=torch.float32).to(device),
+        seg_slots=torch.from_numpy(seg_slots).to(device),
+        seg_ranks=torch.from_numpy(seg_ranks).to(device),
+        seg_scales=torch.from_numpy(seg_scales).to(device),
         num_tokens=num_tokens,
-        max_rank=max(ranks),
+        max_rank=int(seg_ranks.max()),
         max_seg_len=int(np.diff(indptr).max()),
     )
 
 
 class StaticLoRABatch:
-    """A LoRABatch in fixed buffers for a CUDA-graph bucket of ``size`` rows.
+    """A LoRABatch in fixed buffers for a CUDA-graph bucket of ``size`` rows, with 1 term (plain) or 2 (mixture).
 
     Shapes and host ints never change (``size`` segments, max_seg_len = size, max_rank = the pool's), so a
     captured launch replays; unused segments are empty (repeated indptr) with rank 0.
     """
 
-    def __init__(self, size: int, max_rank: int, device: torch.device) -> None:
-        self.size = size
+    def __init__(self, size: int, max_rank: int, device: torch.device, num_terms: int = 1) -> None:
+        self.size, self.num_terms = size, num_terms
+        shape = (size,) if num_terms == 1 else (size, num_terms)
         self.batch = LoRABatch(
             token_indices=torch.zeros(size, dtype=torch.int32, device=device),
             seg_indptr=torch.zeros(size + 1, dtype=torch.int32, device=device),
-            seg_slots=torch.zeros(size, dtype=torch.int32, device=device),
-            seg_ranks=torch.zeros(size, dtype=torch.int32, device=device),
-            seg_scales=torch.zeros(size, dtype=torch.float32, device=device),
+            seg_slots=torch.zeros(shape, dtype=torch.int32, device=device),
+            seg_ranks=torch.zeros(shape, dtype=torch.int32, device=device),
+            seg_scales=torch.zeros(shape, dtype=torch.float32, device=device),
             num_tokens=size, max_rank=max_rank, max_seg_len=size,
         )
 
-    def fill(self, rows: Sequence[LoRARows], pool: AdapterPool) -> None:
+    def fill(self, rows: Sequence[LoRARows], pool: AdapterPool, num_rows: int | None = None,
+             merged_slot: int | None = None) -> None:
+        """Load the segments of ``rows``; in mixture mode (``merged_slot``) rows < ``num_rows`` without a plain
+        adapter get the -M term (padding rows beyond ``num_rows`` get none)."""
+        if (merged_slot is None) != (self.num_terms == 1):
+            raise ValueError(f"a {self.num_terms}-term static batch cannot hold merged_slot={merged_slot}")
+        if merged_slot is not None and num_rows is None:
+            raise ValueError("mixture mode needs num_rows: the rows without a plain adapter get -M")
         live = [r for r in rows if r.count > 0]
+        if merged_slot is not None:
+            live = mixture_rows(live, num_rows, merged_slot)
         indices, indptr, slots = _segments(live) if live else (np.zeros(0, dtype=np.int32), [0], [])
         n_seg = len(slots)
         tok = np.zeros(self.size, dtype=np.int32)
         tok[:len(indices)] = indices
         ptr = np.full(self.size + 1, indptr[-1], dtype=np.int32)
         ptr[:len(indptr)] = indptr
-        seg = np.zeros((3, self.size), dtype=np.float64)
-        seg[0, :n_seg] = slots
-        seg[1, :n_seg] = [pool.rank_in[s] for s in slots]
-        seg[2, :n_seg] = [pool.scale_in[s] for s in slots]
+        shape = (self.size,) if self.num_terms == 1 else (self.size, self.num_terms)
+        seg_slots, seg_ranks = np.zeros(shape, dtype=np.int32), np.zeros(shape, dtype=np.int32)
+        seg_scales = np.zeros(shape, dtype=np.float32)
+        if n_seg:
+            seg_slots[:n_seg], seg_ranks[:n_seg], seg_scales[:n_seg] = segment_terms(slots, pool, merged_slot)
         b = self.batch
         b.token_indices.copy_(torch.from_numpy(tok))
         b.seg_indptr.copy_(torch.from_numpy(ptr))
-        b.seg_slots.copy_(torch.from_numpy(seg[0].astype(np.int32)))
-        b.seg_ranks.copy_(torch.from_numpy(seg[1].astype(np.int32)))
-        b.seg_scales.copy_(torch.from_numpy(seg[2].astype(np.float32)))
+        b.seg_slots.copy_(torch.from_numpy(seg_slots))
+        b.seg_ranks.copy_(torch.from_numpy(seg_ranks))
+        b.seg_scales.copy_(torch.from_numpy(seg_scales))
 
 
 class MultiLoRADelta(LayerDelta):

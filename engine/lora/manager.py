@@ -18,6 +18,7 @@ from engine.lora.layout import LoRALayout
 from engine.lora.ops import AddLoRAOp, graph_safe, resolve_lora_op
 from engine.lora.pool import AdapterPool
 from engine.model.vision import VisionLoRA
+from engine.orchestrator.state import MergeState
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ class LoRAManager:
                  backend: str, device: torch.device, dtype: torch.dtype, pinned: Sequence[str] = ()) -> None:
         self.store, self.layout, self.device, self.dtype = store, layout, device, dtype
         self.pool = AdapterPool(layout, slots, device, dtype)
-        self.op: AddLoRAOp = resolve_lora_op(backend, device)
-        self.graph_safe = graph_safe(self.op)
+        self.set_backend(backend)
+        self.merge_state = MergeState()  # the adapter folded into the base weights (the orchestrator's)
         self.host: OrderedDict[str, HostAdapter] = OrderedDict()
         self.host_capacity = max(host_capacity, len(pinned))
         self._loading: dict[str, Future[HostAdapter]] = {}
@@ -46,6 +47,23 @@ class LoRAManager:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
         for name in pinned:
             self.pool.pin(name, self._load_now(name))
+
+    def set_backend(self, backend: str) -> None:
+        """Use the multi-LoRA backend ``backend`` ('auto', 'torch', 'triton', 'punica') from now on."""
+        self.op: AddLoRAOp = resolve_lora_op(backend, self.device)
+        self.graph_safe = graph_safe(self.op)
+
+    def add_adapter(self, spec: AdapterSpec, host: HostAdapter, pin: bool = False) -> None:
+        """Serve an adapter built in memory (benchmarks, training loops) under ``spec.name``.
+
+        A pinned one goes straight into a device slot for good; otherwise it joins the host cache, from which
+        it loads like any other (it cannot be re-read from disk once the cache drops it).
+        """
+        self.store.add(spec)
+        if pin:
+            self.pool.pin(spec.name, host)
+        else:
+            self._remember(host)
 
     def spec(self, name: str) -> AdapterSpec:
         """The adapter's spec; AdapterError for an unknown or malformed adapter."""
@@ -98,10 +116,17 @@ class LoRAManager:
         """The device copy of ``name``'s vision-tower updates (None for LM-only adapters)."""
         return self._vision.get(name) if name else None
 
+    def num_terms(self, rows: Sequence[LoRARows], num_tokens: int) -> int:
+        """Adapter terms per segment this iteration needs: 0 (no LoRA work), 1 (plain) or 2 (mixture)."""
+        merged = self.merge_state.slot
+        if merged is None:
+            return 1 if any(r.count for r in rows) else 0
+        return 2 if sum(r.count for r in rows if r.slot == merged) < num_tokens else 0
+
     def build_delta(self, rows: Sequence[LoRARows], num_tokens: int) -> MultiLoRADelta | None:
-        """This iteration's multi-LoRA update, or None when no row has an adapter."""
+        """This iteration's multi-LoRA update (mixture terms while an adapter is merged); None when there is none."""
         self.pool.wait_ready()
-        batch = build_lora_batch(rows, self.pool, num_tokens, self.device)
+        batch = build_lora_batch(rows, self.pool, num_tokens, self.device, self.merge_state.slot)
         return None if batch is None else MultiLoRADelta(self.pool, self.op, batch)
 
     def stats(self) -> dict[str, Any]:

@@ -19,11 +19,16 @@ class AddLoRAOp(Protocol):
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None: ...
 
 
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on GPU, 'torch' on CPU; other names unchanged."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return name
+
+
 def resolve_lora_op(name: str, device: torch.device) -> AddLoRAOp:
     """``name`` ('auto', 'torch', 'triton', 'punica') from kernels.backend's registry; 'auto' picks by device."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    return get_backend(name)
+    return get_backend(resolve_backend_name(name, device))
 
 
 def graph_safe(op: AddLoRAOp) -> bool:

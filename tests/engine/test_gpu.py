@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("adapter", [None, "ad16"])
 def test_bf16_prefill_logits_track_transformers(make_engine, tiny_checkpoint, adapter):
     """Our bf16 error against fp32 transformers stays within twice transformers' own bf16 error."""
-    engine = make_engine(device="cuda", kv_cache_blocks=512)
+    engine = make_engine(device="cuda", kv_cache_blocks=512, policy="slora")  # modes: tests/engine/test_modes_gpu.py
     prompt, images = "how many cars are on the road?", [jpeg(7, (112, 140))]
     ours = engine_logits(engine, tiny_checkpoint, adapter, prompt, images).cpu()
     exact = hf_logits(tiny_checkpoint, adapter, prompt, images)
@@ -30,13 +30,14 @@ def test_cuda_graph_decode_matches_eager(make_engine, batch, adapters):
     reqs = lambda: [EngineRequest(prompt=f"count the cars {i}", adapter=adapters[i],  # noqa: E731
                                   images=[ImageRef(id="g", jpeg=jpeg(3))] if i == 1 else [],
                                   sampling=SamplingParams(max_tokens=24)) for i in range(batch)]
-    graphed = make_engine(device="cuda", cuda_graphs=True, kv_cache_blocks=512)
-    eager = make_engine(device="cuda", cuda_graphs=False, kv_cache_blocks=512)
+    # One fixed mode in both engines (a merging policy could time its switches differently in each).
+    graphed = make_engine(device="cuda", cuda_graphs=True, kv_cache_blocks=512, policy="slora")
+    eager = make_engine(device="cuda", cuda_graphs=False, kv_cache_blocks=512, policy="slora")
     with_graphs = graphed.generate(reqs())
     without = eager.generate(reqs())
     captured = graphed.runner.graphs.graphs
-    assert any(not lora for _, lora in captured) or any(adapters), "no base decode graph was captured"
+    assert any(not lora for _, _, lora in captured) or any(adapters), "no base decode graph was captured"
     if any(adapters) and graphed.lora.graph_safe:
-        assert any(lora for _, lora in captured), "the LoRA backend is graph-safe, yet no LoRA graph was captured"
+        assert any(lora for _, _, lora in captured), "the LoRA backend is graph-safe, yet no LoRA graph was captured"
     assert [r.token_ids for r in with_graphs] == [r.token_ids for r in without]
     assert all(r.output_tokens > 0 for r in with_graphs)

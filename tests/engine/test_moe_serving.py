@@ -96,3 +96,26 @@ def test_pool_limits_are_clear_errors(make_engine, tiny_checkpoint, moe_root):
     engine = make_engine(moe={"max_rank": 4, "max_top_k": 2})
     (res,) = engine.generate([request("moe_block", "hi", [], 4)])  # rank 8 experts
     assert not res.ok and "moe.max_rank=4" in res.error
+
+
+def test_moe_rows_in_mixture_mode_and_weights_claimed_by_turns(make_engine, tiny_checkpoint, moe_root):
+    """While a plain adapter is merged (mixture), MoE rows get -ΔM like base rows and run routed; a lone MoE
+    decode later claims the weights for merge-switch, and the clean copies restore them bit-exactly."""
+    from tests.engine.test_modes import force
+
+    cases = [request("moe_pre", "how many cars?", [jpeg(1)], 16), request("ad8", "what color is the car?", [], 16),
+             request("moe_layer", "count the buses", [], 16), request(None, "describe the road", [], 16)]
+    want = [r.token_ids for r in make_engine(policy="slora", moe={"max_rank": 16}).generate(cases)]
+    engine = make_engine(policy="valora", pinned_adapters=["ad8"], moe={"max_rank": 16})
+    clean = {k: m.weight.clone() for k, m in engine.model.adapted_linears().items()}
+    force(engine, "mixture", "ad8")
+    got = engine.generate(cases)
+    assert [r.token_ids for r in got] == want and {r.mode for r in got} == {"mixture"}
+    (lone,) = engine.generate([request("moe_pre", "describe the road", [], 8)])
+    assert engine.health()["moe_switch_steps"] == 0, "no merge-switch while a plain adapter holds the weights"
+    force(engine, "unmerged", None)
+    (again,) = engine.generate([request("moe_pre", "describe the road", [], 8)])
+    stats = engine.health()
+    assert again.token_ids == lone.token_ids and stats["moe_switch_steps"] >= 6
+    assert engine.merge_state.claimed_by is None and stats["moe_merged"] is None
+    assert all(torch.equal(m.weight, clean[k]) for k, m in engine.model.adapted_linears().items())

@@ -1,0 +1,143 @@
+"""CostModel: what a weight switch, an iteration and its multi-LoRA work cost, measured on this machine.
+
+The switch cost and the multi-LoRA op's cost coefficients are measured at start-up; the base iteration costs
+start from a measured prior and then follow the engine's measured steps (exponential moving averages).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.device import synchronize
+from engine.lora.pool import AdapterPool
+from engine.model.layers import AdaptedLinear
+from kernels.backend import LoRABackend
+from kernels.lora_batch import LoRABatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Load:
+    """The rows one adapter group puts into an iteration: how many input rows, at which rank."""
+
+    tokens: int
+    rank: int
+
+
+Composition = Mapping[str | None, Load]  # adapter (None: no plain adapter) -> its rows this iteration
+
+
+@dataclass
+class CostModel:
+    """Seconds, for the whole model (all layers)."""
+
+    switch_s: float  # one swift-merge launch: merge, unmerge or M1 -> M2
+    lora_launch_s: float  # the multi-LoRA op in an iteration that has any adapter row
+    lora_segment_rank_s: float  # per segment and unit of its rank: reading the terms' A and B
+    lora_token_rank_s: float  # per row and unit of rank: shrink + expand FLOPs
+    decode_step_s: float  # an iteration of decode rows only, LoRA work excluded
+    prefill_token_s: float  # each prefill row on top of that
+    iteration_s: float = 0.0  # a typical iteration as served lately, everything included (0: none measured)
+    smoothing: float = 0.2  # weight of a new measurement in the moving averages
+
+    def lora_s(self, comp: Composition, merged: str | None, merged_rank: int = 0) -> float:
+        """Estimated multi-LoRA seconds of an iteration with rows ``comp`` while ``merged`` is in the weights.
+
+        Unmerged: a segment per adapter at its rank. With M merged: M's rows cost nothing; every other row
+        (other adapters, and rows with no plain adapter) computes its own terms plus -M, in one launch.
+        """
+        segments = []
+        for adapter, load in comp.items():
+            if load.tokens == 0 or (merged is not None and adapter == merged):
+                continue
+            rank = (load.rank if adapter is not None else 0) + (merged_rank if merged is not None else 0)
+            if rank:
+                segments.append((load.tokens, rank))
+        if not segments:
+            return 0.0
+        return (self.lora_launch_s + sum(r for _, r in segments) * self.lora_segment_rank_s
+                + sum(t * r for t, r in segments) * self.lora_token_rank_s)
+
+    @property
+    def typical_iteration_s(self) -> float:
+        """The measured typical iteration, or the decode-step estimate before any was measured."""
+        return self.iteration_s or self.decode_step_s
+
+    def step_s(self, decode_rows: int, prefill_tokens: int) -> float:
+        """Base seconds of an iteration (LoRA work excluded)."""
+        decode = self.decode_step_s if decode_rows or not prefill_tokens else 0.0
+        return decode + prefill_tokens * self.prefill_token_s
+
+    def observe(self, decode_rows: int, prefill_tokens: int, lora_s: float, elapsed_s: float) -> None:
+        """Fold a measured iteration into the base-cost averages (its estimated LoRA share taken out)."""
+        base = max(elapsed_s - lora_s, 0.0)
+        a = self.smoothing
+        last = self.iteration_s or elapsed_s
+        self.iteration_s = last + a * (elapsed_s - last)
+        if prefill_tokens == 0 and decode_rows:
+            self.decode_step_s += a * (base - self.decode_step_s)
+        elif prefill_tokens >= 16:
+            per_token = max(base - (self.decode_step_s if decode_rows else 0.0), 0.0) / prefill_tokens
+            self.prefill_token_s += a * (per_token - self.prefill_token_s)
+
+
+def _median_time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, op: LoRABackend,
+              switch_s: float, reps: int = 5) -> CostModel:
+    """Time the multi-LoRA op and the base matmuls on layer 0's projections; scale to every layer.
+
+    Three op timings at the pool's max rank R (scale 0 on whatever the slots hold) pin down the launch,
+    per-segment and per-row coefficients: (8 rows, 1 adapter), (8 rows, 8 adapters), (512 rows, 1 adapter).
+    """
+    layer0 = {key: lin for key, lin in linears.items() if key[0] == 0}
+    layers = 1 + max(key[0] for key in linears)
+    rank = pool.layout.max_rank
+    device, dtype = pool.device, next(iter(layer0.values())).weight.dtype
+    n_adapters = min(8, pool.num_slots)
+
+    def lora_time(tokens: int, adapters: int) -> float:
+        slots = [i % adapters for i in range(tokens)]
+        batch = LoRABatch.from_token_slots(slots, [rank] * pool.num_slots, [0.0] * pool.num_slots, device=device)
+        cases = []
+        for key, lin in layer0.items():
+            x = torch.randn(tokens, lin.in_dim, device=device, dtype=dtype)  # [tokens, in]
+            y = torch.zeros(tokens, lin.weight.shape[0], device=device, dtype=dtype)  # [tokens, out_total]
+            cases.append((y, x, pool.weights(key)))
+        return _median_time(lambda: [op.add_lora(y, x, w, batch) for y, x, w in cases], device, reps) * layers
+
+    def base_time(tokens: int) -> float:
+        xs = [(torch.randn(tokens, lin.in_dim, device=device, dtype=dtype), lin) for lin in layer0.values()]
+        return _median_time(lambda: [F.linear(x, lin.weight) for x, lin in xs], device, reps) * layers
+
+    one, many, long = lora_time(8, 1), lora_time(8, n_adapters), lora_time(512, 1)
+    per_segment = max(many - one, 0.0) / (max(n_adapters - 1, 1) * rank)
+    per_token = max(long - one, 0.0) / (504 * rank)
+    launch = max(one - rank * per_segment - 8 * rank * per_token, 0.0)
+    decode = base_time(8)
+    prefill = max(base_time(512) - decode, 0.0) / 504
+    cost = CostModel(switch_s=switch_s, lora_launch_s=launch, lora_segment_rank_s=per_segment,
+                     lora_token_rank_s=per_token, decode_step_s=decode, prefill_token_s=prefill)
+    logger.info("cost model: switch %.2f ms, LoRA launch %.3f ms + %.2f us/segment-rank + %.4f us/token-rank, "
+                "decode step prior %.2f ms", switch_s * 1e3, launch * 1e3, per_segment * 1e6, per_token * 1e6,
+                decode * 1e3)
+    return cost

@@ -1,0 +1,153 @@
+"""Inference modes (fp32, CPU): merged and mixture serve the same greedy tokens and logits as unmerged, and
+1,000 weight switches leave no drift."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.policy import ModeDecision, ModePolicy, QueueView
+from engine.request import EngineRequest, ImageRef, SamplingParams
+from tests.engine.conftest import HiddenHead
+from tests.engine.reference import jpeg
+
+CASES = [("ad8", "how many cars?", [1]), (None, "what color is the car?", [2]), ("ad4", "the leftmost person is", []),
+         ("ad16", "count the buses", [3]), ("ad8", "describe the road", []), (None, "car 12 40 50 80;", [])]
+ADAPTERS = ("ad8", "ad4", "ad16")
+
+
+class Forced(ModePolicy):
+    """A fixed decision every iteration: the weights hold ``merged``, nobody is held back."""
+
+    def __init__(self, ctx, mode: str, merged: str | None) -> None:
+        super().__init__(ctx)
+        self.decision = ModeDecision(mode, merged)
+
+    def decide(self, view: QueueView) -> ModeDecision:
+        return self.decision
+
+
+def requests(max_tokens: int = 24) -> list[EngineRequest]:
+    return [EngineRequest(prompt=p, adapter=a, sampling=SamplingParams(max_tokens=max_tokens),
+                          images=[ImageRef(id=f"f{i}", jpeg=jpeg(i)) for i in imgs]) for a, p, imgs in CASES]
+
+
+def force(engine, mode: str, merged: str | None) -> None:
+    engine.orchestrator.policy = Forced(engine.orchestrator.policy.ctx, mode, merged)
+
+
+@pytest.fixture(scope="module")
+def unmerged(make_engine) -> list[list[int]]:
+    results = make_engine(policy="slora").generate(requests())
+    assert all(r.ok and r.mode == "unmerged" for r in results)
+    assert len({tuple(r.token_ids) for r in results}) == len(results), "outputs too alike to tell modes apart"
+    return [r.token_ids for r in results]
+
+
+@pytest.mark.parametrize("merged", ADAPTERS)
+def test_mixture_gives_the_unmerged_tokens(make_engine, unmerged, merged):
+    """One continuous batch: M's rows on the merged weights, others x·ΔW_X − x·ΔW_M, base rows −x·ΔW_M."""
+    engine = make_engine(policy="valora", pinned_adapters=list(ADAPTERS))  # resident: the switch is immediate
+    force(engine, "mixture", merged)
+    results = engine.generate(requests())
+    assert [r.token_ids for r in results] == unmerged
+    assert {r.mode for r in results} == {"mixture"}
+    assert engine.merge_state.merged == merged and engine.health()["mode_switches"] == 1
+
+
+def test_merged_mode_gives_the_unmerged_tokens(make_engine, unmerged):
+    """merged-only serves one group at a time on its merged weights: no multi-LoRA work at all."""
+    engine = make_engine(policy="merged-only")
+    calls, add_lora = [], engine.lora.op.add_lora
+    engine.lora.op.add_lora = lambda *args: calls.append(args) or add_lora(*args)
+    results = engine.generate(requests())
+    assert [r.token_ids for r in results] == unmerged
+    assert {r.mode for r in results} == {"merged"}
+    assert not calls, "merged mode ran the multi-LoRA op"
+    assert engine.health()["mode_switches"] >= len(ADAPTERS)
+
+
+@pytest.mark.parametrize("policy", ["valora", "dlora"])
+def test_policies_give_the_unmerged_tokens(make_engine, unmerged, policy):
+    results = make_engine(policy=policy).generate(requests())
+    assert [r.token_ids for r in results] == unmerged
+
+
+def prefill_logits(engine, adapter: str | None, prompt: str, n: int = 6) -> torch.Tensor:
+    name = f"hidden{n}"
+    if name not in engine.heads:
+        engine.register_head(name, HiddenHead(n))
+    (res,) = engine.generate([EngineRequest(prompt=prompt, adapter=adapter, head=name,
+                                            images=[ImageRef(id="p", jpeg=jpeg(9))])])
+    assert res.ok, res.error
+    return engine.model.compute_logits(res.head_output["hidden"].to(next(engine.model.parameters())))
+
+
+@pytest.mark.parametrize("merged", ADAPTERS)
+def test_merged_and_mixture_logits_match_unmerged(make_engine, merged):
+    plain = make_engine(policy="slora")
+    engine = make_engine(policy="valora")
+    for adapter in (None, *ADAPTERS):
+        force(engine, "merged" if adapter == merged else "mixture", merged)
+        ours = prefill_logits(engine, adapter, "how many buses are there?")
+        ref = prefill_logits(plain, adapter, "how many buses are there?")
+        rel = ((ours - ref).norm() / ref.norm()).item()
+        assert rel < 1e-5, f"{adapter} with {merged} merged: relative logit error {rel:.2e}"
+
+
+def switch_randomly(engine, count: int, seed: int = 0) -> None:
+    rng, current = random.Random(seed), engine.merge_state.merged
+    for _ in range(count):
+        current = rng.choice([n for n in (*ADAPTERS, None) if n != current])
+        assert engine.orchestrator.switch_to(current)
+
+
+def test_a_thousand_switches_leave_no_drift(make_engine):
+    """Merges from the clean copy: after 1,000 switches (merge, unmerge, M1 -> M2) everything is bit-identical."""
+    never = make_engine(policy="slora")
+    engine = make_engine(policy="valora", pinned_adapters=list(ADAPTERS))
+    before = {k: lin.weight.detach().clone() for k, lin in engine.model.adapted_linears().items()}
+    switch_randomly(engine, 1000)
+    assert engine.merge_state.switches == 1000
+    with_m = {m: None for m in ADAPTERS}
+    for merged in ADAPTERS:  # each adapter merged once more: the weights equal a single merge from scratch
+        engine.orchestrator.switch_to(merged)
+        with_m[merged] = {k: lin.weight.detach().clone() for k, lin in engine.model.adapted_linears().items()}
+    fresh = make_engine(policy="valora", pinned_adapters=list(ADAPTERS))
+    for merged in ADAPTERS:
+        fresh.orchestrator.switch_to(merged)
+        for k, lin in fresh.model.adapted_linears().items():
+            assert torch.equal(lin.weight, with_m[merged][k]), f"{merged} merged after 1,000 switches: {k} differs"
+    engine.set_policy("slora")  # back to the base weights, and serving as the never-switched engine does
+    for k, lin in engine.model.adapted_linears().items():
+        assert torch.equal(lin.weight, before[k]), f"weights {k} drifted"
+    for adapter in (None, "ad16"):
+        assert torch.equal(prefill_logits(engine, adapter, "what color is the truck?"),
+                           prefill_logits(never, adapter, "what color is the truck?"))
+
+
+def test_in_place_switching_stays_within_its_stated_bound(make_engine):
+    """Without the clean copy: |W_n - W_0| <= n/2 ulp(max|W_0| + max|ΔW|), and logits stay within 1e-5."""
+    never = make_engine(policy="slora")
+    engine = make_engine(policy="valora", exact_unmerge=False, pinned_adapters=list(ADAPTERS))
+    assert not engine.switcher.base_copy
+    linears = engine.model.adapted_linears()
+    before = {k: lin.weight.detach().clone() for k, lin in linears.items()}
+    delta = {k: 0.0 for k in linears}
+    for merged in ADAPTERS:
+        engine.orchestrator.switch_to(merged)
+        for k, lin in linears.items():
+            delta[k] = max(delta[k], (lin.weight - before[k]).abs().max().item())
+    engine.orchestrator.switch_to(None)
+    switch_randomly(engine, 1000 - len(ADAPTERS) - 1, seed=1)
+    engine.orchestrator.switch_to(None)
+    n = engine.merge_state.switches
+    for k, lin in linears.items():
+        bound = n / 2 * torch.finfo(torch.float32).eps * (before[k].abs().max().item() + delta[k])
+        drift = (lin.weight - before[k]).abs().max().item()
+        assert drift <= bound, f"{k}: drift {drift:.3g} over the bound {bound:.3g}"
+    engine.set_policy("slora")
+    ours, ref = (prefill_logits(e, "ad8", "what color is the truck?") for e in (engine, never))
+    assert ((ours - ref).norm() / ref.norm()).item() < 1e-5

@@ -1,0 +1,149 @@
+"""Mode policies in virtual time (tests/engine/policy_sim.py): deadlines, merging, thresholds, fairness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.orchestrator.cost import CostModel
+from engine.orchestrator.state import MergedAdapter, MergeState
+from engine.policy import PolicyContext, QueueView, create_policy
+from tests.engine.policy_sim import SimRequest, Simulator, make_sequence
+
+RANKS = {f"a{i}": (8, 16, 32, 64)[i % 4] for i in range(8)} | {"moe": 16}
+
+
+def costs(**kw) -> CostModel:
+    """H200-like 7B costs with a multi-LoRA op that costs two thirds of a decode step (seconds)."""
+    base = dict(switch_s=0.027, lora_launch_s=0.004, lora_segment_rank_s=1.7e-6, lora_token_rank_s=2.5e-8,
+                decode_step_s=0.006, prefill_token_s=3e-5)
+    return CostModel(**{**base, **kw})
+
+
+def adversarial_trace(seed: int = 0, duration: float = 20.0) -> list[SimRequest]:
+    """A flood of one adapter's long generations (which makes merged iterations pay and holding others
+    tempting) and sparse requests of other adapters, base and task heads, many with deadlines barely above
+    their own service time."""
+    rng = np.random.default_rng(seed)
+    trace = []
+    t = 0.0
+    while t < duration:
+        t += rng.exponential(1 / 40)
+        trace.append(SimRequest(t, "a0", int(rng.integers(40, 120)), int(rng.integers(64, 160))))
+    t = 0.0
+    while t < duration:
+        t += rng.exponential(1 / 3)
+        adapter = [None, "a1", "a2", "a3", "a5"][int(rng.integers(0, 5))]
+        out = 0 if rng.random() < 0.3 else int(rng.integers(4, 48))
+        service = out * 0.011 + 0.01  # its own decode at a loaded step, plus a prefill
+        trace.append(SimRequest(t, adapter, int(rng.integers(20, 80)), out,
+                                deadline=t + service * float(rng.uniform(1.3, 6.0)) + 0.05))
+    return trace
+
+
+def late_starts(outcomes) -> list:
+    return [o for o in outcomes if o.started > o.deadline + 1e-9]
+
+
+def test_valora_never_holds_a_request_past_its_deadline():
+    trace = adversarial_trace()
+    sim = Simulator("valora", costs(), RANKS, max_num_seqs=512, max_tokens=4096)
+    outcomes = sim.run(trace)
+    assert len(outcomes) == len(trace)
+    others = [o for o in outcomes if o.request.adapter != "a0"]
+    waited = [o.started - o.request.arrival for o in others]
+    assert sim.modes.count("merged") > 0.2 * len(sim.modes), "valora never ran merged: nothing was tested"
+    assert max(waited) > 0.1, "no request was ever held: the deadlines were never at stake"
+    assert not late_starts(outcomes), f"{len(late_starts(outcomes))} requests started after their deadline"
+    roomy = [o for o in others if o.deadline - o.request.arrival >= 3 * (o.request.output_tokens * 0.011 + 0.01)]
+    assert all(o.finished <= o.deadline for o in roomy), "a request with room to spare finished late"
+
+
+@pytest.mark.parametrize("policy", ["dlora", "merged-only"])
+def test_deadline_blind_policies_fail_the_same_trace(policy):
+    """The check above can fail: policies that hold requests without looking at deadlines do miss them."""
+    outcomes = Simulator(policy, costs(), RANKS, max_num_seqs=512, max_tokens=4096).run(adversarial_trace())
+    assert late_starts(outcomes)
+
+
+def test_valora_merges_a_lone_adapter_and_runs_merged():
+    trace = [SimRequest(i * 0.01, "a3", 30, 40) for i in range(200)]
+    sim = Simulator("valora", costs(), RANKS)
+    sim.run(trace)
+    assert sim.state.merged == "a3" and sim.state.switches == 1
+    assert sim.modes.count("merged") > 0.9 * len(sim.modes)
+
+
+def test_valora_stays_unmerged_when_no_adapter_dominates():
+    rng = np.random.default_rng(1)
+    trace = [SimRequest(i * 0.01, f"a{int(rng.integers(0, 8))}", 30, 32) for i in range(600)]
+    sim = Simulator("valora", costs(), RANKS)
+    outcomes = sim.run(trace)
+    busy = sim.modes[: len(sim.modes) * 9 // 10]  # the tail, with a handful of requests left, may merge
+    assert busy.count("unmerged") > 0.95 * len(busy), "valora left the weights merged under a uniform load"
+    assert len(outcomes) == len(trace)
+
+
+def test_valora_never_merges_a_non_mergeable_adapter():
+    """MoE-LoRA requests are not plain-LoRA rows: even when they dominate, they are never the merged adapter."""
+    trace = [SimRequest(i * 0.01, "moe" if i % 10 else "a1", 30, 32) for i in range(300)]
+    sim = Simulator("valora", costs(), RANKS, non_mergeable={"moe"})
+    sim.run(trace)
+    assert sim.state.merged != "moe"
+
+
+def context(state: MergeState, **kw) -> PolicyContext:
+    return PolicyContext(state=state, cost=costs(**kw), rank_of=lambda n: RANKS.get(n, 0), max_num_seqs=64)
+
+
+def seqs(adapters: list[str | None], arrival: float = 0.0, decoding: bool = True) -> list:
+    out = []
+    for a in adapters:
+        seq = make_sequence(SimRequest(arrival, a, 20, 50))
+        if decoding:
+            seq.num_computed = seq.prompt_len
+            seq.token_ids.append(0)
+        out.append(seq)
+    return out
+
+
+def test_dlora_threshold_merges_the_dominant_adapter_and_pauses_the_rest():
+    state = MergeState()
+    policy = create_policy("dlora", context(state), dwell=1)
+    running = seqs(["a1"] * 9 + ["a2"])
+    decision = policy.decide(QueueView(running, [], None, now=0.0))
+    assert decision.mode == "merged" and decision.merged_adapter == "a1"
+    assert decision.held == {running[-1].seq_id}
+    state.current = MergedAdapter("a1", 0, 16, 1.0)
+    even = seqs(["a1"] * 5 + ["a2"] * 5)
+    assert policy.decide(QueueView(even, [], "a1", now=0.1)).mode == "unmerged", "share under the threshold"
+
+
+def test_dlora_unmerges_for_a_starving_request():
+    state = MergeState(current=MergedAdapter("a1", 0, 16, 1.0))
+    policy = create_policy("dlora", context(state), starvation_s=0.5)
+    running, waiting = seqs(["a1"] * 20), seqs(["a2"], arrival=0.0, decoding=False)
+    assert policy.decide(QueueView(running, waiting, "a1", now=0.2)).mode == "merged"
+    assert policy.decide(QueueView(running, waiting, "a1", now=0.6)).mode == "unmerged"
+
+
+def test_merged_only_serves_groups_in_arrival_order():
+    trace = [SimRequest(0.0, "a1", 20, 30), SimRequest(0.001, "a2", 20, 30), SimRequest(0.002, "a1", 20, 30),
+             SimRequest(0.003, None, 20, 30)]
+    sim = Simulator("merged-only", costs(), RANKS)
+    outcomes = sorted(sim.run(trace), key=lambda o: o.started)
+    assert [o.request.adapter for o in outcomes] == ["a1", "a2", "a1", None]
+    assert set(sim.modes) == {"merged"}
+
+
+def test_one_pass_helper_agrees_with_the_named_ones():
+    from engine.orchestrator import demand
+
+    states = seqs(["a1", None]) + seqs(["a2"], decoding=False)
+    head = make_sequence(SimRequest(0.0, "a3", 12, 0))
+    chunked = make_sequence(SimRequest(0.0, "a3", 40, 9))
+    chunked.num_computed = 25
+    for seq in [*states, head, chunked]:
+        for budget in (8, 2048):
+            assert demand.rows_and_iterations(seq, budget) == (demand.rows_next(seq, budget),
+                                                               demand.iterations_left(seq))

@@ -59,7 +59,7 @@ def test_engine_cuda_graphs_match_eager(make_engine, tiny_checkpoint, moe_root):
     """Lone MoE request (merge-switch) and a mixed batch (routed + plain LoRA + base) under CUDA graphs give the
     tokens the eager engine gives."""
     def run(graphs: bool):
-        engine = make_engine(device="cuda", cuda_graphs=graphs, compile_ops=False, policy="slora",
+        engine = make_engine(device="cuda", cuda_graphs=graphs, compile_ops=False, policy="slora", kv_cache_blocks=512,
                              moe={"max_rank": 16, "slots": 4})
         lone = engine.generate([EngineRequest(prompt="describe the road", adapter="moe_pre",
                                               sampling=SamplingParams(max_tokens=16))])

@@ -1,4 +1,4 @@
-"""Sub-commands of the MoE-LoRA package: `valora moe train` and `valora moe compare`."""
+"""Sub-commands of the MoE-LoRA package: `valora moe train`, `valora moe compare` and `valora moe eval`."""
 
 from __future__ import annotations
 
@@ -61,6 +61,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     comp.add_argument("--no-base", action="store_true", help="Skip scoring the base model.")
     _recipe_args(comp)
     comp.set_defaults(handler=_compare)
+    ev = sub.add_parser("eval", help="Score saved MoE-LoRA adapters on held-out frames (HF reference forward).")
+    ev.add_argument("adapters", nargs="+", help="Adapter folders (engine MoE-LoRA format).")
+    ev.add_argument("--base", default="models/base", help="Base model checkpoint directory.")
+    ev.add_argument("--tasks", default="detection,captioning,vqa,counting,grounding", help="Comma-separated tasks.")
+    ev.add_argument("--eval-frames", type=int, default=200, help="Held-out stills scored per task.")
+    ev.add_argument("--eval-seed", type=int, default=0, help="Seed of the held-out stills (another seed: new ones).")
+    ev.add_argument("--split", default="test", help="Held-out split to score on.")
+    ev.add_argument("--json", type=Path, help="Write the results here.")
+    ev.add_argument("--threads", type=int, default=1, help="Torch CPU threads.")
+    ev.set_defaults(handler=_eval)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -86,6 +96,21 @@ def _compare(args: argparse.Namespace) -> int:
     results = compare(Path(args.base), routings, recipe, Path(args.work), Path(args.out), args.split,
                       args.eval_frames, with_base=not args.no_base)
     print(table(results, recipe.tasks))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from apps.moe.compare import score_adapter, table
+
+    torch.set_num_threads(args.threads)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    results = [score_adapter(Path(args.base), Path(folder), tasks, args.split, args.eval_frames, args.eval_seed)
+               for folder in args.adapters]
+    print(table(results, tasks))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 
 
-def _eval_frames(split: str, n: int, base, processor) -> Frames:
-    frames = Frames(split, n, seed=0)
+def _eval_frames(split: str, n: int, base, processor, seed: int = 0) -> Frames:
+    frames = Frames(split, n, seed=seed)
     frames.encode(base, processor)
     return frames
 
@@ -90,7 +90,14 @@ def table(results: list[dict], tasks: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def reload_adapter(base_dir: Path, folder: Path) -> MoELoRAModel:
-    """A saved adapter on a fresh base model (for re-scoring)."""
-    base, _, _ = load_base(base_dir)
-    return MoELoRAModel.from_folder(base, folder).eval()
+def score_adapter(base_dir: Path, folder: Path, tasks: tuple[str, ...], split: str, n_eval: int,
+                  seed: int = 0) -> dict:
+    """A saved adapter on a fresh base model, scored on ``n_eval`` stills of ``split`` drawn with ``seed``."""
+    base, tokenizer, processor = load_base(base_dir)
+    frames = _eval_frames(split, n_eval, base, processor, seed)
+    model = MoELoRAModel.from_folder(base, folder).eval()
+    start = time.time()
+    metrics = score(model, Encoder(tokenizer, base.config.vision_config.spatial_merge_size), frames, tasks)
+    return {"routing": model.spec.routing, "adapter": str(folder), "metrics": metrics, "eval_frames": n_eval,
+            "eval_seed": seed, "eval_s": round(time.time() - start, 1),
+            "params": sum(p.numel() for p in model.trainable())}

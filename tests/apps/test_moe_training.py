@@ -110,3 +110,9 @@ def test_compare_cli_trains_scores_and_writes_the_table(tiny_checkpoint, tmp_pat
     assert [r["routing"] for r in results] == ["none (base model)", "pregated", "block"]
     assert set(results[1]["metrics"]) == {"vqa", "counting"}
     assert read_moe_spec(tmp_path / "adapters" / "moe-block").routing == "block"
+    # Re-scoring a saved adapter on fresh held-out stills (another seed) gives a result of the same shape.
+    code = main(["moe", "eval", str(tmp_path / "adapters" / "moe-pregated"), "--base", str(tiny_checkpoint / "base"),
+                 "--tasks", "vqa", "--eval-frames", "2", "--eval-seed", "1", "--json", str(tmp_path / "e.json")])
+    assert code == 0
+    (scored,) = json.loads((tmp_path / "e.json").read_text())
+    assert scored["routing"] == "pregated" and set(scored["metrics"]) == {"vqa"} and scored["eval_seed"] == 1

@@ -106,6 +106,8 @@ class GraphRunner:
                 forward()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the adapter and MoE loader threads pin host memory (cudaHostAlloc) while a capture may be
+        # running; in the default global mode that call invalidates the capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             hidden = forward()
         return graph, hidden

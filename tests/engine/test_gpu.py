@@ -36,8 +36,8 @@ def test_cuda_graph_decode_matches_eager(make_engine, batch, adapters):
     with_graphs = graphed.generate(reqs())
     without = eager.generate(reqs())
     captured = graphed.runner.graphs.graphs
-    assert any(not lora for _, _, lora in captured) or any(adapters), "no base decode graph was captured"
+    assert any(not lora for _, _, lora, _ in captured) or any(adapters), "no base decode graph was captured"
     if any(adapters) and graphed.lora.graph_safe:
-        assert any(lora for _, _, lora in captured), "the LoRA backend is graph-safe, yet no LoRA graph was captured"
+        assert any(lora for _, _, lora, _ in captured), "the LoRA backend is graph-safe, yet no LoRA graph was captured"
     assert [r.token_ids for r in with_graphs] == [r.token_ids for r in without]
     assert all(r.output_tokens > 0 for r in with_graphs)

@@ -151,9 +151,25 @@ class TileTable:
         self.entries: dict[ShapeKey, AtmmConfig] = dict(entries or {})
         self.merge: dict[int, MergeConfig] = dict(merge or {})  # keyed by max rank
         self.timings_us: dict[ShapeKey, float] = dict(timings_us or {})
+        # Every ATMM call looks up its shape; the nearest-shape scan costs ~0.5 ms on 200 entries, so answers are
+        # kept (the shapes a server sees repeat). ``add`` clears them.
+        self._answers: dict[ShapeKey, tuple[AtmmConfig, str]] = {}
+
+    def add(self, key: ShapeKey, config: AtmmConfig, us: float | None = None) -> None:
+        """Record the profiled best ``config`` for ``key`` (and its time)."""
+        self.entries[key] = config
+        if us is not None:
+            self.timings_us[key] = us
+        self._answers.clear()
 
     def lookup(self, key: ShapeKey) -> tuple[AtmmConfig, str]:
         """The config for ``key`` and where it came from: 'exact', 'nearest' or 'heuristic'."""
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = self._answers[key] = self._lookup(key)
+        return answer
+
+    def _lookup(self, key: ShapeKey) -> tuple[AtmmConfig, str]:
         if key in self.entries:
             return self.entries[key], "exact"
         if self.entries:

@@ -245,7 +245,7 @@ def tune(
             logger.warning("time budget spent: %d of %d shapes profiled", i, len(grid))
             break
         config, us = profile_shape(timer, key)
-        table.entries[key], table.timings_us[key] = config, us
+        table.add(key, config, us)
         logger.info("[%d/%d] %s: %.1f us %s", i + 1, len(grid), key, us, config)
         table.save(out_path)  # keep what is done if the run is cut short
     table.save(out_path)

@@ -67,6 +67,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--output-scale", type=float, default=1.0, help="scales every task's output lengths")
+    p.add_argument("--rehearse", action="store_true",
+                   help="replay each trace once untimed before timing it (Triton compiles the shapes it meets)")
     p.add_argument("--budget-s", type=float, default=0.0, help="skip the remaining timed runs once they have taken this long, start-up not counted (0: no limit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write every measurement here")
@@ -274,6 +276,10 @@ def main() -> None:
                     continue
                 engine.set_policy(policy)
                 switches = engine.merge_state.switches
+                if args.rehearse:  # untimed: the batch shapes this run meets get their kernels compiled
+                    replay(engine, trace, images, f"rehearse-{policy}-{load}-{skew}", cap_s=1.5 * args.duration + 3)
+                    drain(engine)
+                    switches = engine.merge_state.switches
                 row = replay(engine, trace, images, f"{policy}-{load}-{skew}", cap_s=1.5 * args.duration + 3)
                 drain(engine)
                 row.update(load=load, rate=load * cap, skew=skew, policy=policy,

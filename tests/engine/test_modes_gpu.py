@@ -83,7 +83,7 @@ def test_mixture_mode_under_cuda_graphs(make_engine, merged):
         force(engine, "mixture", merged)
     with_graphs = graphed.generate(decode_requests(adapters))
     without = eager.generate(decode_requests(adapters))
-    assert any(terms == 2 for _, _, terms in graphed.runner.graphs.graphs), "no mixture graph was captured"
+    assert any(terms == 2 for _, _, terms, _ in graphed.runner.graphs.graphs), "no mixture graph was captured"
     assert [r.token_ids for r in with_graphs] == [r.token_ids for r in without]
     assert all(r.output_tokens > 0 for r in with_graphs)
 

@@ -13,7 +13,7 @@ from tests.engine.reference import jpeg
 
 pytestmark = pytest.mark.gpu
 PROMPT = [1, 57, 61, 70, 83, 90, 101, 120, 133, 150, 2, 1, 77]
-CONFIG = MoEConfig(slots=2, max_experts=8, max_top_k=2, max_rank=16)
+CONFIG = MoEConfig(slots=2, max_experts=8, max_top_k=2, max_rank=16, merge_switch=True)
 BF16 = dict(device="cuda", dtype=torch.bfloat16, backend="triton")
 
 
@@ -62,7 +62,7 @@ def test_engine_cuda_graphs_match_eager(make_engine, tiny_checkpoint, moe_root):
     tokens the eager engine gives."""
     def run(graphs: bool):
         engine = make_engine(device="cuda", cuda_graphs=graphs, compile_ops=False, policy="slora", kv_cache_blocks=512,
-                             moe={"max_rank": 16, "slots": 4})
+                             moe={"max_rank": 16, "slots": 4, "merge_switch": True})
         lone = engine.generate([EngineRequest(prompt="describe the road", adapter="moe_pre",
                                               sampling=SamplingParams(max_tokens=16))])
         mixed = engine.generate([

@@ -12,7 +12,7 @@ from kernels.merge_plan import DeltaTerms
 from tests.engine.moe_fixtures import OneSequence, reference_greedy, reference_model, save_moe_adapters
 
 PROMPT = [1, 57, 61, 70, 83, 90, 101, 120, 133, 150, 2, 1, 77]
-CONFIG = MoEConfig(slots=2, max_experts=8, max_top_k=2, max_rank=16)
+CONFIG = MoEConfig(slots=2, max_experts=8, max_top_k=2, max_rank=16, merge_switch=True)
 
 
 @pytest.fixture(scope="module")

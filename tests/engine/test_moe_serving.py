@@ -65,7 +65,7 @@ def test_greedy_matches_reference_on_both_paths(make_engine, tiny_checkpoint, mo
 
 def test_mixed_batch_gives_each_request_its_tokens_alone(make_engine, tiny_checkpoint, moe_root):
     """MoE-LoRA requests of each scheme share one continuous batch with plain-LoRA and base requests."""
-    engine = make_engine(moe={"max_rank": 16, "slots": 4})
+    engine = make_engine(moe={"max_rank": 16, "slots": 4, "merge_switch": True})
     cases = [request("moe_pre", "how many cars?", [jpeg(1)], 24), request("ad8", "what color is the car?", [], 24),
              request("moe_layer", "count the buses", [jpeg(2)], 24), request(None, "describe the road", [], 24),
              request("moe_block", "the leftmost person is", [], 24), request("moe_pre3", "what is there?", [], 24),
@@ -106,7 +106,7 @@ def test_moe_rows_in_mixture_mode_and_weights_claimed_by_turns(make_engine, tiny
     cases = [request("moe_pre", "how many cars?", [jpeg(1)], 16), request("ad8", "what color is the car?", [], 16),
              request("moe_layer", "count the buses", [], 16), request(None, "describe the road", [], 16)]
     want = [r.token_ids for r in make_engine(policy="slora", moe={"max_rank": 16}).generate(cases)]
-    engine = make_engine(policy="valora", pinned_adapters=["ad8"], moe={"max_rank": 16})
+    engine = make_engine(policy="valora", pinned_adapters=["ad8"], moe={"max_rank": 16, "merge_switch": True})
     clean = {k: m.weight.clone() for k, m in engine.model.adapted_linears().items()}
     force(engine, "mixture", "ad8")
     got = engine.generate(cases)

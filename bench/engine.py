@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.base import create_engine  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.device import resolve_device, synchronize  # noqa: E402
+from engine.device import median_time, resolve_device, synchronize  # noqa: E402
 from engine.model.checkpoint import Checkpoint  # noqa: E402
 from engine.model.spec import ModelSpec  # noqa: E402
 from engine.prompt import PromptBuilder  # noqa: E402
@@ -62,22 +62,9 @@ def ceilings(device: torch.device) -> tuple[float, float]:
     size = 8192 if device.type == "cuda" else 512
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    copy_s = _median_time(lambda: dst.copy_(src), device)
-    mm_s = _median_time(lambda: a @ b, device)
+    copy_s = median_time(lambda: dst.copy_(src), device, warmup=3)
+    mm_s = median_time(lambda: a @ b, device, warmup=3)
     return 2 * src.numel() * 2 / copy_s, 2 * size ** 3 / mm_s
-
-
-def _median_time(fn, device: torch.device, reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def write_adapters(root: Path, spec: ModelSpec, count: int, device: torch.device) -> list[tuple[str, int]]:

@@ -69,7 +69,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-scale", type=float, default=1.0, help="scales every task's output lengths")
     p.add_argument("--rehearse", action="store_true",
                    help="replay each trace once untimed before timing it (Triton compiles the shapes it meets)")
-    p.add_argument("--budget-s", type=float, default=0.0, help="skip the remaining timed runs once they have taken this long, start-up not counted (0: no limit)")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="skip the remaining timed runs once they have taken this long, start-up not counted "
+                        "(0: no limit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write every measurement here")
     p.add_argument("--plot", type=Path, help="write a PNG of latency vs skew per policy here")

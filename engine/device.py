@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
 
 
@@ -26,3 +30,17 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on CPU), so host clocks measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, reps: int = 10, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` over ``reps`` runs after ``warmup`` untimed ones, the device synchronised."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from enum import Enum
 from typing import Any
 
 import torch
@@ -19,34 +16,27 @@ from engine.lora.ops import AddLoRAOp, graph_safe, resolve_lora_op
 from engine.lora.pool import AdapterPool
 from engine.model.vision import VisionLoRA
 from engine.orchestrator.state import MergeState
+from engine.slots import HostLoader, SlotStatus
 
 logger = logging.getLogger(__name__)
 
 
-class SlotStatus(Enum):
-    """Whether a sequence's adapter can run this iteration."""
-
-    READY = "ready"  # resident in a device slot, now held for the sequence
-    LOADING = "loading"  # its host copy is still being read
-    NO_SLOT = "no_slot"  # every slot is held by running sequences or pinned
+__all__ = ["LoRAManager", "SlotStatus"]
 
 
-class LoRAManager:
+class LoRAManager(HostLoader[HostAdapter]):
     """Owns the adapter pool, the host cache (pinned CPU memory on GPU) and the background loader."""
 
     def __init__(self, store: AdapterStore, layout: LoRALayout, slots: int, host_capacity: int,
                  backend: str, device: torch.device, dtype: torch.dtype, pinned: Sequence[str] = ()) -> None:
+        super().__init__(max(host_capacity, len(pinned)), "adapter-load", pin_memory=device.type == "cuda")
         self.store, self.layout, self.device, self.dtype = store, layout, device, dtype
         self.pool = AdapterPool(layout, slots, device, dtype)
         self.set_backend(backend)
         self.merge_state = MergeState()  # the adapter folded into the base weights (the orchestrator's)
-        self.host: OrderedDict[str, HostAdapter] = OrderedDict()
-        self.host_capacity = max(host_capacity, len(pinned))
-        self._loading: dict[str, Future[HostAdapter]] = {}
         self._vision: dict[str, VisionLoRA | None] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
         for name in pinned:
-            self.pool.pin(name, self._load_now(name))
+            self.pool.pin(name, self.load_now(name))
 
     def set_backend(self, backend: str) -> None:
         """Use the multi-LoRA backend ``backend`` ('auto', 'torch', 'triton', 'punica') from now on."""
@@ -63,7 +53,7 @@ class LoRAManager:
         if pin:
             self.pool.pin(spec.name, host)
         else:
-            self._remember(host)
+            self._remember(spec.name, host)
 
     def spec(self, name: str) -> AdapterSpec:
         """The adapter's spec; AdapterError for an unknown or malformed adapter."""
@@ -72,45 +62,11 @@ class LoRAManager:
             raise AdapterError(f"adapter {name!r} has rank {spec.rank}, over max_lora_rank {self.layout.max_rank}")
         return spec
 
-    def prefetch(self, name: str) -> None:
-        """Start reading ``name`` into host memory unless it is there, resident or on its way."""
-        if name in self.host or name in self.pool.slot_of or name in self._loading:
-            return
-        spec = self.spec(name)
-        pin = self.device.type == "cuda"
-        self._loading[name] = self._executor.submit(read_host_adapter, spec, self.layout, self.dtype, pin)
-
-    def prefetch_to_device(self, name: str) -> None:
-        """Copy a queued request's adapter into an empty slot ahead of its admission (never evicts another)."""
-        if name in self.pool.slot_of or not self.pool.has_empty_slot():
-            return
-        try:
-            host = self._host_copy(name)
-        except AdapterError:
-            return  # surfaces, with its message, when the request is admitted
-        if host is not None:
-            self.pool.acquire(name, host)
-            self.pool.release(name)
-
-    def acquire(self, name: str) -> SlotStatus:
-        """Hold a device slot for one more sequence of ``name``; AdapterError if its files turned out bad."""
-        host = None if name in self.pool.slot_of else self._host_copy(name)
-        if name not in self.pool.slot_of and host is None:
-            return SlotStatus.LOADING
-        return SlotStatus.READY if self.pool.acquire(name, host) is not None else SlotStatus.NO_SLOT
-
-    def release(self, name: str) -> None:
-        self.pool.release(name)
+    def _read(self, spec: AdapterSpec, pin_memory: bool) -> HostAdapter:
+        return read_host_adapter(spec, self.layout, self.dtype, pin_memory)
 
     def slot(self, name: str) -> int:
         return self.pool.slot_of[name]
-
-    def loads_in_flight(self) -> bool:
-        return bool(self._loading)
-
-    def wait_for_load(self, timeout: float = 5.0) -> None:
-        """Block until one background read finishes (used when nothing else can run)."""
-        wait(list(self._loading.values()), timeout=timeout, return_when="FIRST_COMPLETED")
 
     def vision_lora(self, name: str | None) -> VisionLoRA | None:
         """The device copy of ``name``'s vision-tower updates (None for LM-only adapters)."""
@@ -135,39 +91,10 @@ class LoRAManager:
                 "adapters_in_host_cache": list(self.host), "adapter_loads": self.pool.loads,
                 "adapter_evictions": self.pool.evictions}
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-    def _load_now(self, name: str) -> HostAdapter:
-        self.prefetch(name)
-        host = self._host_copy(name, block=True)
-        if host is None:
-            raise AdapterError(f"adapter {name!r} did not load")
-        return host
-
-    def _host_copy(self, name: str, block: bool = False) -> HostAdapter | None:
-        """The host copy, collecting a finished background read; None while it is still being read."""
-        if name in self.host:
-            self.host.move_to_end(name)
-            return self.host[name]
-        future = self._loading.get(name)
-        if future is None:
-            self.prefetch(name)
-            future = self._loading[name]
-        if not (block or future.done()):
-            return None
-        del self._loading[name]
-        host = future.result()  # raises the reader's AdapterError for a bad adapter
-        self._remember(host)
-        return host
-
-    def _remember(self, host: HostAdapter) -> None:
-        self.host[host.name] = host
-        if host.name not in self._vision:
+    def _remember(self, name: str, host: HostAdapter) -> None:
+        if name not in self._vision:
             vis = host.vision
-            self._vision[host.name] = None if vis is None else VisionLoRA(vis.name, {
+            self._vision[name] = None if vis is None else VisionLoRA(vis.name, {
                 path: (a.to(self.device, self.dtype), b.to(self.device, self.dtype), s)
                 for path, (a, b, s) in vis.modules.items()})
-        while len(self.host) > self.host_capacity:
-            evicted, _ = self.host.popitem(last=False)
-            logger.debug("dropped host copy of adapter %s", evicted)
+        super()._remember(name, host)

@@ -13,9 +13,7 @@ Whenever the merge-switch path is not chosen, the backbone is restored first (``
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +24,13 @@ import torch
 from engine.adapter_store import AdapterError
 from engine.lora.delta import LayerDelta, LayerKey
 from engine.lora.layout import LoRALayout
-from engine.lora.manager import SlotStatus
 from engine.moe.config import MoEConfig
 from engine.moe.delta import FIRST_KEY, RoutedMoEDelta, SwitchMoEDelta
 from engine.moe.host import HostMoE, read_host_moe
 from engine.moe.pool import MoEPool
 from engine.moe.spec import MoESpec, is_moe_folder, read_moe_spec
 from engine.moe.switch import MergeSwitch, WeightClaims
+from engine.slots import HostLoader
 from kernels.backend import LoRABackend
 
 logger = logging.getLogger(__name__)
@@ -105,13 +103,16 @@ class MoEStore:
         return self._specs[name]
 
 
-class MoEManager:
+class MoEManager(HostLoader[HostMoE]):
     """Owns the expert pool, the host cache, the background reader and the merge switch."""
+
+    kind = "MoE adapter"
 
     def __init__(self, root: str | Path, layout: LoRALayout, config: MoEConfig, hidden_size: int,
                  linears: dict[LayerKey, torch.nn.Module], op: LoRABackend | None, device: torch.device,
                  dtype: torch.dtype, host_capacity: int = 8, claims: WeightClaims | None = None,
                  restore: Callable[[], None] | None = None) -> None:
+        super().__init__(host_capacity, "moe-load", pin_memory=device.type == "cuda")
         self.store, self.layout, self.config = MoEStore(root), layout, config
         self.hidden_size, self.device, self.dtype, self.op = hidden_size, device, dtype, op
         self.pool = MoEPool(layout, config, hidden_size, device, dtype)
@@ -119,10 +120,6 @@ class MoEManager:
             self.pool.allocate()
         self.switch = MergeSwitch(self.pool, linears, op, claims, restore)
         self.first = linears[FIRST_KEY]
-        self.host: OrderedDict[str, HostMoE] = OrderedDict()
-        self.host_capacity = host_capacity
-        self._loading: dict[str, Future[HostMoE]] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-load")
         self.steps = {"switch": 0, "routed": 0}
 
     def is_moe(self, name: str | None) -> bool:
@@ -139,43 +136,14 @@ class MoEManager:
                                    f"moe.{setting}={limit}")
         return spec
 
-    def prefetch(self, name: str) -> None:
-        if name in self.host or name in self.pool.slot_of or name in self._loading:
-            return
-        spec = self.spec(name)
-        pin = self.device.type == "cuda"
-        self._loading[name] = self._executor.submit(read_host_moe, spec, self.layout, self.hidden_size,
-                                                    self.dtype, pin)
-
-    def prefetch_to_device(self, name: str) -> None:
-        if name in self.pool.slot_of or not self.pool.has_empty_slot():
-            return
-        try:
-            host = self._host_copy(name)
-        except AdapterError:
-            return
-        if host is not None:
-            self.pool.acquire(name, host)
-            self.pool.release(name)
-
-    def acquire(self, name: str) -> SlotStatus:
-        """Hold a pool slot for one more sequence of ``name``; AdapterError if its files turned out bad."""
-        host = None if name in self.pool.slot_of else self._host_copy(name)
-        if name not in self.pool.slot_of and host is None:
-            return SlotStatus.LOADING
-        return SlotStatus.READY if self.pool.acquire(name, host) is not None else SlotStatus.NO_SLOT
+    def _read(self, spec: MoESpec, pin_memory: bool) -> HostMoE:
+        return read_host_moe(spec, self.layout, self.hidden_size, self.dtype, pin_memory)
 
     def release(self, name: str) -> None:
         """One sequence of ``name`` is done with its slot; the last one out takes its merged experts out too."""
         self.pool.release(name)
         if self.switch.merged == name and self.pool.refs[self.pool.slot_of[name]] == 1:  # only the switch's hold
             self.switch.unmerge()
-
-    def loads_in_flight(self) -> bool:
-        return bool(self._loading)
-
-    def wait_for_load(self, timeout: float = 5.0) -> None:
-        wait(list(self._loading.values()), timeout=timeout, return_when="FIRST_COMPLETED")
 
     def set_op(self, op: LoRABackend) -> None:
         """Run the routed operator and the fused switch on ``op`` from now on (restores the backbone first)."""
@@ -191,7 +159,7 @@ class MoEManager:
         if not rows:
             return MoEPlan("none", row_slot)
         slots = [self.pool.slot_of[r.adapter] for r in rows]
-        spec = self.pool.host_in[slots[0]].spec
+        spec = self.pool.occupant[slots[0]].spec
         lone = decode and num_tokens == 1 and len(rows) == 1
         if self.config.merge_switch and lone and spec.routing == "pregated" and self.switch.available():
             return MoEPlan("switch", row_slot, adapter=spec.name, groups=spec.groups)
@@ -245,40 +213,14 @@ class MoEManager:
 
     def close(self) -> None:
         self.switch.unmerge()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        super().close()
 
-    def _host_copy(self, name: str, block: bool = False) -> HostMoE | None:
-        if name in self.host:
-            self.host.move_to_end(name)
-            return self.host[name]
-        future = self._loading.get(name)
-        if future is None:
-            self.prefetch(name)
-            future = self._loading[name]
-        if not (block or future.done()):
-            return None
-        del self._loading[name]
-        host = future.result()  # raises the reader's AdapterError for a bad adapter
+    def _remember(self, name: str, host: HostMoE) -> None:
         problem = self.pool.fits(host)
         if problem is not None:
             raise AdapterError(f"MoE adapter {name!r} {problem}")
-        self.host[name] = host
-        while len(self.host) > self.host_capacity:
-            self.host.popitem(last=False)
-        return host
+        super()._remember(name, host)
 
     def pin(self, name: str) -> None:
         """Load ``name`` into a slot and keep it resident for good."""
-        slot = self.pool.acquire(name, self.load_now(name))
-        if slot is None:
-            raise ValueError(f"no free MoE slot to pin {name!r} (moe.slots={self.pool.num_slots})")
-        self.pool.pinned.add(name)
-        self.pool.release(name)
-
-    def load_now(self, name: str) -> HostMoE:
-        """Read ``name`` synchronously (tests, benchmarks, pinning)."""
-        self.prefetch(name)
-        host = self._host_copy(name, block=True)
-        if host is None:
-            raise AdapterError(f"MoE adapter {name!r} did not load")
-        return host
+        self.pool.pin(name, self.load_now(name), "moe.slots")

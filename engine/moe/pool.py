@@ -9,7 +9,6 @@ overwrite in place, so captured CUDA graphs read the current adapters.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 import torch
 
@@ -17,12 +16,13 @@ from engine.lora.delta import LayerKey
 from engine.lora.layout import LoRALayout
 from engine.moe.config import MoEConfig
 from engine.moe.host import HostMoE
+from engine.slots import SlotTable
 from kernels.lora_batch import LoRAWeights
 
 logger = logging.getLogger(__name__)
 
 
-class MoEPool:
+class MoEPool(SlotTable[HostMoE]):
     """Expert storage per group: a [layers, slots * E, n_slices, R, in], b [layers, slots * E, out, R].
 
     Routers (fp32): ``global_router`` [slots, layers * E, hidden] (pre-gated) and ``site_router[group]``
@@ -33,11 +33,13 @@ class MoEPool:
     adapters directory holds MoE-LoRA adapters, so the KV cache is sized after it) or else on the first load.
     """
 
+    kind = "MoE adapter"
+
     def __init__(self, layout: LoRALayout, config: MoEConfig, hidden_size: int, device: torch.device,
                  dtype: torch.dtype) -> None:
+        super().__init__(config.slots)
         self.layout, self.device, self.dtype, self.hidden_size = layout, device, dtype, hidden_size
-        self.num_slots, self.experts, self.top_k, self.max_rank = (config.slots, config.max_experts,
-                                                                   config.max_top_k, config.max_rank)
+        self.experts, self.top_k, self.max_rank = config.max_experts, config.max_top_k, config.max_rank
         n = self.num_slots * self.experts
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
@@ -50,13 +52,6 @@ class MoEPool:
         self.expert_scales = torch.zeros(n, **f32)
         self.logit_bias = torch.zeros(self.num_slots, self.experts, **f32)
         self.pair_live = torch.zeros(self.num_slots, self.top_k, dtype=torch.bool, device=device)
-        self.slot_of: dict[str, int] = {}
-        self.host_in: list[HostMoE | None] = [None] * self.num_slots
-        self.refs = [0] * self.num_slots
-        self.pinned: set[str] = set()
-        self.lru: OrderedDict[str, None] = OrderedDict()  # idle resident adapters, least recent first
-        self.loads = 0
-        self.evictions = 0
 
     @property
     def allocated(self) -> bool:
@@ -90,16 +85,10 @@ class MoEPool:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def routing_of(self, slot: int) -> str:
-        host = self.host_in[slot]
+        host = self.occupant[slot]
         if host is None:
             raise ValueError(f"MoE slot {slot} is empty")
         return host.spec.routing
-
-    def resident(self) -> list[str]:
-        return sorted(self.slot_of)
-
-    def has_empty_slot(self) -> bool:
-        return None in self.host_in
 
     def fits(self, host: HostMoE) -> str | None:
         """Why ``host`` cannot live in this pool, or None."""
@@ -110,40 +99,6 @@ class MoEPool:
             return f"routes to top-{spec.top_k}, over the pool's max_top_k {self.top_k}"
         if spec.rank > self.max_rank:
             return f"has rank {spec.rank}, over the pool's max_rank {self.max_rank}"
-        return None
-
-    def acquire(self, name: str, host: HostMoE | None) -> int | None:
-        """The slot holding ``name`` with one more user; loads ``host`` into a free or evicted slot if needed."""
-        slot = self.slot_of.get(name)
-        if slot is None:
-            if host is None:
-                return None
-            slot = self._free_slot()
-            if slot is None:
-                return None
-            self._write(slot, host)
-        self.refs[slot] += 1
-        self.lru.pop(name, None)
-        return slot
-
-    def release(self, name: str) -> None:
-        slot = self.slot_of[name]
-        self.refs[slot] -= 1
-        if self.refs[slot] == 0:
-            self.lru[name] = None
-
-    def _free_slot(self) -> int | None:
-        for slot, host in enumerate(self.host_in):
-            if host is None:
-                return slot
-        for name in self.lru:
-            if name not in self.pinned:
-                slot = self.slot_of.pop(name)
-                del self.lru[name]
-                self.host_in[slot] = None
-                self.evictions += 1
-                logger.debug("evicted MoE adapter %s from slot %d", name, slot)
-                return slot
         return None
 
     def _write(self, slot: int, host: HostMoE) -> None:
@@ -171,6 +126,4 @@ class MoEPool:
         self.expert_scales[lo:lo + e].copy_(torch.where(live, spec.scaling, 0.0).float())
         self.logit_bias[slot].copy_(torch.where(live, 0.0, float("-inf")))
         self.pair_live[slot].copy_(torch.arange(self.top_k) < spec.top_k)
-        self.slot_of[host.name] = slot
-        self.host_in[slot] = host
-        self.loads += 1
+        self._occupy(slot, host.name, host)

@@ -7,15 +7,13 @@ start from a measured prior and then follow the engine's measured steps (exponen
 from __future__ import annotations
 
 import logging
-import statistics
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from engine.device import synchronize
+from engine.device import median_time
 from engine.lora.pool import AdapterPool
 from engine.model.layers import AdaptedLinear
 from kernels.backend import LoRABackend
@@ -89,18 +87,6 @@ class CostModel:
             self.prefill_token_s += a * (per_token - self.prefill_token_s)
 
 
-def _median_time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @torch.inference_mode()
 def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, op: LoRABackend,
               switch_s: float, reps: int = 5) -> CostModel:
@@ -123,11 +109,11 @@ def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, 
             x = torch.randn(tokens, lin.in_dim, device=device, dtype=dtype)  # [tokens, in]
             y = torch.zeros(tokens, lin.weight.shape[0], device=device, dtype=dtype)  # [tokens, out_total]
             cases.append((y, x, pool.weights(key)))
-        return _median_time(lambda: [op.add_lora(y, x, w, batch) for y, x, w in cases], device, reps) * layers
+        return median_time(lambda: [op.add_lora(y, x, w, batch) for y, x, w in cases], device, reps) * layers
 
     def base_time(tokens: int) -> float:
         xs = [(torch.randn(tokens, lin.in_dim, device=device, dtype=dtype), lin) for lin in layer0.values()]
-        return _median_time(lambda: [F.linear(x, lin.weight) for x, lin in xs], device, reps) * layers
+        return median_time(lambda: [F.linear(x, lin.weight) for x, lin in xs], device, reps) * layers
 
     one, many, long = lora_time(8, 1), lora_time(8, n_adapters), lora_time(512, 1)
     per_segment = max(many - one, 0.0) / (max(n_adapters - 1, 1) * rank)

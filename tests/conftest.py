@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -68,3 +69,14 @@ def tiny_checkpoint(tmp_path_factory):
     for name, (rank, alpha, rslora, seed) in TINY_ADAPTERS.items():
         tiny.save_random_adapter(model, root / "adapters" / name, rank, alpha, seed=seed, use_rslora=rslora)
     return root
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
+    """Poll ``predicate`` until it returns a truthy value; fail the test with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from engine.config import EngineConfig
 from pipeline.config import IngestConfig, ServiceConfig, WorkerConfig
 from pipeline.transport import Transport
+from tests.conftest import wait_for  # noqa: F401  (the pipeline tests import it from here)
 
 REPO = Path(__file__).resolve().parents[2]
 TASK_ADAPTERS = {"detection": "ad8", "captioning": "ad4", "vqa": "ad16", "counting": "ad8", "grounding": "ad4"}
@@ -101,17 +101,6 @@ def procs(tmp_path):
     p = Procs(tmp_path)
     yield p
     p.kill_all()
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll ``predicate`` until it returns a truthy value; fail the test with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 class Threads:

@@ -17,7 +17,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from apps.datasets.synth import write_clip
 from apps.tasks import load_output
 from pipeline.redis_server import free_port
 from pipeline.transport import Transport
+from tests.conftest import wait_for
 from ui.overlay import class_color
 
 from .adapter_training import train_detection_adapter
@@ -106,16 +106,6 @@ def browser_page(tmp_path):
             yield context.new_page()
         finally:
             context.close()
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def shot(page, name: str) -> Path:

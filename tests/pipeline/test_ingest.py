@@ -6,6 +6,9 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from pipeline.frames import decode_jpeg
 from pipeline.ingest import IngestManager, Ingestor
@@ -98,22 +101,48 @@ def test_stop_while_connecting(transport, clip, ingest_cfg):
         silent.close()
 
 
-def test_http_source(transport, clip, ingest_cfg):
-    """A clip served over HTTP is read as a live source: frames flow, and its end counts as a disconnect."""
+def _http_server(directory: Path):
+    """A real HTTP server on a free port serving ``directory``, in a daemon thread."""
     import functools
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(clip.parent))
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(directory))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _hls_copy(clip: Path, out_dir: Path) -> Path:
+    """The clip remuxed (no re-encode) into an HLS playlist with its MPEG-TS segments, by FFmpeg through PyAV."""
+    import av
+
+    playlist = out_dir / "index.m3u8"
+    with av.open(str(clip)) as src, av.open(str(playlist), "w", format="hls", options={
+            "hls_time": "1", "hls_list_size": "0", "hls_playlist_type": "vod"}) as out:
+        video = src.streams.video[0]
+        stream = out.add_stream_from_template(video)
+        for packet in src.demux(video):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    return playlist
+
+
+@pytest.mark.parametrize("form", ["mp4", "hls"])
+def test_http_source(transport, clip, ingest_cfg, tmp_path, form):
+    """A clip served over HTTP (the MP4 itself, or an HLS playlist of it) is read as a live source: frames flow,
+    and its end counts as a disconnect."""
+    path = clip if form == "mp4" else _hls_copy(clip, tmp_path)
+    server = _http_server(path.parent)
     registry = StreamRegistry(transport, clip.parent)
-    spec = registry.add({"id": "web", "url": f"http://127.0.0.1:{server.server_address[1]}/{clip.name}", "fps": 5})
+    sid = f"web-{form}"
+    spec = registry.add({"id": sid, "url": f"http://127.0.0.1:{server.server_address[1]}/{path.name}", "fps": 5})
     assert spec.kind == "http" and spec.live
     ingestor = Ingestor(spec, transport, registry, ingest_cfg).start()
     try:
-        wait_for(lambda: ingestor.health.reconnects >= 1, 20, "the HTTP clip to be read to its end")
+        wait_for(lambda: ingestor.health.reconnects >= 1, 20, f"the {form} clip to be read to its end")
         assert ingestor.health.frames_published >= 10
-        frame = transport.latest_frame("web")
+        frame = transport.latest_frame(sid)
         assert frame.truth is None and transport.frame_jpeg(frame)
     finally:
         ingestor.stop()

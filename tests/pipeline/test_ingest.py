@@ -141,7 +141,9 @@ def test_http_source(transport, clip, ingest_cfg, tmp_path, form):
     ingestor = Ingestor(spec, transport, registry, ingest_cfg).start()
     try:
         wait_for(lambda: ingestor.health.reconnects >= 1, 20, f"the {form} clip to be read to its end")
-        assert ingestor.health.frames_published >= 10
+        # HTTP delivers the clip faster than real time, and a live source keeps only its newest 8 decoded frames
+        # when publishing falls behind (a busy CPU): what is certain is those 8 frames sampled at 5 of 10 fps.
+        assert ingestor.health.frames_published >= 4
         frame = transport.latest_frame(sid)
         assert frame.truth is None and transport.frame_jpeg(frame)
     finally:

@@ -69,6 +69,20 @@ def test_merged_mode_gives_the_unmerged_tokens(make_engine, unmerged):
     assert engine.health()["mode_switches"] >= len(ADAPTERS)
 
 
+def test_merged_only_runs_no_lora_while_adapters_load(make_engine, unmerged):
+    """Slow adapter reads: while the served group's adapter loads, other groups wait instead of running unmerged."""
+    import time
+
+    engine = make_engine(policy="merged-only")
+    read = engine.lora._read
+    engine.lora._read = lambda *args: time.sleep(0.3) or read(*args)
+    calls, add_lora = [], engine.lora.op.add_lora
+    engine.lora.op.add_lora = lambda *args: calls.append(args) or add_lora(*args)
+    results = engine.generate(requests())
+    assert [r.token_ids for r in results] == unmerged
+    assert {r.mode for r in results} == {"merged"} and not calls
+
+
 @pytest.mark.parametrize("policy", ["valora", "dlora"])
 def test_policies_give_the_unmerged_tokens(make_engine, unmerged, policy):
     results = make_engine(policy=policy).generate(requests())

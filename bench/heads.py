@@ -1,9 +1,10 @@
-"""Task heads vs decoding on the `hf` engine (CPU): latency and accuracy of counting and detection, per path.
+"""Task heads vs decoding on the `hf` engine (CPU): latency and accuracy of counting, detection and grounding.
 
     python bench/heads.py [--frames 30] [--split test] [--threads 2] [--json PATH]
 
-Both paths use the same shipped adapter (trained jointly on the text format and the head), one request at a
-time, so the latency is that of one frame at batch 1. The physical floor of the head path is one prefill.
+Both paths use the same shipped adapter, one request at a time (grounding: one per expression), so the latency
+is that of one request at batch 1. The physical floor of the head path is one prefill. An adapter trained with
+`--no-text` learned only its head: its text path is then not a trained path, and says only what decoding costs.
 """
 
 from __future__ import annotations
@@ -37,18 +38,20 @@ def png(image) -> bytes:
 
 
 def run_path(engine, task, adapter: str, frames: FrameSet, use_head: bool) -> dict:
-    latencies, outputs, tokens = [], [], []
+    """One request per item of every frame (grounding: one per expression), one at a time."""
+    latencies, outputs, truths, tokens = [], [], [], []
     for i, truth in enumerate(frames.truths):
-        (request,) = task.requests(ImageRef(id=f"{frames.split}:{i}", jpeg=png(frames.images[i])),
-                                   {"adapter": adapter, "use_head": use_head}, truth)
-        start = time.perf_counter()
-        (result,) = engine.generate([request])
-        latencies.append((time.perf_counter() - start) * 1000.0)
-        if not result.ok:
-            raise RuntimeError(f"{task.name} request failed: {result.error}")
-        outputs.append(task.parse(result, request))
-        tokens.append(result.output_tokens)
-    metrics = task.evaluate(outputs, frames.truths)
+        image = ImageRef(id=f"{frames.split}:{i}", jpeg=png(frames.images[i]))
+        for request in task.requests(image, {"adapter": adapter, "use_head": use_head}, truth):
+            start = time.perf_counter()
+            (result,) = engine.generate([request])
+            latencies.append((time.perf_counter() - start) * 1000.0)
+            if not result.ok:
+                raise RuntimeError(f"{task.name} request failed: {result.error}")
+            outputs.append(task.parse(result, request))
+            truths.append(truth)
+            tokens.append(result.output_tokens)
+    metrics = task.evaluate(outputs, truths)
     return {"path": "head" if use_head else "text", "p50_ms": statistics.median(latencies),
             "mean_ms": statistics.fmean(latencies), "accuracy": next(iter(metrics.values())),
             "metric": task.primary_metric, "output_tokens": statistics.fmean(tokens), "metrics": metrics}
@@ -70,7 +73,7 @@ def main() -> int:
                            heads=load_heads(args.adapters))
     frames = FrameSet(args.split, args.frames)
     rows = {}
-    for name in ("counting", "detection"):
+    for name in ("counting", "detection", "grounding"):
         task = get_task(name)
         adapter, head = manifest.adapter_for(name)
         if head is None:

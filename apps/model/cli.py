@@ -94,7 +94,10 @@ def _training_args(parser: argparse.ArgumentParser, targets_flag: str = "--targe
                         help="Comma-separated language-model projections to adapt.")
     parser.add_argument("--vision", action="store_true", help="Adapt the vision tower and merger too.")
     parser.add_argument("--no-heads", action="store_true", help="Do not train the tasks' heads with the adapter.")
+    parser.add_argument("--no-text", action="store_true",
+                        help="Tasks with a head learn only their head's answers, not the text format.")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="LoRA learning rate.")
+    parser.add_argument("--head-lr", type=float, default=defaults.head_lr, help="Task heads' learning rate.")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="Examples per step.")
     parser.add_argument("--train-frames", type=int, default=1500, help="Training frames (train split).")
     parser.add_argument("--val-frames", type=int, default=60, help="Held-out frames (val split) for scoring.")
@@ -106,8 +109,8 @@ def _recipe(args: argparse.Namespace, tasks: tuple[str, ...], rank: int, steps: 
     from apps.model.recipes import AdapterRecipe
 
     return AdapterRecipe(tasks=tasks, rank=rank, alpha=args.alpha or 2.0 * rank, targets=args.lora_targets,
-                         vision=args.vision, heads=not args.no_heads, steps=steps, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed)
+                         vision=args.vision, heads=not args.no_heads, text=not args.no_text, steps=steps,
+                         batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, seed=args.seed)
 
 
 def _register_adapters(subparsers: argparse._SubParsersAction) -> None:
@@ -146,6 +149,9 @@ def _register_adapters(subparsers: argparse._SubParsersAction) -> None:
     man.add_argument("--base", default="models/base", help="Base checkpoint directory.")
     man.add_argument("--val-frames", type=int, default=60, help="Held-out frames (val split) for scoring.")
     man.add_argument("--out", default="models/adapters", help="Where the adapters and manifest.json go.")
+    man.add_argument("--update", action="store_true",
+                     help="Keep the other adapters of the manifest already in --out (and its trials); the ones "
+                          "given replace those of the same name or serving the same tasks.")
     _common(man)
     man.set_defaults(handler=_manifest)
 
@@ -208,7 +214,8 @@ def _manifest(args: argparse.Namespace) -> int:
         if not sep or not name or not Path(folder).is_dir():
             raise ValueError(f"--adapter takes NAME=DIR with an existing DIR, got {spec!r}")
         folders[name] = Path(folder)
-    manifest = assemble(args.base, folders, args.accuracy, FrameSet("val", args.val_frames), args.out)
+    manifest = assemble(args.base, folders, args.accuracy, FrameSet("val", args.val_frames), args.out,
+                        update=args.update)
     for task, entry in manifest.tasks.items():
         print(f"  {task}: {entry.metric} {entry.accuracy:.2f} (target {entry.target:.1f}) on {entry.adapter}")
     return 0

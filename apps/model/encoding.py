@@ -70,6 +70,7 @@ class Encoder:
         self.image_processor = image_processor
         self.prompts = PromptBuilder(tokenizer, merge_size)
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.vision_start_id = tokenizer.convert_tokens_to_ids("<|vision_start|>")
         self.pad_id = tokenizer.pad_token_id
 
     def pixels(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from apps.model.evaluate import Evaluator, Score
 from apps.model.frames import FrameSet
 from apps.model.manifest import AdapterEntry, Manifest, TaskEntry, folder_bytes
 from apps.model.recipes import AdapterRecipe
-from apps.model.train import load_base, train_adapter
+from apps.model.train import TRAINING_FILE, load_base, train_adapter
 from apps.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -135,15 +135,25 @@ class Fusion:
 
 
 def write_manifest(accepted: list[Candidate], base_dir: Path, val: FrameSet, targets: dict[str, float],
-                   out: Path, trials: list[dict]) -> Manifest:
-    """Copy the accepted adapters to ``out`` and write manifest.json for them."""
+                   out: Path, trials: list[dict], previous: Manifest | None = None) -> Manifest:
+    """Copy the accepted adapters to ``out`` and write manifest.json for them. With ``previous`` (a manifest of
+    the same split and frames), its adapters that no candidate replaces, and the tasks they serve, are kept."""
     out.mkdir(parents=True, exist_ok=True)
     adapters, tasks = {}, {}
+    if previous is not None:
+        if (previous.split, previous.frames) != (val.split, len(val)):
+            raise ValueError(f"the manifest at {out} was scored on {previous.frames} {previous.split} frames, "
+                             f"these adapters on {len(val)} {val.split} frames")
+        replaced = {c.name for c in accepted} | {t for c in accepted for t in c.recipe.tasks}
+        adapters = {n: e for n, e in previous.adapters.items() if n not in replaced
+                    and not replaced & set(e.tasks)}
+        tasks = {t: e for t, e in previous.tasks.items() if e.adapter in adapters}
     for cand in accepted:
         target = out / cand.name
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(cand.path, target)
+        if target.resolve() != cand.path.resolve():  # an adapter already in place is not copied onto itself
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(cand.path, target)
         heads = {t: get_task(t).head for t in cand.recipe.tasks
                  if get_task(t).head and (target / "heads" / f"{get_task(t).head}.json").is_file()}
         adapters[cand.name] = AdapterEntry(
@@ -156,16 +166,25 @@ def write_manifest(accepted: list[Candidate], base_dir: Path, val: FrameSet, tar
                                  target=targets[t], accuracy=round(score.primary, 2),
                                  metrics={k: round(v, 3) for k, v in score.metrics.items()},
                                  met=score.primary >= targets[t])
+    if previous is not None:  # replaced entries keep their place
+        adapters = _in_order(adapters, list(previous.adapters))
+        tasks = _in_order(tasks, list(previous.tasks))
     manifest = Manifest(base=str(base_dir), split=val.split, frames=len(val), adapters=adapters, tasks=tasks,
                         trials=trials)
     manifest.save(out)
     return manifest
 
 
+def _in_order(entries: dict, order: list[str]) -> dict:
+    """``entries`` with the keys in ``order`` first, in that order, then the others."""
+    return {k: entries[k] for k in order if k in entries} | {k: v for k, v in entries.items() if k not in order}
+
+
 def assemble(base_dir: str | Path, folders: dict[str, Path], targets: dict[str, float], val: FrameSet,
-             out: str | Path, trials: list[dict] | None = None) -> Manifest:
+             out: str | Path, trials: list[dict] | None = None, update: bool = False) -> Manifest:
     """A manifest for adapters trained elsewhere (each folder holds recipe.json): every task they serve is
-    scored on ``val`` again, and the folders are copied to ``out`` under the given names."""
+    scored on ``val`` again, and the folders are copied to ``out`` under the given names. ``update``: keep the
+    other adapters of the manifest already in ``out``, and its trials, adding one trial per adapter given."""
     import json
 
     from peft import PeftModel
@@ -189,5 +208,13 @@ def assemble(base_dir: str | Path, folders: dict[str, Path], targets: dict[str, 
             head = load_head(head_file)[1] if get_task(t).head and head_file.is_file() else None
             scores[t] = evaluator.score(get_task(t), val, name, head)
         model = model.unload()
-        candidates.append(Candidate(name, recipe, Path(folder), scores, 0.0))
-    return write_manifest(candidates, Path(base_dir), val, targets, Path(out), list(trials or []))
+        log = folder / TRAINING_FILE
+        seconds = json.loads(log.read_text())["seconds"] if log.is_file() else 0.0
+        candidates.append(Candidate(name, recipe, Path(folder), scores, seconds))
+    previous = Manifest.load(out) if update else None
+    trials = list(trials or []) + (previous.trials if previous is not None else [])
+    if previous is not None:
+        trials += [{"adapter": c.name, "tasks": list(c.recipe.tasks), "rank": c.recipe.rank,
+                    "met": c.meets(targets), "scores": {t: round(s.primary, 2) for t, s in c.scores.items()},
+                    "train_seconds": round(c.seconds, 1), "warm_start": False} for c in candidates]
+    return write_manifest(candidates, Path(base_dir), val, targets, Path(out), trials, previous)

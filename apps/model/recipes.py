@@ -32,6 +32,7 @@ class AdapterRecipe:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     vision: bool = False  # LoRA on the vision tower and merger too (then image features cannot be cached)
     heads: bool = True  # train the tasks' heads jointly with the adapter
+    text: bool = True  # train the text format too; False: a task with a head learns its head's answers only
     steps: int = 400
     batch_size: int = 16
     lr: float = 5e-3

@@ -15,7 +15,8 @@ import torch
 from apps.model import tiny
 from apps.model.encoding import IGNORE, Encoder, Example, prompt_states
 from apps.model.frames import FrameSet
-from apps.model.heads import HEADS_DIR, BoxHead, CountingHead, load_head, save_head
+from apps.model.grid_heads import GridBoxHead, GroundingHead
+from apps.model.heads import HEADS_DIR, CountingHead, load_head, save_head
 from apps.model.recipes import AdapterRecipe
 from apps.tasks import Task, get_task
 from engine.heads import TaskHead
@@ -23,6 +24,7 @@ from engine.heads import TaskHead
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.json"
+TRAINING_FILE = "training.json"  # wall time and final loss of the run that trained an adapter
 REFERENCE_FRAME = 224  # side of the frames the box head's grid is sized for (the synthetic frames)
 VISION_TARGETS = ("qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "merger.mlp.0",
                   "merger.mlp.2")
@@ -54,15 +56,24 @@ def build_head(task: Task, encoder: Encoder, hidden_size: int, adapter: str) -> 
         return None
     if task.head == "counting-head":
         return CountingHead(hidden_size, task.classes, adapter=adapter)
+    # The image tokens of a reference frame: the detector's cells (what follows them is its tail) and the
+    # grounding head's cells.
+    _, grid = encoder.pixels([np.zeros((REFERENCE_FRAME, REFERENCE_FRAME, 3), dtype=np.uint8)])
+    t, h, w = (int(v) for v in grid[0])
+    merge = encoder.prompts.merge_len ** 0.5
+    rows, cols = int(h // merge), int(w // merge)
     if task.head == "detection-head":
-        # The image tokens of a reference frame are the queries; what follows them is the head's tail.
-        _, grid = encoder.pixels([np.zeros((REFERENCE_FRAME, REFERENCE_FRAME, 3), dtype=np.uint8)])
-        t, h, w = (int(v) for v in grid[0])
-        merge = encoder.prompts.merge_len ** 0.5
         ids = encoder.prompts.build(task.prompt(), [[t, h, w]])
         last_image = max(i for i, tok in enumerate(ids) if tok == encoder.prompts.image_token_id)
-        return BoxHead(hidden_size, rows=int(h // merge), cols=int(w // merge), tail=len(ids) - 1 - last_image,
-                       classes=task.classes, adapter=adapter)
+        return GridBoxHead(hidden_size, rows=rows, cols=cols, tail=len(ids) - 1 - last_image, classes=task.classes,
+                           adapter=adapter)
+    if task.head == "grounding-head":
+        # The window reaches back to the first prompt token for the shortest expression (one token).
+        ids = encoder.prompts.build(task.prompt("x"), [[t, h, w]])
+        last_image = max(i for i, tok in enumerate(ids) if tok == encoder.prompts.image_token_id)
+        slack = ids.index(encoder.vision_start_id)
+        return GroundingHead(hidden_size, rows=rows, cols=cols, tail=len(ids) - 1 - last_image + slack, slack=slack,
+                             adapter=adapter)
     raise ValueError(f"no head implementation for {task.head!r} of task {task.name}")
 
 
@@ -73,9 +84,11 @@ def task_examples(task: Task, frames: FrameSet, with_head: bool) -> tuple[list[E
         for item in task.items(truth):
             text.append(Example(task.name, task.prompt(item), None, task.target_text(truth, item), frame=index,
                                 item=item))
-        if with_head:
-            head.append(Example(task.name, task.prompt(), None, head_target=task.head_target(truth),
-                                frame=index))
+            if with_head:
+                # Whole-frame tasks (item None) have one head target per frame; the others one per item.
+                target = task.head_target(truth) if item is None else task.head_target(truth, item)
+                head.append(Example(task.name, task.prompt(item), None, head_target=target, frame=index,
+                                    item=item))
     return text, head
 
 
@@ -119,7 +132,8 @@ class AdapterTrainer:
                 head = load_head(saved)[1]
                 head.adapter = name
             text, head_examples = task_examples(task, frames, head is not None)
-            new_pools = [text] + ([head_examples] if head is not None else [])
+            new_pools = [text] if head is None or recipe.text else []
+            new_pools += [head_examples] if head is not None else []
             if head is not None:
                 self.heads[task.name] = head.train()
             self.pools += new_pools
@@ -178,10 +192,30 @@ class AdapterTrainer:
             index = [i for i, ex in enumerate(examples) if ex.task == task_name and ex.head_target is not None]
             if not index:
                 continue
+            if isinstance(head, GroundingHead):
+                self._calibrate(head, out.hidden_states[-1][index[0]], batch.input_ids[index[0]])
             states = prompt_states(out.hidden_states[-1][index], batch.prompt_lens[index], head.positions)
             targets = [head.target(examples[i].head_target) for i in index]
             loss = loss + head.loss(head(states), targets) * len(index) / len(examples)
         return loss
+
+    def _calibrate(self, head: GroundingHead, hidden: torch.Tensor, ids: torch.Tensor) -> None:
+        """Give a grounding head the <|vision_start|> state of the adapter as it is now; hidden: [seq, dim]."""
+        at = (ids == self.encoder.vision_start_id).nonzero()
+        if len(at) != 1:
+            raise ValueError(f"a grounding prompt holds {len(at)} <|vision_start|> tokens, not one")
+        head.calibrate(hidden[int(at[0, 0])])
+
+    @torch.no_grad()
+    def recalibrate(self) -> None:
+        """Calibrate the grounding heads on the trained adapter (the last step changed it after their last look)."""
+        for task_name, head in self.heads.items():
+            if not isinstance(head, GroundingHead):
+                continue
+            example = next(ex for pool in self.pools for ex in pool if ex.task == task_name)
+            batch = self.encoder.batch([example], self.frames, cached=not self.recipe.vision)
+            out = self.model(**batch.model_inputs(), output_hidden_states=True)
+            self._calibrate(head, out.hidden_states[-1][0], batch.input_ids[0])
 
     def train(self) -> float:
         recipe, start, recent = self.recipe, time.time(), []
@@ -203,6 +237,7 @@ class AdapterTrainer:
         self.model.eval()
         for head in self.heads.values():
             head.eval()
+        self.recalibrate()
         return sum(recent) / max(1, len(recent))
 
     def _base_lrs(self) -> list[float]:
@@ -242,5 +277,6 @@ def train_adapter(base_dir: str | Path, recipe: AdapterRecipe, frames: FrameSet,
     loss = trainer.train()
     path = trainer.save(out_dir)
     seconds = time.time() - start
+    (path / TRAINING_FILE).write_text(json.dumps({"seconds": round(seconds, 1), "final_loss": round(loss, 4)}) + "\n")
     logger.info("trained adapter %s (%s, rank %s) in %.0f s", name, ",".join(recipe.tasks), recipe.rank, seconds)
     return TrainResult(name, path, recipe, seconds, loss), trainer

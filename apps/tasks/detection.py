@@ -19,7 +19,7 @@ MAX_DETECTIONS = 100  # as COCO's maxDets; anything past it is dropped and flags
 _ITEM = re.compile(r"([a-z][a-z _-]{0,39}?) +([0-9]{1,3}) +([0-9]{1,3}) +([0-9]{1,3}) +([0-9]{1,3})")
 
 
-def _valid_box(box: Any) -> list[float] | None:
+def valid_box(box: Any) -> list[float] | None:
     """A finite, ordered, non-empty [0, 1] box from head output, or None."""
     if not isinstance(box, list | tuple) or len(box) != 4:
         return None
@@ -89,7 +89,7 @@ class DetectionTask(Task):
             return DetectionOutput(parse_error=True, source="head")
         detections, error = [], False
         for entry in entries:
-            box = _valid_box(entry.get("box")) if isinstance(entry, Mapping) else None
+            box = valid_box(entry.get("box")) if isinstance(entry, Mapping) else None
             cls = entry.get("cls") if isinstance(entry, Mapping) else None
             score = entry.get("score", 1.0) if isinstance(entry, Mapping) else None
             ok_score = isinstance(score, int | float) and not isinstance(score, bool) and math.isfinite(score)

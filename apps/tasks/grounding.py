@@ -8,6 +8,7 @@ from typing import Any
 
 from apps.datasets.schema import FrameTruth
 from apps.tasks.base import RAW_LIMIT, Task, clean_text
+from apps.tasks.detection import valid_box
 from apps.tasks.metrics.boxes import GRID, format_grid, from_grid, iou, normalise, to_grid
 from apps.tasks.output import GroundingOutput, TaskOutput
 from apps.tasks.vqa import check_strings
@@ -26,6 +27,7 @@ def _grid_box(match: re.Match[str]) -> list[float] | None:
 class GroundingTask(Task):
     name = "grounding"
     default_adapter = "grounding"
+    head = "grounding-head"
     metrics = ("acc50",)
     metric_labels = {"acc50": "Acc@0.5 IoU"}
     prompt_template = "locate: {item}"
@@ -49,6 +51,18 @@ class GroundingTask(Task):
         if ref is None:
             raise ValueError(f"frame {truth.frame} has no referring expression {item!r}")
         return format_grid(to_grid(ref.box, truth.width, truth.height))
+
+    def head_target(self, truth: FrameTruth, item: str) -> dict[str, Any]:
+        """What a perfect grounding head returns for this frame and expression."""
+        ref = truth.ref_for(item)
+        if ref is None:
+            raise ValueError(f"frame {truth.frame} has no referring expression {item!r}")
+        return {"box": normalise(ref.box, truth.width, truth.height), "score": 1.0}
+
+    def parse_head(self, head_output: Mapping[str, Any]) -> GroundingOutput:
+        """Head format: {"box": [x1, y1, x2, y2] in [0, 1], "score": float}; a malformed box is a parse error."""
+        box = valid_box(head_output.get("box")) if isinstance(head_output, Mapping) else None
+        return GroundingOutput(box=box, parse_error=box is None, source="head")
 
     def parse_text(self, text: str, item: str | None = None) -> GroundingOutput:
         """Exactly four grid integers; otherwise the first four-integer run is used and parse_error is set."""

@@ -45,7 +45,8 @@ def test_packs_tasks_and_starts_a_new_adapter_for_one_that_does_not_fit(micro):
         ("fused-1", ("counting",), 4, False),  # ... grown to the larger rank
     ]
     assert [t["warm_start"] for t in manifest.trials] == [False, True, True, True, False, False]
-    assert manifest.adapters["fused-0"].rank == 2 and manifest.adapters["fused-0"].heads == {}
+    assert manifest.adapters["fused-0"].rank == 2
+    assert manifest.adapters["fused-0"].heads == {"grounding": "grounding-head"}
     assert manifest.adapters["fused-1"].heads == {"counting": "counting-head"}
     assert manifest.tasks["counting"].head == "counting-head" and manifest.tasks["vqa"].head is None
     assert manifest.tasks["counting"].adapter == "fused-1" and not manifest.tasks["counting"].met
@@ -68,7 +69,27 @@ def test_writes_peft_adapters_heads_and_a_manifest_that_loads(micro):
         assert entry.size_bytes == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         model = PeftModel.from_pretrained(load_base(root / "base")[0], folder)
         assert any("lora_A" in n for n, _ in model.named_parameters())
-    assert set(load_heads(root / "adapters")) == {"counting-head"}
+    assert set(load_heads(root / "adapters")) == {"counting-head", "grounding-head"}
+
+
+def test_manifest_update_replaces_one_adapter_and_keeps_the_others(micro, tmp_path):
+    import shutil
+
+    from apps.model.frames import FrameSet
+    from apps.model.fusion import assemble
+
+    root, _, manifest = micro
+    out = tmp_path / "adapters"
+    shutil.copytree(root / "adapters", out)
+    updated = assemble(root / "base", {"fused-1": root / "adapters" / "fused-1"}, {"counting": 0}, FrameSet("val", 2),
+                       out, update=True)
+    assert updated.adapters["fused-0"] == manifest.adapters["fused-0"] and updated.tasks["vqa"] == manifest.tasks["vqa"]
+    assert updated.tasks["counting"].target == 0 and updated.tasks["counting"].met
+    assert updated.trials[:-1] == manifest.trials and updated.trials[-1]["adapter"] == "fused-1"
+    assert Manifest.load(out) == updated
+    with pytest.raises(ValueError, match="scored on 2 val frames"):
+        assemble(root / "base", {"fused-1": root / "adapters" / "fused-1"}, {"counting": 0}, FrameSet("val", 3), out,
+                 update=True)
 
 
 def test_config_is_validated():

@@ -71,7 +71,7 @@ def test_heads_load_and_fit_their_prompts(manifest):
 
 
 def test_adapters_beat_the_base_on_a_few_val_frames(manifest):
-    """Cheap tasks only (a head and one-word answers), on 6 frames."""
+    """Cheap tasks only (heads and one-word answers), on 6 frames."""
     from apps.model.evaluate import Evaluator
     from apps.model.frames import FrameSet
     from apps.model.report import load_served
@@ -79,7 +79,7 @@ def test_adapters_beat_the_base_on_a_few_val_frames(manifest):
     model, encoder, heads, _ = load_served(BASE, ADAPTERS)
     evaluator = Evaluator(model, encoder)
     frames = FrameSet("val", 6)
-    for task in ("counting", "vqa"):
+    for task in ("counting", "vqa", "detection", "grounding"):
         adapter, head = manifest.adapter_for(task)
         base = evaluator.score(TASKS[task], frames, None)
         tuned = evaluator.score(TASKS[task], frames, adapter, heads[head] if head else None)

@@ -3,6 +3,8 @@ and adapters saved in PEFT format that reproduce the trained model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -72,7 +74,8 @@ def test_saved_adapter_reproduces_the_trained_model(base, tmp_path):
     recipe = AdapterRecipe(tasks=("vqa",), rank=4, steps=3, batch_size=4, lr=1e-2)
     _, trainer = train_adapter(root, recipe, frames, tmp_path / "a", "a", base_parts=(model, tokenizer, processor))
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors", "recipe.json"]
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "recipe.json", "training.json"]
+    assert json.loads((tmp_path / "a" / "training.json").read_text())["seconds"] > 0
     batch = trainer.encoder.batch([Example("vqa", "question: is there a bus?", None, frame=0)], frames)
     with torch.no_grad():
         trained = trainer.model(**batch.model_inputs()).logits

@@ -129,6 +129,11 @@ def test_malformed_head_outputs_never_raise(name):
         {"detections": [{"cls": 3, "box": [0.1, 0.1, 0.2, 0.2]}, "junk"]},
         {"counts": {"car": -2, "bus": 10**9, "truck": float("nan"), "bicycle": "3", "person": True}},
         {"counts": ["car", 1]},
+        {"box": [0.1, 0.2, 0.3, "x"], "score": 0.5},
+        {"box": [0.1, 0.2, 0.3, 0.4, 0.5]},
+        {"box": {"x1": 0.1}},
+        {"box": None, "score": 0.0},
+        {"box": [0.5, 0.5, 0.4, 0.6], "score": 0.9},
     ]
     for _ in range(800):
         structured.append(_random_json(rng))

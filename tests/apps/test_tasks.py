@@ -41,7 +41,7 @@ def test_registry_names_and_metadata():
         assert task.name == name and task.default_adapter == name
         assert task.primary_metric == task.metrics[0] and set(task.metric_labels) == set(task.metrics)
     assert TASKS["detection"].head == "detection-head" and TASKS["counting"].head == "counting-head"
-    assert TASKS["vqa"].head is None
+    assert TASKS["grounding"].head == "grounding-head" and TASKS["vqa"].head is None
 
 
 def test_requests_carry_adapter_prompt_image_and_item(truths):
@@ -140,6 +140,19 @@ def test_grid_text_costs_some_map_at_strict_iou_but_exact_head_boxes_score_100(t
     counting = TASKS["counting"]
     heads = [counting.parse_head(counting.head_target(t)) for t in truths]
     assert not any(h.parse_error for h in heads) and counting.evaluate(heads, truths) == {"accuracy": 100.0, "mae": 0.0}
+
+
+def test_exact_grounding_head_boxes_score_100_and_bad_boxes_are_parse_errors(truths):
+    grounding = TASKS["grounding"]
+    pairs = [(t, ref.expr) for t in truths for ref in t.refs]
+    heads = [grounding.parse(EngineResult(request_id="r", head_output=grounding.head_target(t, e),
+                                          meta={"item": e})) for t, e in pairs]
+    assert pairs and not any(h.parse_error for h in heads) and all(h.source == "head" for h in heads)
+    assert grounding.evaluate(heads, [t for t, _ in pairs]) == {"acc50": 100.0}
+    with pytest.raises(ValueError, match="no referring expression"):
+        grounding.head_target(truths[0], "the purple horse")
+    assert grounding.parse_head({"box": [0.5, 0.5, 0.4, 0.6]}).parse_error
+    assert grounding.parse_head({"box": None, "score": 0.0}).parse_error
 
 
 def _frame(objects: list[tuple[str, str, list[float]]], **extra) -> FrameTruth:

@@ -12,7 +12,6 @@ from apps.datasets import language
 from apps.datasets.painter import draw_background, render
 from apps.datasets.scene import Scene
 from apps.datasets.schema import FrameTruth, ObjectTruth
-from apps.datasets.video import VideoWriter
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +138,8 @@ def write_clip(
         raise ValueError(f"output path exists and is not a directory: {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     width, height = parse_size(size)
+    from apps.datasets.video import VideoWriter  # PyAV only where a clip is written: stills need none
+
     video = out_dir / f"traffic-{seed}.mp4"
     sidecar = sidecar_path(video)
     with VideoWriter(video, width, height, fps) as writer, sidecar.open("w", encoding="utf-8") as truth_file:

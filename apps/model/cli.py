@@ -48,6 +48,8 @@ def _register_model(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="Tokenizer vocabulary size.")
     pre.add_argument("--save-every", type=int, default=defaults.save_every, help="Steps between saved states.")
     pre.add_argument("--seed", type=int, default=defaults.seed, help="Initialisation seed.")
+    pre.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="Where to train; auto: the GPU when one is present (--threads then only sets CPU work).")
     _common(pre)
     pre.set_defaults(handler=_pretrain)
 
@@ -60,7 +62,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(preset=args.preset, vocab_size=args.vocab_size, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, save_every=args.save_every, seed=args.seed)
     start = time.time()
-    out = pretrain(args.out, args.work, cfg)
+    out = pretrain(args.out, args.work, cfg, args.device)
     print(f"wrote the base model to {out} in {time.time() - start:.0f} s")
     return 0
 

@@ -57,14 +57,15 @@ def examples(split: str, start: int, count: int, seed: int, size: int) -> list[E
 class Pretrainer:
     """Builds (or resumes) the model and steps through batches of fresh synthetic stills."""
 
-    def __init__(self, work_dir: Path, cfg: PretrainConfig) -> None:
+    def __init__(self, work_dir: Path, cfg: PretrainConfig, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
         self.work = Path(work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.step = 0
         self._init_tokenizer()
         self.processor = tiny.image_processor(cfg.preset)
-        self.model = tiny.build_model(cfg.preset, self.tokenizer, seed=cfg.seed).train()
+        self.model = tiny.build_model(cfg.preset, self.tokenizer, seed=cfg.seed).train().to(self.device)
         self.encoder = Encoder(self.tokenizer, self.processor, self.model.config.vision_config.spatial_merge_size)
         self.optimizer = _optimizer(self.model, cfg)
         self._resume()
@@ -85,7 +86,7 @@ class Pretrainer:
         path = self.work / STATE_FILE
         if not path.is_file():
             return
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location=self.device)
         mine = {k: v for k, v in asdict(self.cfg).items() if k not in RESUMABLE_CHANGES}
         theirs = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
         if mine != theirs:
@@ -113,8 +114,8 @@ class Pretrainer:
         for i in range(0, len(batch_examples), size):
             part = batch_examples[i : i + size]
             batch = self.encoder.batch(part)
-            logits = self.model(**batch.model_inputs()).logits  # logits: [micro batch, seq, vocab]
-            loss = shifted_loss(logits, batch.labels) * len(part) / len(batch_examples)
+            logits = self.model(**self._inputs(batch)).logits  # logits: [micro batch, seq, vocab]
+            loss = shifted_loss(logits, batch.labels.to(self.device)) * len(part) / len(batch_examples)
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -129,7 +130,8 @@ class Pretrainer:
         losses = []
         for i in range(0, len(self.val), 16):
             batch = self.encoder.batch(self.val[i : i + 16])
-            losses.append(float(shifted_loss(self.model(**batch.model_inputs()).logits, batch.labels)))
+            logits = self.model(**self._inputs(batch)).logits
+            losses.append(float(shifted_loss(logits, batch.labels.to(self.device))))
         self.model.train()
         return sum(losses) / len(losses)
 
@@ -137,10 +139,14 @@ class Pretrainer:
     def sample(self, example: Example, max_new_tokens: int = 96) -> str:
         self.model.eval()
         batch = self.encoder.batch([Example(example.task, example.prompt, example.image)])
-        out = self.model.generate(**batch.model_inputs(), max_new_tokens=max_new_tokens, do_sample=False,
+        out = self.model.generate(**self._inputs(batch), max_new_tokens=max_new_tokens, do_sample=False,
                                   eos_token_id=self.encoder.eos_id, pad_token_id=self.encoder.pad_id)
         self.model.train()
         return self.tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True)
+
+    def _inputs(self, batch) -> dict:
+        """The batch's model inputs on the training device."""
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.model_inputs().items()}
 
     def run(self) -> None:
         cfg = self.cfg
@@ -160,16 +166,19 @@ class Pretrainer:
 
     def export(self, out_dir: Path, dtype: torch.dtype = torch.float16) -> Path:
         """Write the HF checkpoint (weights stored in ``dtype``; they load in fp32 through transformers)."""
-        self.model.to(dtype)
+        self.model.to("cpu", dtype)
         try:
             return tiny.save_checkpoint(out_dir, self.model, self.tokenizer, self.processor)
         finally:
-            self.model.float()
+            self.model.to(self.device, torch.float32)
 
 
-def pretrain(out_dir: str | Path, work_dir: str | Path, cfg: PretrainConfig) -> Path:
-    """Train (or finish training) the base model and write it to ``out_dir``."""
+def pretrain(out_dir: str | Path, work_dir: str | Path, cfg: PretrainConfig, device: str = "auto") -> Path:
+    """Train (or finish training) the base model on ``device`` ('auto': CUDA when present) and write it to
+    ``out_dir``."""
     torch.manual_seed(cfg.seed)
-    trainer = Pretrainer(Path(work_dir), cfg)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    trainer = Pretrainer(Path(work_dir), cfg, device)
     trainer.run()
     return trainer.export(Path(out_dir))

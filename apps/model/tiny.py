@@ -9,30 +9,17 @@ from typing import Any
 
 import torch
 
+from engine.model.dummy_tokenizer import CHAT_TEMPLATE
+from engine.model.dummy_tokenizer import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
+
 logger = logging.getLogger(__name__)
 
 # Qwen2-VL's special tokens, in this order, so ids 0..6 are fixed across our tokenizers.
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+SPECIAL_TOKENS = list(QWEN_SPECIAL_TOKENS)
+
 # Query positions for task heads (a DETR-style box head reads one hidden state per query). Distinct tokens keep
 # distinct embeddings, which is what tells the queries apart; the base model never sees them in pretraining.
 QUERY_TOKENS = [f"<|query_{i}|>" for i in range(16)]
-
-# Qwen's chat format, without the default system prompt (every token costs on a 2-core CPU).
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # Architecture presets. head_dim / 2 must equal sum(mrope_section).
 PRESETS: dict[str, dict[str, Any]] = {

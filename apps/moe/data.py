@@ -7,15 +7,12 @@ image pad per merged patch). The vision tower is frozen, so each frame's image f
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from apps.datasets.schema import FrameTruth
-from apps.datasets.splits import SynthDataset
+from apps.model.frames import FrameSet
 from apps.tasks import get_task
 from engine.prompt import PromptBuilder
 
@@ -36,21 +33,8 @@ class Example:
     target: str | None = None
 
 
-class Frames:
-    """n stills of a split with their truths, pixels and (once ``encode`` ran) frozen image features."""
-
-    def __init__(self, split: str, n: int, seed: int = 0, size: int = 224) -> None:
-        start = time.time()
-        data = SynthDataset(split, n, seed=seed, size=size)
-        samples = [data[i] for i in range(n)]
-        self.images: list[np.ndarray] = [s.image for s in samples]  # each [height, width, 3] uint8
-        self.truths: list[FrameTruth] = [s.truth for s in samples]
-        self.features: list[torch.Tensor] | None = None  # each [image tokens, hidden]
-        self.grids: torch.Tensor | None = None  # [n, 3]
-        logger.info("drew %s %s frames in %.1f s", n, split, time.time() - start)
-
-    def __len__(self) -> int:
-        return len(self.truths)
+class Frames(FrameSet):
+    """n stills of a split with their truths and pixels; ``encode`` here takes the HF model and its processor."""
 
     @torch.no_grad()
     def encode(self, hf_model, processor, batch_size: int = 32) -> None:

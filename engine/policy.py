@@ -91,6 +91,11 @@ class ModePolicy(ABC):
         """Leave the weights as they are and hold nobody."""
         return ModeDecision() if merged is None else ModeDecision("mixture", merged)
 
+    def while_loading(self, view: QueueView) -> ModeDecision:
+        """The decided adapter's slot is not ready yet (its weights are loading): the weights stay as they are
+        (``view.merged``) and, by default, everyone runs."""
+        return self.keep(view.merged)
+
 
 POLICIES: dict[str, type[ModePolicy]] = {}
 POLICY_MODULES = {"valora": "engine.orchestrator.valora", "dlora": "engine.orchestrator.dlora",

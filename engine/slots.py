@@ -8,6 +8,7 @@ thread) in a bounded LRU cache and moves them into a ``SlotTable``. Subclasses s
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from enum import Enum
@@ -28,7 +29,7 @@ class SlotStatus(Enum):
     NO_SLOT = "no_slot"  # every slot is held by running sequences or pinned
 
 
-class SlotTable(Generic[Host]):
+class SlotTable(ABC, Generic[Host]):
     """Slot bookkeeping: a slot in use by a running sequence is never evicted; an idle one goes least recently
     used first, unless its adapter is pinned. Subclasses implement ``_write`` (copy a host adapter into a slot),
     which ends with ``_occupy``."""
@@ -99,11 +100,12 @@ class SlotTable(Generic[Host]):
                 return slot
         return None
 
+    @abstractmethod
     def _write(self, slot: int, host: Host) -> None:
-        raise NotImplementedError
+        """Copy ``host`` into ``slot`` and record it with ``_occupy``."""
 
 
-class HostLoader(Generic[Host]):
+class HostLoader(ABC, Generic[Host]):
     """Host copies of adapters, read ahead by one background thread, kept in an LRU cache of ``host_capacity``.
 
     Subclasses set ``pool`` (a SlotTable) and implement ``spec`` (AdapterError for a bad name) and ``_read``
@@ -120,11 +122,13 @@ class HostLoader(Generic[Host]):
         self._loading: dict[str, Future[Host]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
 
+    @abstractmethod
     def spec(self, name: str) -> Any:
-        raise NotImplementedError
+        """The adapter's spec; AdapterError for an unknown or malformed one."""
 
+    @abstractmethod
     def _read(self, spec: Any, pin_memory: bool) -> Host:
-        raise NotImplementedError
+        """Read the adapter into host memory (runs on the loader thread)."""
 
     def prefetch(self, name: str) -> None:
         """Start reading ``name`` into host memory unless it is there, resident or on its way."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.orchestrator import demand
-from engine.policy import ModeDecision, ModePolicy, PolicyContext, QueueView, register_policy
+from engine.policy import ModeDecision, ModePolicy, QueueView, register_policy
 
 
 @register_policy("merged-only")
@@ -16,14 +16,9 @@ class MergedOnlyPolicy(ModePolicy):
     (and non-mergeable adapters' requests) form the group served on the base weights.
     """
 
-    def __init__(self, ctx: PolicyContext) -> None:
-        super().__init__(ctx)
-        self._seqs: list = []  # the queue of the last decision
-
     def decide(self, view: QueueView) -> ModeDecision:
-        self._seqs = [*view.running, *view.waiting]
         state = self.ctx.state
-        seqs = self._seqs
+        seqs = [*view.running, *view.waiting]
         if not seqs:
             return ModeDecision("merged", view.merged)
         oldest = min(view.running or view.waiting, key=lambda s: s.clock.arrived)
@@ -34,9 +29,8 @@ class MergedOnlyPolicy(ModePolicy):
             held |= {s.seq_id for s in view.waiting if s.clock.arrived > cutoff}
         return ModeDecision("merged", served, frozenset(held))
 
-    def keep(self, merged: str | None) -> ModeDecision:
-        """The served group's weights are not ready (its adapter is still loading): stay on ``merged`` and run
-        only its group, so that no request runs multi-LoRA work meanwhile."""
+    def while_loading(self, view: QueueView) -> ModeDecision:
+        """Only the merged group runs while the next group's adapter loads, so no request runs multi-LoRA work."""
         state = self.ctx.state
-        held = {s.seq_id for s in self._seqs if demand.group(s, state) != merged}
-        return ModeDecision("merged", merged, frozenset(held))
+        held = {s.seq_id for s in [*view.running, *view.waiting] if demand.group(s, state) != view.merged}
+        return ModeDecision("merged", view.merged, frozenset(held))

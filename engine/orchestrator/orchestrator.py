@@ -30,8 +30,8 @@ class Orchestrator:
       merged, so an idle merged adapter is unmerged when a waiting request needs a slot and none is free;
     - a decision that would hold back every request is served without holds (the engine never stalls);
     - if the merged adapter's slot cannot be had yet (its weights are still loading), the weights stay as they
-      are and the policy says who runs meanwhile (``keep``: everyone, except under `merged-only`, which runs only
-      the current group while the load is in flight).
+      are and the policy says who runs meanwhile (``while_loading``: everyone, except under `merged-only`, which
+      runs only the current group while the load is in flight).
     """
 
     def __init__(self, policy: str, lora: LoRAManager, linears: dict[tuple[int, str], AdaptedLinear],
@@ -77,13 +77,13 @@ class Orchestrator:
             return 0
 
     def decide(self, running: Sequence[Seq], waiting: Sequence[Seq]) -> ModeDecision:
-        decision = self.policy.decide(QueueView(running, waiting, self.state.merged, self.clock()))
-        decision = self._guard(decision, running, waiting)
+        view = QueueView(running, waiting, self.state.merged, self.clock())
+        decision = self._guard(self.policy.decide(view), running, waiting)
         if decision.merged_adapter != self.state.merged and not self.switch_to(decision.merged_adapter):
-            decision = self.policy.keep(self.state.merged)
+            decision = self.policy.while_loading(view)
             if (decision.held and not self.lora.loads_in_flight()
                     and not any(decision.admits(s) for s in [*running, *waiting])):
-                decision = ModePolicy.keep(self.policy, self.state.merged)  # nothing to wait for: never stall
+                decision = self.policy.keep(self.state.merged)  # nothing to wait for: never stall
         return decision
 
     def _guard(self, decision: ModeDecision, running: Sequence[Seq], waiting: Sequence[Seq]) -> ModeDecision:

@@ -108,12 +108,12 @@ class MergePlan:
 
     @staticmethod
     def _aligned(target: MergeTarget) -> bool:
-        """Every row start of W, base, A and B is 16-byte aligned (lets the kernel vectorise table addresses)."""
+        """Row starts of W, base, A and B and the column count are 16-byte multiples (vector loads from table values)."""
         lora, w = target.lora, target.weight
         base = target.base if target.base is not None else w
         size = w.element_size()
         pointers = [w.data_ptr(), base.data_ptr(), lora.a.data_ptr(), lora.b.data_ptr()]
-        strides = [w.stride(0), base.stride(0), lora.a.stride(0), lora.a.stride(1), lora.a.stride(2),
+        strides = [w.shape[1], w.stride(0), base.stride(0), lora.a.stride(0), lora.a.stride(1), lora.a.stride(2),
                    lora.b.stride(0), lora.b.stride(1)] + list(lora.slice_bounds)
         return all(p % 16 == 0 for p in pointers) and all(s * size % 16 == 0 and s % 8 == 0 for s in strides)
 

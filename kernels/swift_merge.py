@@ -109,6 +109,9 @@ def _delta_merge_kernel(
         stride_a_rank = tl.multiple_of(stride_a_rank, 8)
         stride_b_slot = tl.multiple_of(stride_b_slot, 8)
         stride_b_row = tl.multiple_of(stride_b_row, 8)
+        # The column count bounds every W and A mask along the contiguous axis: without its divisibility the
+        # masks vary within a 16-byte vector and every load and store is split into 2-byte accesses.
+        n_cols = tl.multiple_of(n_cols, 8)
     offs_m = (local // n_groups) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n_rows_w
     rows64 = offs_m.to(tl.int64)[:, None]

@@ -97,7 +97,10 @@ class ModelRunner:
         hidden = self._forward(inp, sched.is_decode, moe)
         out = RunOutput()
         if inp.sample_rows:
-            logits = self.model.compute_logits(hidden[inp.sample_rows])
+            rows = inp.sample_rows
+            # Decode samples every row: a slice, not a host index list (whose copy to the device waits for the GPU).
+            picked = hidden[rows[0]:rows[-1] + 1] if rows == list(range(rows[0], rows[0] + len(rows))) else hidden[rows]
+            logits = self.model.compute_logits(picked)
             tokens = self.sampler(logits, inp.sample_seqs)
             out.tokens = {seq.seq_id: tok for seq, tok in zip(inp.sample_seqs, tokens, strict=True)}
         for seq, rows in inp.head_rows:

@@ -108,7 +108,7 @@ class MergePlan:
 
     @staticmethod
     def _aligned(target: MergeTarget) -> bool:
-        """Row starts of W, base, A and B and the column count are 16-byte multiples (vector loads from table values)."""
+        """Row starts of W, base, A and B and the column count are 16-byte multiples (vector loads from the table)."""
         lora, w = target.lora, target.weight
         base = target.base if target.base is not None else w
         size = w.element_size()

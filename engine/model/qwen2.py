@@ -38,6 +38,12 @@ class Attention(nn.Module):
         """x: [tokens, hidden] -> [tokens, hidden]."""
         tokens = x.shape[0]
         qkv = self.qkv_proj(x, ctx.deltas)  # [tokens, (heads + 2 kv_heads) * dim]
+        if ctx.attn.use_triton:  # one launch: rotate q and k, write k and v into the cache
+            from engine.attention_kernel import triton_rope_and_cache
+
+            q = triton_rope_and_cache(qkv, cos, sin, self.k_cache, self.v_cache, ctx.attn.slot_mapping, self.heads)
+            out = paged_attention(q, self.k_cache, self.v_cache, ctx.attn, self.scale)
+            return self.o_proj(out.reshape(tokens, -1), ctx.deltas)
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                              self.kv_heads * self.head_dim], dim=-1)
         q = q.view(tokens, self.heads, self.head_dim)

@@ -62,6 +62,10 @@ class EngineConfig(BaseModel):
         "restores the base bit-exactly; off, merges update the weights in place within a stated rounding bound."
     )
     cuda_graphs: bool = Field(True, description="Capture decode iterations in CUDA graphs on GPU.")
+    overlap_decode: bool = Field(
+        True, description="Queue the next decode step of an unchanged batch before reading the current step's "
+        "tokens, so the host's per-step work overlaps the device's (tokens after a stop are dropped)."
+    )
     compile_ops: bool = Field(
         True, description="torch.compile the element-wise ops (norms, RoPE, SwiGLU) on GPU; CPU stays eager."
     )

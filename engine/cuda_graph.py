@@ -48,6 +48,7 @@ class GraphRunner:
         self.static_lora = {(b, k): StaticLoRABatch(b, lora.layout.max_rank, device, k)
                             for b in self.sizes for k in (1, 2)}
         self.static_moe = StaticMoE(lora.moe, self.sizes, device)
+        self.lora_filled: dict[tuple[int, int], tuple] = {}  # (bucket, terms) -> what its LoRA buffers hold
         # (multi-LoRA backend, bucket, LoRA terms, MoE plan key) -> graph and its output
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -62,8 +63,14 @@ class GraphRunner:
         self._load(inp, size)
         if terms:
             merged = self.lora.merge_state.slot if terms == 2 else None
-            self.static_lora[size, terms].fill(inp.lora_rows, self.lora.pool, batch, merged)
-            self.lora.pool.wait_ready()
+            pool = self.lora.pool
+            # Decode steps of one batch repeat the same segments: the buffers keep them (no host-to-device copy).
+            key = (batch, merged, tuple((r.slot, r.start, r.count, pool.rank_in[r.slot], pool.scale_in[r.slot])
+                                        for r in inp.lora_rows))
+            if self.lora_filled.get((size, terms)) != key:
+                self.static_lora[size, terms].fill(inp.lora_rows, pool, batch, merged)
+                self.lora_filled[size, terms] = key
+            pool.wait_ready()
         self.lora.moe.prepare(moe)
         self.static_moe.fill(moe, size)
         key = (getattr(self.lora.op, "name", ""), size, terms, moe.key)

@@ -22,7 +22,7 @@ from engine.lora.layout import LoRALayout
 from engine.lora.ops import resolve_backend_name
 from engine.model.checkpoint import Checkpoint
 from engine.model.qwen2 import LORA_GROUPS
-from engine.model_runner import ModelRunner, build_model
+from engine.model_runner import Launch, ModelRunner, build_model
 from engine.moe.adapters import AdapterManager
 from engine.orchestrator.orchestrator import Orchestrator
 from engine.orchestrator.switcher import WeightSwitcher
@@ -54,6 +54,8 @@ class ValoraEngine(EngineBackend):
         self._init_scheduler()
         self.mode, self.steps = "unmerged", 0
         self._ready: list[EngineResult] = []
+        self._inflight: Launch | None = None  # launched, tokens not read yet
+        self._collected_at = 0.0
         logger.info("engine %s ready: %s on %s (%s)", self.engine_id, self.config.model, self.device, self.dtype)
 
     def _init_model(self) -> None:
@@ -118,13 +120,45 @@ class ValoraEngine(EngineBackend):
         self.scheduler.add(seq)
 
     def step(self) -> list[EngineResult]:
+        """One iteration: schedule and queue it on the device, or read the queued one's tokens.
+
+        A launched iteration stays in flight until the next call. That call first queues the next decode step of
+        the same batch when nothing would change it (``Scheduler.continue_decode``; its inputs are the in-flight
+        step's tokens, still on the device), then reads and applies the in-flight step's tokens: the host's
+        bookkeeping runs while the device computes. A sequence that stops at a step has already been given one
+        more overlapped step; that token is dropped.
+        """
+        if self._inflight is not None:
+            current, self._inflight = self._inflight, None
+            self._inflight = self._follow(current)
+            return self._complete(current)
         sched = self.scheduler.schedule()
-        start = time.perf_counter()
-        out = self.runner.run(sched) if sched.chunks else None
-        self.orchestrator.observe(sched.chunks, time.perf_counter() - start)
+        if sched.chunks:
+            self._inflight = self.runner.launch(sched)
+            return []
         self.mode, self.steps = sched.mode, self.steps + 1
         ready, self._ready = self._ready, []
-        return ready + self.outputs.process(sched, out)
+        return ready + self.outputs.process(sched, None)
+
+    def _follow(self, current: Launch) -> Launch | None:
+        """Queue the decode step after ``current`` if its batch goes on unchanged (see ``step``)."""
+        seqs = [chunk.seq for chunk in current.sched.chunks]
+        if not (current.decode_only and self.config.overlap_decode and self.scheduler.can_continue(seqs)):
+            return None
+        decision = self.orchestrator.decide(self.scheduler.running, self.scheduler.waiting)
+        if ((decision.mode, decision.merged_adapter) != (current.sched.mode, current.sched.merged_adapter)
+                or not all(decision.admits(s) for s in seqs)):
+            return None  # a switch (already applied) or a hold: the next iteration is scheduled in full
+        return self.runner.launch(self.scheduler.continue_decode(seqs, decision), feed=current)
+
+    def _complete(self, launch: Launch) -> list[EngineResult]:
+        out = self.runner.collect(launch)
+        now = time.perf_counter()
+        self.orchestrator.observe(launch.sched.chunks, now - max(launch.launched_at, self._collected_at))
+        self._collected_at = now
+        self.mode, self.steps = launch.sched.mode, self.steps + 1
+        ready, self._ready = self._ready, []
+        return ready + self.outputs.process(launch.sched, out)
 
     def set_policy(self, name: str) -> None:
         """Serve with policy ``name`` from now on (between requests): the weights go back to the base first."""
@@ -142,7 +176,7 @@ class ValoraEngine(EngineBackend):
         return self.merge_state.merged
 
     def has_unfinished(self) -> bool:
-        return bool(self._ready) or self.scheduler.has_unfinished()
+        return bool(self._ready) or self._inflight is not None or self.scheduler.has_unfinished()
 
     def health(self) -> dict[str, Any]:
         return {

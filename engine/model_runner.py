@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +19,12 @@ from engine.model.layers import FusedOps
 from engine.model.loader import init_dummy, load_weights
 from engine.model.qwen2 import Qwen2LM
 from engine.model.vision import VisionTower
-from engine.model_input import ModelInput, build_model_input
+from engine.model_input import HostStaging, ModelInput, build_model_input
 from engine.moe.adapters import AdapterManager
 from engine.moe.manager import MoEPlan
 from engine.sampler import Sampler
 from engine.scheduler import ScheduleOutput
+from engine.sequence import Sequence
 from engine.vision_cache import VisionCache
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,20 @@ class RunOutput:
 
     tokens: dict[int, int] = field(default_factory=dict)
     head_outputs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Launch:
+    """An iteration queued on the device; its sampled tokens are read by ``ModelRunner.collect``."""
+
+    sched: ScheduleOutput
+    sample_seqs: list[Sequence]
+    tokens: torch.Tensor | None  # [n] int64 on the device, in sample_seqs order (the next step's inputs)
+    host_tokens: torch.Tensor | None  # the same, copied to the host behind the device's work
+    copied: torch.cuda.Event | None  # recorded after that copy (CUDA only)
+    head_outputs: dict[int, dict[str, Any]]
+    decode_only: bool  # one sampled decode row per chunk, no task head, no MoE-LoRA row: the next can follow
+    launched_at: float = field(default_factory=time.perf_counter)
 
 
 def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, seed: int,
@@ -72,6 +88,7 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv.layer(i)
         self.use_triton = self._attention_path(config.attention, device)
         self.sampler = Sampler(config.seed)
+        self.staging = HostStaging(device)
         self.graphs = None
         if device.type == "cuda" and config.cuda_graphs and self.use_triton:
             max_blocks = -(-config.max_model_len // self.kv.block_size)
@@ -83,29 +100,51 @@ class ModelRunner:
             raise ValueError("attention='triton' needs a CUDA device")
         return choice == "triton" or (choice == "auto" and device.type == "cuda")
 
-    @torch.inference_mode()
     def run(self, sched: ScheduleOutput) -> RunOutput:
-        """Forward the scheduled chunks on the weights as the orchestrator left them (``lora.merge_state``)."""
+        """Forward the scheduled chunks and read the sampled tokens (``launch`` then ``collect``)."""
+        return self.collect(self.launch(sched))
+
+    def collect(self, launch: Launch) -> RunOutput:
+        """Wait for ``launch``'s tokens (the host copy only, not later work queued behind it)."""
+        if launch.copied is not None:
+            launch.copied.synchronize()
+        ids = launch.host_tokens.tolist() if launch.host_tokens is not None else []
+        return RunOutput(tokens={seq.seq_id: tok for seq, tok in zip(launch.sample_seqs, ids, strict=True)},
+                         head_outputs=launch.head_outputs)
+
+    @torch.inference_mode()
+    def launch(self, sched: ScheduleOutput, feed: Launch | None = None) -> Launch:
+        """Queue the scheduled chunks on the weights as the orchestrator left them (``lora.merge_state``).
+
+        ``feed``: the previous launch, still in flight, whose sampled tokens are this step's inputs. Then every
+        chunk is one decode row of the same sequences in the same order, and nothing here waits for the device.
+        """
         if sched.merged_adapter != self.lora.merge_state.merged:
             raise ValueError(f"schedule expects {sched.merged_adapter!r} merged, the weights hold "
                              f"{self.lora.merge_state.merged!r}")
         pending = [c.seq for c in sched.chunks if any(img.embeds is None for img in c.seq.images)]
         if pending and self.vision_cache is not None:
             self.vision_cache.encode(pending, self.lora.vision_lora)
-        inp = build_model_input(sched, self.kv.block_size, self.lora.pool.slot_of, self.device, self.use_triton)
+        pending = None if feed is None else feed.tokens
+        inp = build_model_input(sched, self.kv.block_size, self.lora.pool.slot_of, self.device, self.use_triton,
+                                pending, self.staging if feed is not None else None)
         moe = self.lora.moe_plan(sched.chunks, inp.num_tokens, sched.is_decode)
         hidden = self._forward(inp, sched.is_decode, moe)
-        out = RunOutput()
+        tokens = host = copied = None
         if inp.sample_rows:
             rows = inp.sample_rows
             # Decode samples every row: a slice, not a host index list (whose copy to the device waits for the GPU).
             picked = hidden[rows[0]:rows[-1] + 1] if rows == list(range(rows[0], rows[0] + len(rows))) else hidden[rows]
-            logits = self.model.compute_logits(picked)
-            tokens = self.sampler(logits, inp.sample_seqs)
-            out.tokens = {seq.seq_id: tok for seq, tok in zip(inp.sample_seqs, tokens, strict=True)}
-        for seq, rows in inp.head_rows:
-            out.head_outputs[seq.seq_id] = seq.head.answer(hidden[rows])
-        return out
+            tokens = self.sampler.sample(self.model.compute_logits(picked), inp.sample_seqs)
+            host = tokens
+            if self.device.type == "cuda":
+                host = tokens.to("cpu", non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+        heads = {seq.seq_id: seq.head.answer(hidden[rows]) for seq, rows in inp.head_rows}
+        decode_only = (sched.is_decode and not heads and moe.path == "none"
+                       and len(inp.sample_seqs) == len(sched.chunks))
+        return Launch(sched, inp.sample_seqs, tokens, host, copied, heads, decode_only)
 
     def _forward(self, inp: ModelInput, is_decode: bool, moe: MoEPlan) -> torch.Tensor:
         """hidden states [T, hidden] of every scheduled row.

@@ -26,6 +26,8 @@ class OutputProcessor:
         results = [self.fail(seq, error) for seq, error in sched.failed]
         for chunk in sched.chunks:
             seq = chunk.seq
+            if seq.is_finished:  # stopped at the step before this overlapped one: its extra token is dropped
+                continue
             seq.num_computed += chunk.count
             seq.modes.add(sched.mode)
             if seq.clock.first_scheduled is None:

@@ -16,15 +16,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits: [n, vocab] fp32 -> n token ids."""
-        if not seqs:
-            return []
+        return self.sample(logits, seqs).tolist() if seqs else []
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logits: [n, vocab] fp32 -> [n] int64 token ids on the logits' device (queued, no host sync)."""
         tokens = logits.argmax(dim=-1)  # [n]
         sampled = [i for i, s in enumerate(seqs) if s.request.sampling.temperature > 0]
         if sampled:
             tokens = tokens.clone()
             for i in sampled:
                 tokens[i] = self._draw(logits[i], seqs[i])
-        return tokens.tolist()
+        return tokens
 
     def forget(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)

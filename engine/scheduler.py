@@ -94,6 +94,28 @@ class Scheduler:
         self._prefetch_queued()
         return out
 
+    def can_continue(self, seqs: list[Sequence]) -> bool:
+        """Whether the decode step after the current one (whose tokens are still on the device) can be ``seqs``.
+
+        Only when nothing else would change the batch: ``seqs`` are all the running sequences, none can finish
+        by length at the current step, no waiting request could be admitted, and the cache has the blocks for
+        one more token each.
+        """
+        if len(self.running) != len(seqs) or {id(s) for s in self.running} != {id(s) for s in seqs}:
+            return False
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return False
+        if any(s.num_output + 1 >= s.max_tokens or s.is_finished for s in seqs):
+            return False
+        return sum(self.blocks.blocks_needed(s, 2) for s in seqs) <= self.blocks.num_free
+
+    def continue_decode(self, seqs: list[Sequence], decision: ModeDecision) -> ScheduleOutput:
+        """That next step (after ``can_continue``): one row just past each sequence's known tokens."""
+        for seq in seqs:
+            self.blocks.grow(seq, 2)  # the current step's token and the next one
+        return ScheduleOutput(chunks=[ScheduledChunk(s, s.num_tokens, 1) for s in seqs], mode=decision.mode,
+                              merged_adapter=decision.merged_adapter)
+
     def finish(self, seq: Sequence) -> None:
         """Take a finished (or failed) sequence out, returning its blocks and adapter slot."""
         if seq in self.running:

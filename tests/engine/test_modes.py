@@ -165,3 +165,20 @@ def test_in_place_switching_stays_within_its_stated_bound(make_engine):
     engine.set_policy("slora")
     ours, ref = (prefill_logits(e, "ad8", "what color is the truck?") for e in (engine, never))
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_a_new_decision_applies_from_the_next_iteration(make_engine):
+    """After the policy changes between runs, every iteration of the next run follows it (no decision made for
+    an overlapped decode step of the previous run is carried over)."""
+    engine = make_engine(policy="valora", pinned_adapters=list(ADAPTERS))
+    launched = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, feed=None: launched.append(sched.merged_adapter) or launch(sched, feed)
+    force(engine, "mixture", "ad8")
+    engine.generate(requests(6))
+    assert set(launched) == {"ad8"}
+    launched.clear()
+    force(engine, "mixture", "ad4")
+    results = engine.generate(requests(6))
+    assert launched and set(launched) == {"ad4"}
+    assert all(r.ok for r in results)

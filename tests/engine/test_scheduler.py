@@ -29,14 +29,13 @@ def expected(make_engine) -> list[list[int]]:
 def record_schedules(engine) -> list:
     """Keep every ScheduleOutput the engine's scheduler hands to the runner."""
     seen = []
-    schedule = engine.scheduler.schedule
+    launch = engine.runner.launch
 
-    def spy():
-        out = schedule()
-        seen.append(out)
-        return out
+    def spy(sched, feed=None):
+        seen.append(sched)
+        return launch(sched, feed)
 
-    engine.scheduler.schedule = spy
+    engine.runner.launch = spy
     return seen
 
 
@@ -112,3 +111,35 @@ def test_queued_adapter_is_prefetched_into_a_free_slot(make_engine):
     assert "ad4" in engine.health()["adapters_resident"], "the waiting request's adapter was not prefetched"
     while engine.has_unfinished():
         engine.step()
+
+
+def test_overlapped_decode_matches_step_by_step(make_engine):
+    """The next decode step is queued before the current one's tokens are read; outputs are unchanged.
+
+    The batch mixes adapters and none, greedy and seeded sampling, different output budgets, and a stop string
+    (so a sequence stops with one overlapped step already queued, whose token must be dropped).
+    """
+    def batch(stop: str | None = None) -> list[EngineRequest]:
+        out = requests(12)
+        out[0].sampling = SamplingParams(max_tokens=12, stop=[stop] if stop else [])
+        out[1] = EngineRequest(prompt="what color is the truck?", sampling=SamplingParams(max_tokens=9))
+        out[2].sampling = SamplingParams(max_tokens=14, temperature=0.8, top_p=0.9, seed=3)
+        return out
+
+    stop = make_engine(overlap_decode=False).generate(batch())[0].text[4:7]
+    assert len(stop.strip()) == 3, "the greedy text must have room for a stop string"
+    plain = make_engine(overlap_decode=False).generate(batch(stop))
+    engine = make_engine()
+    seen = record_schedules(engine)
+    launches = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, feed=None: launches.append(feed is not None) or launch(sched, feed)
+    overlapped = engine.generate(batch(stop))
+    assert sum(launches) >= 5, "no decode step was overlapped"
+    assert [r.token_ids for r in overlapped] == [r.token_ids for r in plain]
+    assert [r.text for r in overlapped] == [r.text for r in plain]
+    assert [r.finish_reason for r in overlapped] == [r.finish_reason for r in plain]
+    assert overlapped[0].finish_reason == "stop" and len(overlapped[0].token_ids) < 12
+    assert all(len(r.token_ids) == r.output_tokens for r in overlapped)
+    assert engine.scheduler.blocks.num_free == engine.runner.kv.num_blocks - 1, "cache blocks leaked"
+    assert len(seen) == len(launches)

@@ -73,6 +73,7 @@ def parse_args() -> argparse.Namespace:
                    help="skip the remaining timed runs once they have taken this long, start-up not counted "
                         "(0: no limit)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-overlap", action="store_true", help="read each step's tokens before the next is queued")
     p.add_argument("--json", type=Path, help="write every measurement here")
     p.add_argument("--plot", type=Path, help="write a PNG of latency vs skew per policy here")
     args = p.parse_args()
@@ -95,7 +96,7 @@ def build_engine(args: argparse.Namespace, model: str, workdir: Path):
     """The engine under test; starts on `valora` so the clean weight copies and the cost model exist."""
     cfg = EngineConfig(model=model, adapters=str(workdir / "adapters"), policy="valora", lora_slots=args.adapters,
                        max_lora_rank=max(RANKS), max_num_seqs=args.max_num_seqs, max_num_batched_tokens=4096,
-                       max_model_len=2048, seed=args.seed)
+                       max_model_len=2048, seed=args.seed, overlap_decode=not args.no_overlap)
     engine = create_engine(cfg)
     add_adapters(engine, args.adapters, args.seed)
     for name, positions in (("detect", 4), ("count", 1)):

@@ -49,7 +49,7 @@ class Launch:
     copied: torch.cuda.Event | None  # recorded after that copy (CUDA only)
     head_outputs: dict[int, dict[str, Any]]
     decode_only: bool  # one sampled decode row per chunk, no task head, no MoE-LoRA row: the next can follow
-    launched_at: float = field(default_factory=time.perf_counter)
+    launched_at: float = field(default_factory=time.perf_counter)  # when the launch began (host clock)
 
 
 def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, seed: int,
@@ -119,6 +119,7 @@ class ModelRunner:
         ``feed``: the previous launch, still in flight, whose sampled tokens are this step's inputs. Then every
         chunk is one decode row of the same sequences in the same order, and nothing here waits for the device.
         """
+        started = time.perf_counter()
         if sched.merged_adapter != self.lora.merge_state.merged:
             raise ValueError(f"schedule expects {sched.merged_adapter!r} merged, the weights hold "
                              f"{self.lora.merge_state.merged!r}")
@@ -144,7 +145,7 @@ class ModelRunner:
         heads = {seq.seq_id: seq.head.answer(hidden[rows]) for seq, rows in inp.head_rows}
         decode_only = (sched.is_decode and not heads and moe.path == "none"
                        and len(inp.sample_seqs) == len(sched.chunks))
-        return Launch(sched, inp.sample_seqs, tokens, host, copied, heads, decode_only)
+        return Launch(sched, inp.sample_seqs, tokens, host, copied, heads, decode_only, started)
 
     def _forward(self, inp: ModelInput, is_decode: bool, moe: MoEPlan) -> torch.Tensor:
         """hidden states [T, hidden] of every scheduled row.

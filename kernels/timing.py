@@ -35,7 +35,8 @@ class Timer:
                 fn()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
+        # thread_local: other threads of the process (an engine's adapter loaders) may pin host memory meanwhile
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             fn()
         return self.replay_time_us(graph.replay, reps, flush)
 

@@ -120,13 +120,13 @@ class ValoraEngine(EngineBackend):
         self.scheduler.add(seq)
 
     def step(self) -> list[EngineResult]:
-        """One iteration: schedule and queue it on the device, or read the queued one's tokens.
+        """One iteration: schedule it, run it and apply its tokens; or, overlapped, read the queued one's tokens.
 
-        A launched iteration stays in flight until the next call. That call first queues the next decode step of
-        the same batch when nothing would change it (``Scheduler.continue_decode``; its inputs are the in-flight
-        step's tokens, still on the device), then reads and applies the in-flight step's tokens: the host's
-        bookkeeping runs while the device computes. A sequence that stops at a step has already been given one
-        more overlapped step; that token is dropped.
+        With overlapped decode (``_overlaps``), a launched decode step stays in flight until the next call. That
+        call first queues the next decode step of the same batch when nothing would change it
+        (``Scheduler.can_continue``; its inputs are the in-flight step's tokens, still on the device), then reads
+        and applies the in-flight step's tokens: the host's bookkeeping runs while the device computes. A
+        sequence that stops at a step has already been given one more overlapped step; that token is dropped.
         """
         if self._inflight is not None:
             current, self._inflight = self._inflight, None
@@ -134,7 +134,10 @@ class ValoraEngine(EngineBackend):
             return self._complete(current)
         sched = self.scheduler.schedule()
         if sched.chunks:
-            self._inflight = self.runner.launch(sched)
+            launch = self.runner.launch(sched)
+            if not (launch.decode_only and self._overlaps()):
+                return self._complete(launch)
+            self._inflight = launch
             return []
         self.mode, self.steps = sched.mode, self.steps + 1
         ready, self._ready = self._ready, []
@@ -143,13 +146,22 @@ class ValoraEngine(EngineBackend):
     def _follow(self, current: Launch) -> Launch | None:
         """Queue the decode step after ``current`` if its batch goes on unchanged (see ``step``)."""
         seqs = [chunk.seq for chunk in current.sched.chunks]
-        if not (current.decode_only and self.config.overlap_decode and self.scheduler.can_continue(seqs)):
+        if not (current.decode_only and self._overlaps() and self.scheduler.can_continue(seqs)):
             return None
         decision = self.orchestrator.decide(self.scheduler.running, self.scheduler.waiting)
         if ((decision.mode, decision.merged_adapter) != (current.sched.mode, current.sched.merged_adapter)
                 or not all(decision.admits(s) for s in seqs)):
             return None  # a switch (already applied) or a hold: the next iteration is scheduled in full
         return self.runner.launch(self.scheduler.continue_decode(seqs, decision), feed=current)
+
+    def _overlaps(self) -> bool:
+        """Overlapped decode is on for policies that never switch weights (``slora``, ``punica``).
+
+        The switching policies' cost model and decisions were tuned and measured with one synchronous step per
+        call; in H200 serving runs with overlapped steps `valora` lost to `slora` at skews 0.5-0.9 (RESULTS), so
+        they keep synchronous steps until they are retuned for it.
+        """
+        return self.config.overlap_decode and not self.orchestrator.policy.merges
 
     def _complete(self, launch: Launch) -> list[EngineResult]:
         out = self.runner.collect(launch)

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.device import median_time as eager_time
-from engine.lora.ops import graph_safe
+from engine.device import median_time
 from engine.lora.pool import AdapterPool
 from engine.model.layers import AdaptedLinear
 from kernels.backend import LoRABackend
@@ -95,24 +94,12 @@ def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, 
 
     Three op timings at the pool's max rank R (scale 0 on whatever the slots hold) pin down the launch,
     per-segment and per-row coefficients: (8 rows, 1 adapter), (8 rows, 8 adapters), (512 rows, 1 adapter).
-    On a GPU with a graph-safe op they are timed as CUDA-graph replays, the way decode steps run them: eager
-    timings would count the host's launch overhead (milliseconds per iteration), which graphs do not pay.
     """
     layer0 = {key: lin for key, lin in linears.items() if key[0] == 0}
     layers = 1 + max(key[0] for key in linears)
     rank = pool.layout.max_rank
     device, dtype = pool.device, next(iter(layer0.values())).weight.dtype
     n_adapters = min(8, pool.num_slots)
-    timer = None
-    if device.type == "cuda" and graph_safe(op):
-        from kernels.timing import Timer
-
-        timer = Timer(device)
-
-    def median_time(fn, device: torch.device, reps: int) -> float:
-        if timer is None:
-            return eager_time(fn, device, reps)
-        return timer.graph_time_us(fn, reps=reps) * 1e-6
 
     def lora_time(tokens: int, adapters: int) -> float:
         slots = [i % adapters for i in range(tokens)]

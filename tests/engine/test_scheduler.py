@@ -39,17 +39,19 @@ def record_schedules(engine) -> list:
     return seen
 
 
-def test_preemption_recomputes_to_the_same_tokens(make_engine, expected):
+@pytest.mark.parametrize("policy", ["valora", "slora"])  # slora: decode steps overlapped
+def test_preemption_recomputes_to_the_same_tokens(make_engine, expected, policy):
     # 12 usable blocks of 16 tokens: the six sequences outgrow them while decoding.
-    engine = make_engine(kv_cache_blocks=13)
+    engine = make_engine(kv_cache_blocks=13, policy=policy)
     results = engine.generate(requests())
     assert engine.health()["preemptions"] > 0
     assert [r.token_ids for r in results] == expected
     assert engine.scheduler.blocks.num_free == 12, "every block comes back"
 
 
-def test_chunked_prefill_interleaves_with_decode(make_engine, expected):
-    engine = make_engine(max_num_batched_tokens=16)
+@pytest.mark.parametrize("policy", ["valora", "slora"])
+def test_chunked_prefill_interleaves_with_decode(make_engine, expected, policy):
+    engine = make_engine(max_num_batched_tokens=16, policy=policy)
     seen = record_schedules(engine)
     results = engine.generate(requests())
     assert [r.token_ids for r in results] == expected
@@ -126,10 +128,10 @@ def test_overlapped_decode_matches_step_by_step(make_engine):
         out[2].sampling = SamplingParams(max_tokens=14, temperature=0.8, top_p=0.9, seed=3)
         return out
 
-    stop = make_engine(overlap_decode=False).generate(batch())[0].text[4:7]
+    stop = make_engine(policy="slora", overlap_decode=False).generate(batch())[0].text[4:7]
     assert len(stop.strip()) == 3, "the greedy text must have room for a stop string"
-    plain = make_engine(overlap_decode=False).generate(batch(stop))
-    engine = make_engine()
+    plain = make_engine(policy="slora", overlap_decode=False).generate(batch(stop))
+    engine = make_engine(policy="slora")
     seen = record_schedules(engine)
     launches = []
     launch = engine.runner.launch

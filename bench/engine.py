@@ -51,6 +51,8 @@ def parse_args() -> argparse.Namespace:
                    help="our engine's orchestration policy; slora (always unmerged) times the multi-LoRA operator "
                         "itself, the merging policies are compared by bench/serving.py")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/valora-bench"))
+    p.add_argument("--overlap-ab", action="store_true",
+                   help="only compare decode ms/token with overlapped decode off and on (no adapters, batches 1/8/32)")
     return p.parse_args()
 
 
@@ -151,6 +153,32 @@ def bench_ours(args, adapters: list[tuple[str, int]], texts: list[str], new_toke
     out["health"] = {k: v for k, v in engine.health().items() if k in (
         "lora_backend", "attention", "cuda_graphs", "adapter_loads", "preemptions", "kv_blocks_total")}
     engine.close()
+    return out
+
+
+def bench_overlap(args, texts: list[str], batches=(1, 8, 32), new_tokens: int = 64) -> dict[str, float]:
+    """Decode ms/token (median over requests of 3 runs) with ``overlap_decode`` off, then on, in one process."""
+    out: dict[str, float] = {}
+    for overlap in (False, True):
+        engine = create_engine(EngineConfig(model=args.model, max_num_seqs=max(batches), max_num_batched_tokens=8192,
+                                            max_model_len=args.prompt_tokens + new_tokens + 64, seed=0,
+                                            policy="slora", overlap_decode=overlap))
+        for batch in batches:
+            def reqs(tokens: int, batch: int = batch) -> list[EngineRequest]:
+                return [EngineRequest(prompt=texts[i], sampling=SamplingParams(max_tokens=tokens))
+                        for i in range(batch)]
+
+            for _ in range(2):  # compiles, captures the bucket's graph
+                engine.generate(reqs(8))
+            per = [r.timings.decode_ms / (r.output_tokens - 1)
+                   for _ in range(3) for r in engine.generate(reqs(new_tokens))]
+            key = f"decode_ms_b{batch}_{'overlap' if overlap else 'sync'}"
+            out[key] = statistics.median(per)
+            print(f"overlap_decode={overlap} batch {batch}: {out[key]:.3f} ms/token", flush=True)
+        engine.close()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return out
 
 
@@ -265,8 +293,13 @@ def main() -> None:
     bandwidth, flops = ceilings(device)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: copy {bandwidth / 1e12:.2f} "
           f"TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; model {args.model}; {new_tokens} new tokens", flush=True)
+    texts, ids = prompt_texts(checkpoint.tokenizer, max(*args.batches, 32), args.prompt_tokens, seed=1)
+    if args.overlap_ab:
+        result = bench_overlap(args, texts)
+        if args.json:
+            args.json.write_text(json.dumps({"model": args.model, "overlap_ab": result}, indent=1))
+        return
     adapters = write_adapters(args.workdir / "adapters", spec, args.adapters, device)
-    texts, ids = prompt_texts(checkpoint.tokenizer, max(args.batches), args.prompt_tokens, seed=1)
     ours = bench_ours(args, adapters, texts, new_tokens)
     print("ours:", json.dumps(ours), flush=True)
     gc.collect()

@@ -54,7 +54,6 @@ class HostStaging:
         if self.copied[turn] is not None:
             self.copied[turn].synchronize()
         buffers = self.sets[turn]
-        out: list[torch.Tensor] = []
         views: dict[int, torch.Tensor] = {}
         for dtype in dict.fromkeys(a.dtype for a in arrays):
             picks = [i for i, a in enumerate(arrays) if a.dtype == dtype]
@@ -69,10 +68,9 @@ class HostStaging:
             for i in picks:
                 views[i] = on_device[offset:offset + arrays[i].size].view(arrays[i].shape)
                 offset += arrays[i].size
-        out = [views[i] for i in range(len(arrays))]
         self.copied[turn] = torch.cuda.Event()
         self.copied[turn].record()
-        return out
+        return [views[i] for i in range(len(arrays))]
 
 
 def build_model_input(sched: ScheduleOutput, block_size: int, slot_of: dict[str, int], device: torch.device,

@@ -126,9 +126,9 @@ class ModelRunner:
         pending = [c.seq for c in sched.chunks if any(img.embeds is None for img in c.seq.images)]
         if pending and self.vision_cache is not None:
             self.vision_cache.encode(pending, self.lora.vision_lora)
-        pending = None if feed is None else feed.tokens
+        fed_ids = None if feed is None else feed.tokens
         inp = build_model_input(sched, self.kv.block_size, self.lora.pool.slot_of, self.device, self.use_triton,
-                                pending, self.staging if feed is not None else None)
+                                fed_ids, self.staging if feed is not None else None)
         moe = self.lora.moe_plan(sched.chunks, inp.num_tokens, sched.is_decode)
         hidden = self._forward(inp, sched.is_decode, moe)
         tokens = host = copied = None

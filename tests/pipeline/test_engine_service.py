@@ -39,6 +39,14 @@ def start_replica(procs, cfg, redis_url, engine_id: str, **env):
     return procs.valora(["engine", "serve"], engine_env(cfg, redis_url, **extra), name=engine_id)
 
 
+@pytest.fixture(params=["hf", "valora"])
+def served(request, engine_config):
+    """(config, extra env) of the replicas: the `hf` backend, and ours with policy `slora` (overlapped decode)."""
+    if request.param == "hf":
+        return engine_config, {}
+    return engine_config.model_copy(update={"backend": "valora", "policy": "slora"}), {"VALORA_ENGINE__POLICY": "slora"}
+
+
 @pytest.fixture
 def client(transport):
     c = ServiceClient(transport)
@@ -51,8 +59,9 @@ def long_request() -> EngineRequest:
     return EngineRequest(prompt="count the cars", adapter="counting", sampling=SamplingParams(max_tokens=100))
 
 
-def test_two_replicas_share_the_load_and_answer_once(transport, procs, engine_config, redis_url, client):
-    replicas = {name: start_replica(procs, engine_config, redis_url, name) for name in ("r1", "r2")}
+def test_two_replicas_share_the_load_and_answer_once(transport, procs, served, redis_url, client):
+    engine_config, env = served
+    replicas = {name: start_replica(procs, engine_config, redis_url, name, **env) for name in ("r1", "r2")}
     wait_for_engines(transport, 2, timeout_s=90)
 
     requests = [EngineRequest(prompt=f"what color is car {i}?", adapter=["vqa", "counting", None][i % 3],
@@ -82,8 +91,9 @@ def test_two_replicas_share_the_load_and_answer_once(transport, procs, engine_co
     assert transport.pending_requests() == [] and transport.client.xlen(Keys.ENGINE_REQUESTS) == 0
 
 
-def test_killed_replica_answers_after_restart(transport, procs, engine_config, redis_url, client):
-    replica = start_replica(procs, engine_config, redis_url, "solo", VALORA_SERVICE__CLAIM_IDLE_MS="600000")
+def test_killed_replica_answers_after_restart(transport, procs, served, redis_url, client):
+    engine_config, env = served
+    replica = start_replica(procs, engine_config, redis_url, "solo", VALORA_SERVICE__CLAIM_IDLE_MS="600000", **env)
     wait_for_engines(transport, 1, timeout_s=90)
     future = client.submit(long_request())
     wait_for(lambda: transport.pending_requests(), 30, "the replica to accept the request")
@@ -92,7 +102,7 @@ def test_killed_replica_answers_after_restart(transport, procs, engine_config, r
     (pending,) = transport.pending_requests()
     assert pending["consumer"] == "solo" and not future.done()
 
-    start_replica(procs, engine_config, redis_url, "solo", VALORA_SERVICE__CLAIM_IDLE_MS="600000")
+    start_replica(procs, engine_config, redis_url, "solo", VALORA_SERVICE__CLAIM_IDLE_MS="600000", **env)
     result = future.result(timeout=120)
     assert result.ok and result.engine_id == "solo" and result.output_tokens > 0
     assert set(replies_per_request(transport, client).values()) == {1}

@@ -44,11 +44,15 @@ class EngineBackend(ABC):
 
     @abstractmethod
     def step(self) -> list[EngineResult]:
-        """Run one iteration; return the requests that finished in it."""
+        """Advance by one iteration; return the requests that finished.
+
+        A backend may keep an iteration in flight across calls (the `valora` engine's overlapped decode), so a
+        call can return nothing while work is queued: call it while ``has_unfinished()``.
+        """
 
     @abstractmethod
     def has_unfinished(self) -> bool:
-        """Whether any queued or running request remains."""
+        """Whether any queued or running request, or an iteration still in flight, remains."""
 
     def health(self) -> dict[str, Any]:
         """Readiness and state for the health key and the dashboard."""

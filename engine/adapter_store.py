@@ -38,6 +38,18 @@ class AdapterSpec:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+def read_weights(folder: Path, label: str) -> dict:
+    """The folder's adapter weights file as CPU tensors; AdapterError naming ``label`` if it cannot be read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / WEIGHTS_FILE
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{label}: {path.name} is corrupt or unreadable ({exc})") from None
+
+
 def read_adapter_spec(path: str | Path, name: str | None = None) -> AdapterSpec:
     """Validate an adapter folder and read its config; raises AdapterError with the reason."""
     folder = Path(path)

@@ -49,7 +49,7 @@ class Launch:
     copied: torch.cuda.Event | None  # recorded after that copy (CUDA only)
     head_outputs: dict[int, dict[str, Any]]
     decode_only: bool  # one sampled decode row per chunk, no task head, no MoE-LoRA row: the next can follow
-    launched_at: float = field(default_factory=time.perf_counter)  # when the launch began (host clock)
+    launched_at: float  # when the launch began (host clock)
 
 
 def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, seed: int,
@@ -99,10 +99,6 @@ class ModelRunner:
         if choice == "triton" and device.type != "cuda":
             raise ValueError("attention='triton' needs a CUDA device")
         return choice == "triton" or (choice == "auto" and device.type == "cuda")
-
-    def run(self, sched: ScheduleOutput) -> RunOutput:
-        """Forward the scheduled chunks and read the sampled tokens (``launch`` then ``collect``)."""
-        return self.collect(self.launch(sched))
 
     def collect(self, launch: Launch) -> RunOutput:
         """Wait for ``launch``'s tokens (the host copy only, not later work queued behind it)."""

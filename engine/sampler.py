@@ -14,10 +14,6 @@ class Sampler:
         self.seed = seed
         self._generators: dict[int, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits: [n, vocab] fp32 -> n token ids."""
-        return self.sample(logits, seqs).tolist() if seqs else []
-
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """logits: [n, vocab] fp32 -> [n] int64 token ids on the logits' device (queued, no host sync)."""
         tokens = logits.argmax(dim=-1)  # [n]

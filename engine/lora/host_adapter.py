@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.adapter_store import WEIGHTS_FILE, AdapterError, AdapterSpec
+from engine.adapter_store import WEIGHTS_FILE, AdapterError, AdapterSpec, read_weights
 from engine.lora.layout import LoRALayout
 from engine.model.vision import VisionLoRA
 
@@ -48,17 +48,6 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
     return default
 
 
-def _read_tensors(spec: AdapterSpec) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = spec.path / WEIGHTS_FILE
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterError(f"adapter {spec.name!r}: {path.name} is corrupt or unreadable ({exc})") from None
-
-
 def _pairs(spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """module name -> {'A': lora_A, 'B': lora_B}; rejects tensors this engine cannot serve."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -77,7 +66,7 @@ def _pairs(spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> dict[str, dic
 
 def read_host_adapter(spec: AdapterSpec, layout: LoRALayout, dtype: torch.dtype, pin: bool) -> HostAdapter:
     """Read ``spec``'s weights; raises AdapterError for a corrupt file or shapes that do not fit the model."""
-    pairs = _pairs(spec, _read_tensors(spec))
+    pairs = _pairs(spec, read_weights(spec.path, f"adapter {spec.name!r}"))
     lm: list[tuple[int, str, int, torch.Tensor, torch.Tensor, float]] = []
     vision: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for module, pair in sorted(pairs.items()):

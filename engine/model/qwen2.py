@@ -42,15 +42,14 @@ class Attention(nn.Module):
             from engine.attention_kernel import triton_rope_and_cache
 
             q = triton_rope_and_cache(qkv, cos, sin, self.k_cache, self.v_cache, ctx.attn.slot_mapping, self.heads)
-            out = paged_attention(q, self.k_cache, self.v_cache, ctx.attn, self.scale)
-            return self.o_proj(out.reshape(tokens, -1), ctx.deltas)
-        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                             self.kv_heads * self.head_dim], dim=-1)
-        q = q.view(tokens, self.heads, self.head_dim)
-        k = k.view(tokens, self.kv_heads, self.head_dim)
-        v = v.reshape(tokens, self.kv_heads, self.head_dim)
-        q, k = self.ops.apply_rope(q, k, cos, sin)
-        write_kv(k, v, self.k_cache, self.v_cache, ctx.attn.slot_mapping)
+        else:
+            q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                 self.kv_heads * self.head_dim], dim=-1)
+            q = q.view(tokens, self.heads, self.head_dim)
+            k = k.view(tokens, self.kv_heads, self.head_dim)
+            v = v.reshape(tokens, self.kv_heads, self.head_dim)
+            q, k = self.ops.apply_rope(q, k, cos, sin)
+            write_kv(k, v, self.k_cache, self.v_cache, ctx.attn.slot_mapping)
         out = paged_attention(q, self.k_cache, self.v_cache, ctx.attn, self.scale)  # [tokens, heads, dim]
         return self.o_proj(out.reshape(tokens, -1), ctx.deltas)
 

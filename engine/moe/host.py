@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.adapter_store import WEIGHTS_FILE, AdapterError
+from engine.adapter_store import AdapterError, read_weights
 from engine.lora.layout import LoRALayout
 from engine.moe.spec import (
     GROUP_OF,
@@ -44,17 +44,6 @@ class HostMoE:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _load(spec: MoESpec) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = spec.path / WEIGHTS_FILE
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterError(f"MoE adapter {spec.name!r}: {path.name} is corrupt or unreadable ({exc})") from None
-
-
 def _take(spec: MoESpec, tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
     if key not in tensors:
         raise AdapterError(f"MoE adapter {spec.name!r}: tensor {key} is missing")
@@ -71,7 +60,7 @@ def read_host_moe(spec: MoESpec, layout: LoRALayout, hidden_size: int, dtype: to
     if spec.num_layers != layout.num_layers:
         raise AdapterError(f"MoE adapter {spec.name!r} has {spec.num_layers} layers; the model has "
                            f"{layout.num_layers}")
-    tensors = _load(spec)
+    tensors = read_weights(spec.path, f"MoE adapter {spec.name!r}")
     n, r = spec.num_experts, spec.rank
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}

@@ -56,17 +56,22 @@ def test_grid_box_head_shapes_assignment_and_decoding():
     assert torch.isfinite(empty) and empty.item() > 0
 
 
+def _fit(head, inputs: torch.Tensor, targets: list, steps: int = 300) -> None:
+    """Adam on the head's own loss over one fixed batch."""
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = head.loss(head(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def test_grid_box_head_learns_a_tiny_batch():
     torch.manual_seed(0)
     head = GridBoxHead(16, rows=2, cols=3, tail=1, inner=64)
     hidden = torch.randn(2, 7, 16)
     targets = [head.target(TRUTH), head.target({"detections": [{"cls": "car", "box": [0.5, 0.6, 0.9, 0.9]}]})]
-    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss = head.loss(head(hidden), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    _fit(head, hidden, targets)
     task = get_task("detection")
     head.eval()
     parsed = task.parse_head(head.answer(hidden[0]))
@@ -116,12 +121,7 @@ def test_grounding_head_learns_a_tiny_batch():
     window[:, :-1] = window[0, :-1]
     boxes = [[0.1, 0.1, 0.3, 0.4], [0.4, 0.6, 0.6, 0.9], [0.7, 0.1, 0.9, 0.3], [0.0, 0.5, 0.2, 0.9]]
     targets = [head.target({"box": b}) for b in boxes]
-    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss = head.loss(head(window), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    _fit(head, window, targets)
     head.eval()
     for row, box in enumerate(boxes):
         got = head.answer(window[row])["box"]

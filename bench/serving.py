@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="dummy:qwen2.5-vl-7b", help="checkpoint dir or dummy:<preset|config.json>")
     p.add_argument("--tiny", action="store_true", help="a tiny random Qwen2.5-VL (CPU smoke runs)")
     p.add_argument("--quick", action="store_true", help="skews 0.9/0.5/0.1 at one load, 3 s traces")
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), type=policy_arg,
+                   help=f"from {', '.join(POLICIES)}; NAME:sync runs NAME with one synchronous step per call")
     p.add_argument("--skews", type=float, nargs="+")
     p.add_argument("--loads", type=float, nargs="+", help="request rates as fractions of the measured capacity")
     p.add_argument("--duration", type=float, help="seconds of arrivals per trace")
@@ -82,6 +84,20 @@ def parse_args() -> argparse.Namespace:
     args.loads = args.loads or ([0.75] if args.quick else [0.3, 0.6, 0.85, 1.0])
     args.duration = args.duration or (3.0 if args.quick else 20.0)
     return args
+
+
+def policy_arg(text: str) -> str:
+    name, _, variant = text.partition(":")
+    if name not in POLICIES or variant not in ("", "sync"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(POLICIES)}, optionally with ':sync'")
+    return text
+
+
+def use_policy(engine, label: str, overlap: bool) -> None:
+    """Serve with policy ``label`` (NAME or NAME:sync) from now on."""
+    name, _, variant = label.partition(":")
+    engine.set_policy(name)
+    engine.overlap = overlap and variant != "sync"
 
 
 def model_name(args: argparse.Namespace, workdir: Path) -> str:
@@ -209,7 +225,7 @@ def warm_up(engine, args, images: list[bytes]) -> None:
     burst = generate(TraceConfig(rate=1e6, duration_s=1.0, num_adapters=args.adapters, skew=0.8,
                                  output_scale=args.output_scale, seed=args.seed + 7))[: args.max_num_seqs // 2]
     for policy in args.policies:
-        engine.set_policy(policy)
+        use_policy(engine, policy, not args.no_overlap)
         for req in burst:
             engine.add_request(to_request(req, time.time(), images, f"warm-{policy}"))
         drain(engine)
@@ -217,7 +233,7 @@ def warm_up(engine, args, images: list[bytes]) -> None:
 
 def capacity(engine, args, images: list[bytes]) -> float:
     """Requests per second of the unmerged engine on a closed burst of the skew-0.5 mix (full batches)."""
-    engine.set_policy("slora")
+    use_policy(engine, "slora", not args.no_overlap)
     burst = generate(TraceConfig(rate=1e6, duration_s=1.0, num_adapters=args.adapters, skew=0.5,
                                  output_scale=args.output_scale, seed=args.seed + 99))[: 2 * args.max_num_seqs]
     start = time.time()
@@ -225,6 +241,15 @@ def capacity(engine, args, images: list[bytes]) -> float:
         engine.add_request(to_request(req, time.time(), images, "cap"))
     drain(engine)
     return len(burst) / (time.time() - start)
+
+
+def cost_snapshot(engine) -> dict | None:
+    """The cost model's measured base costs after a run (the policies' view of an iteration), in ms."""
+    cost = engine.orchestrator.cost
+    if cost is None:
+        return None
+    return {"iteration_ms": cost.iteration_s * 1e3, "decode_step_ms": cost.decode_step_s * 1e3,
+            "prefill_token_us": cost.prefill_token_s * 1e6}
 
 
 def switch_cost(engine) -> dict:
@@ -277,20 +302,22 @@ def main() -> None:
                 if args.budget_s and time.time() - timed > args.budget_s:
                     skipped.append({"load": load, "skew": skew, "policy": policy})
                     continue
-                engine.set_policy(policy)
-                switches = engine.merge_state.switches
+                use_policy(engine, policy, not args.no_overlap)
+                switches, decided = engine.merge_state.switches, Counter(engine.orchestrator.decisions)
                 if args.rehearse:  # untimed: the batch shapes this run meets get their kernels compiled
                     replay(engine, trace, images, f"rehearse-{policy}-{load}-{skew}", cap_s=1.5 * args.duration + 3)
                     drain(engine)
-                    switches = engine.merge_state.switches
+                    switches, decided = engine.merge_state.switches, Counter(engine.orchestrator.decisions)
                 row = replay(engine, trace, images, f"{policy}-{load}-{skew}", cap_s=1.5 * args.duration + 3)
                 drain(engine)
                 row.update(load=load, rate=load * cap, skew=skew, policy=policy,
-                           switches=engine.merge_state.switches - switches, trace=summary(trace))
+                           switches=engine.merge_state.switches - switches, trace=summary(trace),
+                           cost=cost_snapshot(engine), decisions=dict(engine.orchestrator.decisions - decided))
                 runs.append(row)
                 print(f"load {load:.2f} skew {skew:.1f} {policy:>11}: avg {row['avg_ms']:8.1f} ms  p95 "
                       f"{row['p95_ms']:8.1f} ms  {row['throughput_rps']:6.1f} req/s  switches {row['switches']:4d}  "
-                      f"modes {row['modes']}  unfinished {row['unfinished']}", flush=True)
+                      f"modes {row['modes']}  unfinished {row['unfinished']}  decisions {row['decisions']}  "
+                      f"cost {row['cost']}", flush=True)
     print(table(runs, args.policies))
     if skipped:
         print(f"skipped past the {args.budget_s:.0f} s budget: {len(skipped)} runs", flush=True)

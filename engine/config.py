@@ -64,8 +64,7 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool = Field(True, description="Capture decode iterations in CUDA graphs on GPU.")
     overlap_decode: bool = Field(
         True, description="Queue the next decode step of an unchanged batch before reading the current step's "
-        "tokens, so the host's per-step work overlaps the device's (tokens after a stop are dropped). Applies to "
-        "the policies that never switch weights (slora, punica); the switching ones keep synchronous steps."
+        "tokens, so the host's per-step work overlaps the device's (tokens after a stop are dropped)."
     )
     compile_ops: bool = Field(
         True, description="torch.compile the element-wise ops (norms, RoPE, SwiGLU) on GPU; CPU stays eager."

@@ -27,7 +27,7 @@ from engine.moe.adapters import AdapterManager
 from engine.orchestrator.orchestrator import Orchestrator
 from engine.orchestrator.switcher import WeightSwitcher
 from engine.output_processor import OutputProcessor
-from engine.policy import policy_class
+from engine.policy import ModeDecision, policy_class
 from engine.request import EngineRequest, EngineResult
 from engine.scheduler import Scheduler
 
@@ -55,6 +55,8 @@ class ValoraEngine(EngineBackend):
         self.mode, self.steps = "unmerged", 0
         self._ready: list[EngineResult] = []
         self._inflight: Launch | None = None  # launched, tokens not read yet
+        self._decision: tuple[ModeDecision, int] | None = None  # made while following, kept for the next schedule
+        self.overlap = self.config.overlap_decode  # overlapped decode (``step``); may be changed between steps
         self._collected_at = 0.0
         logger.info("engine %s ready: %s on %s (%s)", self.engine_id, self.config.model, self.device, self.dtype)
 
@@ -122,20 +124,23 @@ class ValoraEngine(EngineBackend):
     def step(self) -> list[EngineResult]:
         """One iteration: schedule it, run it and apply its tokens; or, overlapped, read the queued one's tokens.
 
-        With overlapped decode (``_overlaps``), a launched decode step stays in flight until the next call. That
-        call first queues the next decode step of the same batch when nothing would change it
-        (``Scheduler.can_continue``; its inputs are the in-flight step's tokens, still on the device), then reads
-        and applies the in-flight step's tokens: the host's bookkeeping runs while the device computes. A
-        sequence that stops at a step has already been given one more overlapped step; that token is dropped.
+        With overlapped decode (``overlap``), a launched decode step stays in flight until the next call. That
+        call first decides the next iteration's mode and, when nothing would change the batch
+        (``Scheduler.can_continue``, no waiting request the decision admits), queues the next decode step of the
+        same batch (its inputs are the in-flight step's tokens, still on the device); then it reads and applies
+        the in-flight step's tokens, so the host's bookkeeping runs while the device computes. A sequence that
+        stops at a step has already been given one more overlapped step; that token is dropped. Otherwise the
+        decision is kept for the next call's schedule: one decision per iteration either way.
         """
         if self._inflight is not None:
             current, self._inflight = self._inflight, None
             self._inflight = self._follow(current)
             return self._complete(current)
-        sched = self.scheduler.schedule()
+        kept, self._decision = self._decision, None
+        sched = self.scheduler.schedule(kept[0] if kept and kept[1] == self.scheduler.num_added else None)
         if sched.chunks:
             launch = self.runner.launch(sched)
-            if not (launch.decode_only and self._overlaps()):
+            if not (launch.decode_only and self.overlap):
                 return self._complete(launch)
             self._inflight = launch
             return []
@@ -146,22 +151,16 @@ class ValoraEngine(EngineBackend):
     def _follow(self, current: Launch) -> Launch | None:
         """Queue the decode step after ``current`` if its batch goes on unchanged (see ``step``)."""
         seqs = [chunk.seq for chunk in current.sched.chunks]
-        if not (current.decode_only and self._overlaps() and self.scheduler.can_continue(seqs)):
+        if not (current.decode_only and self.overlap and self.scheduler.can_continue(seqs)):
             return None
         decision = self.orchestrator.decide(self.scheduler.running, self.scheduler.waiting)
         if ((decision.mode, decision.merged_adapter) != (current.sched.mode, current.sched.merged_adapter)
-                or not all(decision.admits(s) for s in seqs)):
-            return None  # a switch (already applied) or a hold: the next iteration is scheduled in full
+                or not all(decision.admits(s) for s in seqs) or self.scheduler.admits_waiting(decision)):
+            # A switch (already applied), a hold or an admission: the next call schedules in full under this
+            # decision, unless a request arrives before it (a merged decision must hold every other group).
+            self._decision = (decision, self.scheduler.num_added)
+            return None
         return self.runner.launch(self.scheduler.continue_decode(seqs, decision), feed=current)
-
-    def _overlaps(self) -> bool:
-        """Overlapped decode is on for policies that never switch weights (``slora``, ``punica``).
-
-        The switching policies' cost model and decisions were tuned and measured with one synchronous step per
-        call; in H200 serving runs with overlapped steps `valora` lost to `slora` at skews 0.5-0.9 (RESULTS), so
-        they keep synchronous steps until they are retuned for it.
-        """
-        return self.config.overlap_decode and not self.orchestrator.policy.merges
 
     def _complete(self, launch: Launch) -> list[EngineResult]:
         out = self.runner.collect(launch)

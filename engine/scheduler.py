@@ -73,17 +73,21 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.watermark = max(1, blocks.num_blocks // 100)  # blocks kept free for running decodes
         self.num_preemptions = 0
+        self.num_added = 0  # requests ever added (a decision made before the latest one is stale)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.num_added += 1
         if seq.adapter is not None:
             self.lora.prefetch(seq.adapter)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduleOutput:
-        decision = self.modes.decide(self.running, self.waiting)
+    def schedule(self, decision: ModeDecision | None = None) -> ScheduleOutput:
+        """The next iteration under ``decision`` (None: ask the mode source now)."""
+        if decision is None:
+            decision = self.modes.decide(self.running, self.waiting)
         out = ScheduleOutput(mode=decision.mode, merged_adapter=decision.merged_adapter)
         budget = self._schedule_running(out, self.max_tokens, decision)
         if not out.preempted:
@@ -95,19 +99,21 @@ class Scheduler:
         return out
 
     def can_continue(self, seqs: list[Sequence]) -> bool:
-        """Whether the decode step after the current one (whose tokens are still on the device) can be ``seqs``.
+        """Whether the decode step after the current one (whose tokens are still on the device) can be ``seqs``,
+        as far as the batch itself goes (``admits_waiting`` asks about the queue once the mode is decided).
 
-        Only when nothing else would change the batch: ``seqs`` are all the running sequences, none can finish
-        by length at the current step, no waiting request could be admitted, and the cache has the blocks for
-        one more token each.
+        Only when ``seqs`` are all the running sequences, none can finish by length at the current step, and the
+        cache has the blocks for one more token each.
         """
         if len(self.running) != len(seqs) or {id(s) for s in self.running} != {id(s) for s in seqs}:
-            return False
-        if self.waiting and len(self.running) < self.max_num_seqs:
             return False
         if any(s.num_output + 1 >= s.max_tokens or s.is_finished for s in seqs):
             return False
         return sum(self.blocks.blocks_needed(s, 2) for s in seqs) <= self.blocks.num_free
+
+    def admits_waiting(self, decision: ModeDecision) -> bool:
+        """Whether a waiting request could join the next iteration under ``decision`` (held ones cannot)."""
+        return len(self.running) < self.max_num_seqs and any(decision.admits(s) for s in self.waiting)
 
     def continue_decode(self, seqs: list[Sequence], decision: ModeDecision) -> ScheduleOutput:
         """That next step (after ``can_continue``): one row just past each sequence's known tokens."""

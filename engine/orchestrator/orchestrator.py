@@ -42,6 +42,7 @@ class Orchestrator:
         self.cost: CostModel | None = None
         self.limits = (slo_s, max_num_seqs, max_num_batched_tokens)
         self.policy: ModePolicy = self._make(policy)
+        self.decisions: Counter[str] = Counter()  # decisions made, by mode ("+held" when someone sat one out)
 
     @property
     def policy_name(self) -> str:
@@ -84,6 +85,7 @@ class Orchestrator:
             if (decision.held and not self.lora.loads_in_flight()
                     and not any(decision.admits(s) for s in [*running, *waiting])):
                 decision = self.policy.keep(self.state.merged)  # nothing to wait for: never stall
+        self.decisions[decision.mode + ("+held" if decision.held else "")] += 1
         return decision
 
     def _guard(self, decision: ModeDecision, running: Sequence[Seq], waiting: Sequence[Seq]) -> ModeDecision:
@@ -147,4 +149,5 @@ class Orchestrator:
         return {"policy": self.policy_name, "merged_adapter": s.merged, "mode_switches": s.switches,
                 "switch_ms_total": s.switch_s_total * 1e3, "switch_ms_last": s.last_switch_s * 1e3,
                 "switch_cost_ms": None if self.cost is None else self.cost.switch_s * 1e3,
-                "merge_base_copy": self.switcher.base_copy, "weights_claimed_by": s.claimed_by}
+                "merge_base_copy": self.switcher.base_copy, "weights_claimed_by": s.claimed_by,
+                "decisions": dict(self.decisions)}

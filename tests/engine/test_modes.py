@@ -182,3 +182,47 @@ def test_a_new_decision_applies_from_the_next_iteration(make_engine):
     results = engine.generate(requests(6))
     assert launched and set(launched) == {"ad4"}
     assert all(r.ok for r in results)
+
+
+class Alternating(ModePolicy):
+    """Decisions that alternate every other call between merged ``merged`` (every other group held) and mixture."""
+
+    def __init__(self, ctx, merged: str) -> None:
+        super().__init__(ctx)
+        self.merged, self.calls = merged, 0
+
+    def decide(self, view: QueueView) -> ModeDecision:
+        self.calls += 1
+        if self.calls // 2 % 2:
+            return ModeDecision("mixture", self.merged)
+        others = frozenset(s.seq_id for s in [*view.running, *view.waiting] if s.adapter != self.merged)
+        return ModeDecision("merged", self.merged, others)
+
+
+def test_overlapped_steps_remake_a_decision_when_a_request_arrives(make_engine, unmerged):
+    """A decision made while an overlapped step ran is kept for the next schedule, unless a request arrived in
+    between: a merged decision must then be made again, so that it holds the newcomer of another group."""
+    engine = make_engine(policy="valora", pinned_adapters=list(ADAPTERS))
+    assert engine.overlap
+    engine.orchestrator.policy = Alternating(engine.orchestrator.policy.ctx, "ad8")
+    seen = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, feed=None: seen.append(sched) or launch(sched, feed)
+    reqs = requests()
+    late = reqs.pop(2)  # ad4
+    for req in reqs:
+        engine.add_request(req)
+    results = []
+    while engine._decision is None or engine._decision[0].mode != "merged":  # a kept merged decision
+        results += engine.step()
+        assert engine.has_unfinished(), "the run ended before a merged decision was kept"
+    engine.add_request(late)
+    while engine.has_unfinished():
+        results += engine.step()
+    assert {s.mode for s in seen} == {"merged", "mixture"}
+    for sched in seen:
+        if sched.mode == "merged":
+            assert all(c.seq.adapter == "ad8" for c in sched.chunks), "a merged iteration ran another group's rows"
+    by_id = {r.request_id: r.token_ids for r in results}
+    order = [*reqs[:2], late, *reqs[2:]]
+    assert [by_id[r.request_id] for r in order] == unmerged

@@ -243,6 +243,26 @@ def capacity(engine, args, images: list[bytes]) -> float:
     return len(burst) / (time.time() - start)
 
 
+def compiled() -> dict[str, int]:
+    """Kernels compiled so far: Triton variants of the project's kernels, and torch.compile graphs. A timed run
+    that compiles stalls for about half a second per Triton variant (so the table says how many there were)."""
+    triton_variants = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith(("kernels.", "engine.")):
+            continue
+        for obj in vars(module).values():
+            for cache in getattr(obj, "device_caches", {}).values():
+                triton_variants += len(cache[0])
+    graphs = 0
+    try:
+        from torch._dynamo.utils import counters
+
+        graphs = int(counters["stats"]["unique_graphs"])
+    except (ImportError, KeyError):
+        pass
+    return {"triton": triton_variants, "dynamo": graphs}
+
+
 def cost_snapshot(engine) -> dict | None:
     """The cost model's measured base costs after a run (the policies' view of an iteration), in ms."""
     cost = engine.orchestrator.cost
@@ -308,16 +328,18 @@ def main() -> None:
                     replay(engine, trace, images, f"rehearse-{policy}-{load}-{skew}", cap_s=1.5 * args.duration + 3)
                     drain(engine)
                     switches, decided = engine.merge_state.switches, Counter(engine.orchestrator.decisions)
+                before = compiled()
                 row = replay(engine, trace, images, f"{policy}-{load}-{skew}", cap_s=1.5 * args.duration + 3)
                 drain(engine)
                 row.update(load=load, rate=load * cap, skew=skew, policy=policy,
                            switches=engine.merge_state.switches - switches, trace=summary(trace),
-                           cost=cost_snapshot(engine), decisions=dict(engine.orchestrator.decisions - decided))
+                           cost=cost_snapshot(engine), decisions=dict(engine.orchestrator.decisions - decided),
+                           compiled={k: v - before[k] for k, v in compiled().items()})
                 runs.append(row)
                 print(f"load {load:.2f} skew {skew:.1f} {policy:>11}: avg {row['avg_ms']:8.1f} ms  p95 "
                       f"{row['p95_ms']:8.1f} ms  {row['throughput_rps']:6.1f} req/s  switches {row['switches']:4d}  "
                       f"modes {row['modes']}  unfinished {row['unfinished']}  decisions {row['decisions']}  "
-                      f"cost {row['cost']}", flush=True)
+                      f"compiled {row['compiled']}  cost {row['cost']}", flush=True)
     print(table(runs, args.policies))
     if skipped:
         print(f"skipped past the {args.budget_s:.0f} s budget: {len(skipped)} runs", flush=True)

@@ -97,7 +97,8 @@ class ValoraEngine(EngineBackend):
     def _init_scheduler(self) -> None:
         cfg = self.config
         self.orchestrator = Orchestrator(cfg.policy, self.lora, self.model.adapted_linears(), self.switcher,
-                                         cfg.slo_s, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+                                         cfg.slo_s, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                         graphs=self.runner.graphs is not None)
         blocks = BlockManager(self.runner.kv.num_blocks, self.runner.kv.block_size)
         self.scheduler = Scheduler(blocks, self.lora, self.orchestrator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.intake = RequestIntake(self.checkpoint.spec, self.checkpoint.tokenizer, self.lora,

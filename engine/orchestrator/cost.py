@@ -2,6 +2,10 @@
 
 The switch cost and the multi-LoRA op's cost coefficients are measured at start-up; the base iteration costs
 start from a measured prior and then follow the engine's measured steps (exponential moving averages).
+
+Two regimes: decode iterations run as CUDA-graph replays on a GPU, so their multi-LoRA cost is device time
+(the coefficients); prefill iterations run eagerly, where the op's host-side launches (checks, tile lookup,
+two Triton launches per projection and layer) cost milliseconds whatever the rows (``eager_lora_s``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.device import median_time
+from engine.lora.ops import graph_safe
 from engine.lora.pool import AdapterPool
 from engine.model.layers import AdaptedLinear
 from kernels.backend import LoRABackend
@@ -43,6 +48,7 @@ class CostModel:
     lora_token_rank_s: float  # per row and unit of rank: shrink + expand FLOPs
     decode_step_s: float  # an iteration of decode rows only, LoRA work excluded
     prefill_token_s: float  # each prefill row on top of that
+    eager_lora_s: float = 0.0  # the op in an eagerly run iteration (prefill), at least: host launch overhead
     iteration_s: float = 0.0  # a typical iteration as served lately, everything included (0: none measured)
     smoothing: float = 0.2  # weight of a new measurement in the moving averages
 
@@ -75,7 +81,13 @@ class CostModel:
         return decode + prefill_tokens * self.prefill_token_s
 
     def observe(self, decode_rows: int, prefill_tokens: int, lora_s: float, elapsed_s: float) -> None:
-        """Fold a measured iteration into the base-cost averages (its estimated LoRA share taken out)."""
+        """Fold a measured iteration into the base-cost averages (its estimated LoRA share taken out).
+
+        ``lora_s``: the decode-regime estimate (``lora_s``); an iteration with prefill rows ran eagerly, so its
+        LoRA share is at least ``eager_lora_s`` when it had any.
+        """
+        if prefill_tokens and lora_s > 0.0:
+            lora_s = max(lora_s, self.eager_lora_s)
         base = max(elapsed_s - lora_s, 0.0)
         a = self.smoothing
         last = self.iteration_s or elapsed_s
@@ -89,19 +101,31 @@ class CostModel:
 
 @torch.inference_mode()
 def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, op: LoRABackend,
-              switch_s: float, reps: int = 5) -> CostModel:
+              switch_s: float, reps: int = 5, graphs: bool = True) -> CostModel:
     """Time the multi-LoRA op and the base matmuls on layer 0's projections; scale to every layer.
 
     Three op timings at the pool's max rank R (scale 0 on whatever the slots hold) pin down the launch,
     per-segment and per-row coefficients: (8 rows, 1 adapter), (8 rows, 8 adapters), (512 rows, 1 adapter).
+    With ``graphs`` on a GPU and a graph-safe op they, and the base decode prior, are timed as CUDA-graph
+    replays, the way decode steps run; the eager time of the first case is ``eager_lora_s`` (prefill).
     """
     layer0 = {key: lin for key, lin in linears.items() if key[0] == 0}
     layers = 1 + max(key[0] for key in linears)
     rank = pool.layout.max_rank
     device, dtype = pool.device, next(iter(layer0.values())).weight.dtype
     n_adapters = min(8, pool.num_slots)
+    timer = None
+    if graphs and device.type == "cuda" and graph_safe(op):
+        from kernels.timing import Timer
 
-    def lora_time(tokens: int, adapters: int) -> float:
+        timer = Timer(device)
+
+    def timed(fn, eager: bool = False) -> float:
+        if timer is None or eager:
+            return median_time(fn, device, reps)
+        return timer.graph_time_us(fn, reps=reps, flush=False) * 1e-6
+
+    def lora_time(tokens: int, adapters: int, eager: bool = False) -> float:
         slots = [i % adapters for i in range(tokens)]
         batch = LoRABatch.from_token_slots(slots, [rank] * pool.num_slots, [0.0] * pool.num_slots, device=device)
         cases = []
@@ -109,21 +133,22 @@ def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, 
             x = torch.randn(tokens, lin.in_dim, device=device, dtype=dtype)  # [tokens, in]
             y = torch.zeros(tokens, lin.weight.shape[0], device=device, dtype=dtype)  # [tokens, out_total]
             cases.append((y, x, pool.weights(key)))
-        return median_time(lambda: [op.add_lora(y, x, w, batch) for y, x, w in cases], device, reps) * layers
+        return timed(lambda: [op.add_lora(y, x, w, batch) for y, x, w in cases], eager) * layers
 
     def base_time(tokens: int) -> float:
         xs = [(torch.randn(tokens, lin.in_dim, device=device, dtype=dtype), lin) for lin in layer0.values()]
-        return median_time(lambda: [F.linear(x, lin.weight) for x, lin in xs], device, reps) * layers
+        return timed(lambda: [F.linear(x, lin.weight) for x, lin in xs]) * layers
 
     one, many, long = lora_time(8, 1), lora_time(8, n_adapters), lora_time(512, 1)
     per_segment = max(many - one, 0.0) / (max(n_adapters - 1, 1) * rank)
     per_token = max(long - one, 0.0) / (504 * rank)
     launch = max(one - rank * per_segment - 8 * rank * per_token, 0.0)
+    eager = lora_time(8, 1, eager=True) if timer is not None else one
     decode = base_time(8)
     prefill = max(base_time(512) - decode, 0.0) / 504
     cost = CostModel(switch_s=switch_s, lora_launch_s=launch, lora_segment_rank_s=per_segment,
-                     lora_token_rank_s=per_token, decode_step_s=decode, prefill_token_s=prefill)
-    logger.info("cost model: switch %.2f ms, LoRA launch %.3f ms + %.2f us/segment-rank + %.4f us/token-rank, "
-                "decode step prior %.2f ms", switch_s * 1e3, launch * 1e3, per_segment * 1e6, per_token * 1e6,
-                decode * 1e3)
+                     lora_token_rank_s=per_token, decode_step_s=decode, prefill_token_s=prefill, eager_lora_s=eager)
+    logger.info("cost model (%s): switch %.2f ms, LoRA launch %.3f ms + %.2f us/segment-rank + %.4f us/token-rank, "
+                "eager LoRA %.2f ms, decode step prior %.2f ms", "graphs" if timer else "eager", switch_s * 1e3,
+                launch * 1e3, per_segment * 1e6, per_token * 1e6, eager * 1e3, decode * 1e3)
     return cost

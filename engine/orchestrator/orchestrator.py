@@ -36,8 +36,9 @@ class Orchestrator:
 
     def __init__(self, policy: str, lora: LoRAManager, linears: dict[tuple[int, str], AdaptedLinear],
                  switcher: WeightSwitcher, slo_s: float, max_num_seqs: int, max_num_batched_tokens: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, graphs: bool = True) -> None:
         self.lora, self.linears, self.switcher, self.clock = lora, linears, switcher, clock
+        self.graphs = graphs  # decode steps run as CUDA-graph replays on GPU (the cost model times them so)
         self.state: MergeState = lora.merge_state
         self.cost: CostModel | None = None
         self.limits = (slo_s, max_num_seqs, max_num_batched_tokens)
@@ -64,7 +65,8 @@ class Orchestrator:
     def calibrate(self) -> CostModel:
         """Measure the switch cost (a merge + unmerge at the pool's max rank) and the multi-LoRA op's costs."""
         self.switcher.op = self.lora.op
-        self.cost = calibrate(self.linears, self.lora.pool, self.lora.op, self.switcher.measure())
+        self.cost = calibrate(self.linears, self.lora.pool, self.lora.op, self.switcher.measure(),
+                              graphs=self.graphs)
         return self.cost
 
     def _rank_of(self, name: str) -> int:

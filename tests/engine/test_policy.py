@@ -147,3 +147,15 @@ def test_one_pass_helper_agrees_with_the_named_ones():
         for budget in (8, 2048):
             assert demand.rows_and_iterations(seq, budget) == (demand.rows_next(seq, budget),
                                                                demand.iterations_left(seq))
+
+
+def test_an_eager_iteration_pays_at_least_the_eager_lora_cost():
+    """A prefill iteration runs eagerly: its LoRA share is at least ``eager_lora_s``, so the base costs fitted from
+    it do not absorb the host's launch overhead; decode iterations keep the (graph-timed) estimate."""
+    cost = costs(eager_lora_s=0.03, smoothing=1.0)
+    cost.observe(decode_rows=0, prefill_tokens=500, lora_s=0.005, elapsed_s=0.045)
+    assert cost.prefill_token_s == pytest.approx((0.045 - 0.03) / 500)
+    cost.observe(decode_rows=8, prefill_tokens=0, lora_s=0.005, elapsed_s=0.011)
+    assert cost.decode_step_s == pytest.approx(0.006)
+    cost.observe(decode_rows=0, prefill_tokens=500, lora_s=0.0, elapsed_s=0.02)  # no adapter rows: no LoRA share
+    assert cost.prefill_token_s == pytest.approx(0.02 / 500)

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.intmath import cdiv, next_power_of_2
+
 
 @triton.jit
 def _paged_attention_kernel(
@@ -139,7 +141,7 @@ def triton_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"the Triton path needs a power-of-two kv_block_size >= 16, got {block_size}")
     out = torch.empty_like(q)
-    block_d = max(16, triton.next_power_of_2(dim))
+    block_d = max(16, next_power_of_2(dim))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if max_query_len == 1:  # decode: one row per sequence, query heads grouped by the kv head they read
         group = heads // kv_heads
@@ -149,12 +151,12 @@ def triton_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-            GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), PAGE=block_size,
+            GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), PAGE=block_size,
             BLOCK_N=max(DECODE_KEYS, block_size), BLOCK_D=block_d, PRECISION=precision,
         )
         return out
     block_m = 16 if max_query_len <= 16 else 64
-    grid = (block_tables.shape[0], heads, triton.cdiv(max(max_query_len, 1), block_m))
+    grid = (block_tables.shape[0], heads, cdiv(max(max_query_len, 1), block_m))
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, cu_query_lens, context_lens,
         scale, dim,
@@ -231,7 +233,7 @@ def triton_rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         qkv, cos, sin, q, k_cache, v_cache, slot_mapping,
         qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        HEADS=heads, KV_HEADS=kv_heads, HALF=half, BLOCK_H=triton.next_power_of_2(max(heads, kv_heads)),
-        BLOCK_J=triton.next_power_of_2(half),
+        HEADS=heads, KV_HEADS=kv_heads, HALF=half, BLOCK_H=next_power_of_2(max(heads, kv_heads)),
+        BLOCK_J=next_power_of_2(half),
     )
     return q

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.intmath import cdiv, next_power_of_2
 from kernels.lora_batch import LoRABatch, LoRAWeights
 from kernels.tile_config import AtmmConfig, ExpandConfig, ShapeKey, ShrinkConfig, device_table
 
@@ -317,9 +318,9 @@ class RowPlan:
     def row_blocks(self, block_m: int) -> int:
         """An upper bound on the row blocks (from host ints only, so a CUDA graph may capture it)."""
         if self.routed:
-            return triton.cdiv(self.num_positions, block_m)
-        by_longest = self.num_segments * triton.cdiv(self.max_seg_len, block_m)
-        by_total = triton.cdiv(self.num_positions, block_m) + self.num_segments
+            return cdiv(self.num_positions, block_m)
+        by_longest = self.num_segments * cdiv(self.max_seg_len, block_m)
+        by_total = cdiv(self.num_positions, block_m) + self.num_segments
         return min(by_longest, by_total)
 
     @classmethod
@@ -330,7 +331,7 @@ class RowPlan:
 
 
 def _pow2(value: int, floor: int = 1) -> int:
-    return max(floor, triton.next_power_of_2(max(value, 1)))
+    return max(floor, next_power_of_2(max(value, 1)))
 
 
 def _seg_pow2(plan: RowPlan) -> int:
@@ -353,7 +354,7 @@ def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
 
     x: [T, in_dim]; tmp: workspace_shape(...) fp32, written where a term is live and r < its rank.
     """
-    r_blocks = triton.cdiv(plan.max_rank, cfg.block_r)
+    r_blocks = cdiv(plan.max_rank, cfg.block_r)
     inner = plan.n_terms * weights.n_slices * r_blocks * cfg.split_k
     grid = (plan.row_blocks(cfg.block_m) * inner,)
     if grid[0] == 0:
@@ -380,7 +381,7 @@ def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
     firsts, n_groups = [], 0
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=False):
         firsts.append(n_groups)
-        n_groups += triton.cdiv(triton.cdiv(hi - lo, cfg.block_n), cfg.group_n)
+        n_groups += cdiv(cdiv(hi - lo, cfg.block_n), cfg.group_n)
     firsts = [f if i < weights.n_slices else n_groups for i, f in enumerate(firsts)]
     grid = (plan.row_blocks(cfg.block_m) * n_groups,)
     if grid[0] == 0:

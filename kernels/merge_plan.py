@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
+from kernels.intmath import cdiv
 from kernels.lora_batch import LoRAWeights
 
 # Columns of the table, one row per (target, slice). Addresses are element offsets from the first target's
@@ -149,7 +149,7 @@ class MergePlan:
             a, b, w = t.lora.a, t.lora.b, t.weight
             base = t.base if t.base is not None else w
             for i, (lo, hi) in enumerate(zip(t.lora.slice_bounds[:-1], t.lora.slice_bounds[1:], strict=False)):
-                n_groups = triton.cdiv(triton.cdiv(w.shape[1], block_n), group_n)
+                n_groups = cdiv(cdiv(w.shape[1], block_n), group_n)
                 row = [0] * TABLE_WIDTH
                 row[W_OFF] = (w.data_ptr() - w0) // size + lo * w.stride(0)
                 row[BASE_OFF] = (base.data_ptr() - w0) // size + lo * base.stride(0)
@@ -161,7 +161,7 @@ class MergePlan:
                 row[B_SLOT], row[B_ROW] = b.stride(0), b.stride(1)
                 row[GROUP], row[N_GROUPS] = t.group, n_groups
                 rows.append(row)
-                total += triton.cdiv(hi - lo, block_m) * n_groups
+                total += cdiv(hi - lo, block_m) * n_groups
                 starts.append(total)
         table = torch.tensor(rows, dtype=torch.int64).to(self.device)
         item_start = torch.tensor(starts, dtype=torch.int32).to(self.device)

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.intmath import next_power_of_2
 from kernels.merge_plan import TABLE_WIDTH, DeltaTerms, MergePlan
 from kernels.tile_config import MergeConfig, device_table
 
@@ -185,8 +186,8 @@ def swift_merge(
     max_rank = max([t.max_rank for t in (add, sub) if t is not None] + [1])
     n_terms = sum(t.num_terms for t in (add, sub) if t is not None)
     config = config or device_table().lookup_merge(max_rank)
-    r_pad = triton.next_power_of_2(max(max_rank, 16))
-    k_pad = triton.next_power_of_2(max(n_terms, 1) * r_pad)
+    r_pad = next_power_of_2(max(max_rank, 16))
+    k_pad = next_power_of_2(max(n_terms, 1) * r_pad)
     block_m = max(16, min(config.block_m, MAX_TERM_ELEMENTS // k_pad))  # s * B stays in registers
     table, item_start, total = plan.table(block_m, config.block_n, config.group_n)
     if total == 0:
@@ -199,7 +200,7 @@ def swift_merge(
         sub_slots, sub_ranks, sub_scales, add_slots, add_ranks, add_scales,
         plan.num_rows, k_sub, k_add,
         stride_sub, stride_add,
-        TABLE_COLS=TABLE_WIDTH, ROWS_POW2=triton.next_power_of_2(plan.num_rows), FROM_BASE=plan.from_base,
+        TABLE_COLS=TABLE_WIDTH, ROWS_POW2=next_power_of_2(plan.num_rows), FROM_BASE=plan.from_base,
         SKIP_UNCHANGED=skip_unchanged, IEEE=plan.dtype == torch.float32, ALIGNED=plan.aligned,
         R_PAD=r_pad, K_PAD=k_pad, BLOCK_M=block_m, BLOCK_N=config.block_n, GROUP_N=config.group_n,
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -38,6 +38,16 @@ def test_service_command_is_a_valora_subcommand(name):
     assert service["environment"]["REDIS_URL"].startswith("redis://redis:")
 
 
+def test_engine_keeps_its_compiled_kernels_in_a_volume():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    engine = compose["services"]["engine"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in engine["volumes"]}
+    for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        path = engine["environment"][var]
+        mount = next(m for m in mounts if path.startswith(m + "/"))
+        assert mounts[mount] in compose["volumes"], f"{var} is not on a named volume"
+
+
 def test_dockerfile_runs_valora():
     text = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["valora"]' in text

@@ -2,12 +2,17 @@
 
     python bench/serving.py --quick --json out.json --plot bench/serving_h200.png   # H200, dummy Qwen2.5-VL-7B
     python bench/serving.py --tiny --quick --plot /tmp/serving.png                  # CPU smoke run, tiny dummy model
+    python bench/serving.py --skews 0.9 0.5 --loads 0.6 --duration 8 --repeats 3 --rehearse  # fewer points, less noise
 
 One engine (32 adapters of ranks 8-64 on every language-model linear, generated in memory and pinned in the
 device pool) replays each trace (bench/traces.py: Poisson arrivals, hottest-adapter share = skew, the vision task
 mix) once per policy, switching policy between runs. Rates are fractions of the capacity measured first (a
 closed burst on the unmerged engine). Latency is end to end from each request's scheduled arrival. Also: the
 swift switch of a pool-max-rank adapter across all layers against its memory floor.
+
+Short traces are noisy (on the H200, one policy's average latency varied by ~35% between runs of one 3 s trace),
+and a run that meets a new kernel shape compiles it (~0.5 s per Triton variant): ``--repeats`` interleaves
+several timed runs per point, ``--rehearse`` compiles before timing, and each row records what was compiled.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--output-scale", type=float, default=1.0, help="scales every task's output lengths")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per policy and point, interleaved across policies (the table shows the mean and "
+                        "the range)")
     p.add_argument("--rehearse", action="store_true",
                    help="replay each trace once untimed before timing it (Triton compiles the shapes it meets)")
     p.add_argument("--budget-s", type=float, default=0.0,
@@ -294,6 +302,28 @@ def switch_cost(engine) -> dict:
             "rank": switcher.max_rank, "targets": len(switcher.plan.targets), "base_copy": switcher.base_copy}
 
 
+def timed_run(engine, args, trace: list[TraceRequest], images: list[bytes], policy: str, load: float, cap: float,
+              skew: float, rep: int) -> dict:
+    """One policy on one trace (the first repeat rehearsed untimed with ``--rehearse``), with what it decided and
+    compiled. Image ids are new for every run, so no run finds another's frames in the vision cache."""
+    use_policy(engine, policy, not args.no_overlap)
+    if args.rehearse and rep == 0:  # untimed: the batch shapes this run meets get their kernels compiled
+        replay(engine, trace, images, f"rehearse-{policy}-{load}-{skew}", cap_s=1.5 * args.duration + 3)
+        drain(engine)
+    switches, decided, before = engine.merge_state.switches, Counter(engine.orchestrator.decisions), compiled()
+    row = replay(engine, trace, images, f"{policy}-{load}-{skew}-{rep}", cap_s=1.5 * args.duration + 3)
+    drain(engine)
+    row.update(load=load, rate=load * cap, skew=skew, policy=policy, repeat=rep,
+               switches=engine.merge_state.switches - switches, trace=summary(trace),
+               cost=cost_snapshot(engine), decisions=dict(engine.orchestrator.decisions - decided),
+               compiled={k: v - before[k] for k, v in compiled().items()})
+    print(f"load {load:.2f} skew {skew:.1f} {policy:>11}: avg {row['avg_ms']:8.1f} ms  p95 "
+          f"{row['p95_ms']:8.1f} ms  {row['throughput_rps']:6.1f} req/s  switches {row['switches']:4d}  "
+          f"modes {row['modes']}  unfinished {row['unfinished']}  decisions {row['decisions']}  "
+          f"compiled {row['compiled']}  cost {row['cost']}", flush=True)
+    return row
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args()
@@ -318,28 +348,13 @@ def main() -> None:
         for skew in args.skews:
             trace = generate(TraceConfig(rate=load * cap, duration_s=args.duration, num_adapters=args.adapters,
                                          skew=skew, output_scale=args.output_scale, seed=args.seed))
-            for policy in args.policies:
-                if args.budget_s and time.time() - timed > args.budget_s:
-                    skipped.append({"load": load, "skew": skew, "policy": policy})
-                    continue
-                use_policy(engine, policy, not args.no_overlap)
-                switches, decided = engine.merge_state.switches, Counter(engine.orchestrator.decisions)
-                if args.rehearse:  # untimed: the batch shapes this run meets get their kernels compiled
-                    replay(engine, trace, images, f"rehearse-{policy}-{load}-{skew}", cap_s=1.5 * args.duration + 3)
-                    drain(engine)
-                    switches, decided = engine.merge_state.switches, Counter(engine.orchestrator.decisions)
-                before = compiled()
-                row = replay(engine, trace, images, f"{policy}-{load}-{skew}", cap_s=1.5 * args.duration + 3)
-                drain(engine)
-                row.update(load=load, rate=load * cap, skew=skew, policy=policy,
-                           switches=engine.merge_state.switches - switches, trace=summary(trace),
-                           cost=cost_snapshot(engine), decisions=dict(engine.orchestrator.decisions - decided),
-                           compiled={k: v - before[k] for k, v in compiled().items()})
-                runs.append(row)
-                print(f"load {load:.2f} skew {skew:.1f} {policy:>11}: avg {row['avg_ms']:8.1f} ms  p95 "
-                      f"{row['p95_ms']:8.1f} ms  {row['throughput_rps']:6.1f} req/s  switches {row['switches']:4d}  "
-                      f"modes {row['modes']}  unfinished {row['unfinished']}  decisions {row['decisions']}  "
-                      f"compiled {row['compiled']}  cost {row['cost']}", flush=True)
+            for rep in range(args.repeats):
+                for i in range(len(args.policies)):  # each repeat starts one policy later: no fixed order effects
+                    policy = args.policies[(i + rep) % len(args.policies)]
+                    if args.budget_s and time.time() - timed > args.budget_s:
+                        skipped.append({"load": load, "skew": skew, "policy": policy, "repeat": rep})
+                        continue
+                    runs.append(timed_run(engine, args, trace, images, policy, load, cap, skew, rep))
     print(table(runs, args.policies))
     if skipped:
         print(f"skipped past the {args.budget_s:.0f} s budget: {len(skipped)} runs", flush=True)

@@ -14,10 +14,20 @@ COLORS = {"valora": (200, 30, 45), "slora": (40, 90, 200), "dlora": (30, 150, 70
 
 
 def _points(runs: list[dict]) -> dict[tuple[float, float], dict[str, dict]]:
-    """(load, skew) -> policy -> run."""
-    out: dict[tuple[float, float], dict[str, dict]] = defaultdict(dict)
+    """(load, skew) -> policy -> run; repeated runs of a point are averaged (``repeats``, ``avg_ms_range``)."""
+    grouped: dict[tuple[float, float], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        out[run["load"], run["skew"]][run["policy"]] = run
+        grouped[run["load"], run["skew"]][run["policy"]].append(run)
+    out: dict[tuple[float, float], dict[str, dict]] = defaultdict(dict)
+    for point, by_policy in grouped.items():
+        for policy, reps in by_policy.items():
+            merged = dict(reps[-1])
+            for key in ("avg_ms", "p95_ms", "throughput_rps"):
+                merged[key] = sum(r[key] for r in reps) / len(reps)
+            merged["unfinished"] = sum(r["unfinished"] for r in reps)
+            merged["repeats"] = len(reps)
+            merged["avg_ms_range"] = (min(r["avg_ms"] for r in reps), max(r["avg_ms"] for r in reps))
+            out[point][policy] = merged
     return out
 
 
@@ -42,7 +52,9 @@ def _fmt(value, pattern: str = "{:.0f}") -> str:
 
 
 def table(runs: list[dict], policies: list[str]) -> str:
-    """Markdown: average / p95 latency (ms) and throughput per policy, then valora against the baselines."""
+    """Markdown: average / p95 latency (ms) and throughput per policy, then valora against the baselines.
+
+    Repeated runs of a point show their mean, with the range of the average latency in brackets."""
     head = ["load", "rate req/s", "skew"] + [f"{p} avg / p95 ms (req/s)" for p in policies]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (load, skew), by_policy in sorted(_points(runs).items()):
@@ -50,7 +62,9 @@ def table(runs: list[dict], policies: list[str]) -> str:
         cells = [f"{load:.2f}", f"{rate:.1f}", f"{skew:.1f}"]
         for p in policies:
             r = by_policy.get(p)
-            cells.append("-" if r is None else f"{_fmt(r['avg_ms'])} / {_fmt(r['p95_ms'])} "
+            spread = "" if r is None or r["repeats"] == 1 else \
+                f" [{_fmt(r['avg_ms_range'][0])}-{_fmt(r['avg_ms_range'][1])}]"
+            cells.append("-" if r is None else f"{_fmt(r['avg_ms'])}{spread} / {_fmt(r['p95_ms'])} "
                                                f"({r['throughput_rps']:.1f})" + ("*" if r["unfinished"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| load | skew | valora avg-latency cut vs slora | vs dlora | best baseline | valora / best |",

@@ -41,7 +41,10 @@ class PipelineMetrics:
         self.mode_switches = Counter("valora_engine_mode_switches", "Weight switches of the engine", ["engine"])
         self.switch_seconds = Counter("valora_engine_switch_seconds", "Seconds the engine spent switching weights",
                                       ["engine"])
+        self.decisions = Counter("valora_engine_mode_decisions", "Mode decisions of the engine's policy, by mode "
+                                 "(+held: some request sat that iteration out)", ["engine", "decision"])
         self._engines: dict[str, tuple[str | None, int, float]] = {}  # engine -> (merged, switches, switch ms)
+        self._decided: dict[tuple[str, str], int] = {}  # (engine, decision) -> count last seen
 
     def observe(self, result: TaskResult) -> None:
         status = "ok" if result.ok else "error"
@@ -69,6 +72,10 @@ class PipelineMetrics:
             self.mode_switches.labels(engine).inc(health.mode_switches - switches)
             self.switch_seconds.labels(engine).inc(max(health.switch_ms_total - switch_ms, 0.0) / 1000.0)
         self._engines[engine] = (health.merged_adapter, health.mode_switches, health.switch_ms_total)
+        for decision, count in (health.detail.get("decisions") or {}).items():
+            seen = self._decided.get((engine, decision), 0)
+            self.decisions.labels(engine, decision).inc(count - seen if count >= seen else count)  # < seen: restarted
+            self._decided[engine, decision] = count
 
     def refresh_streams(self, transport: Transport, streams: list[str]) -> None:
         """Queue lag and pending counts from XINFO, and ingest counters from the health hashes."""

@@ -40,6 +40,8 @@ def test_engine_service_publishes_mode_merged_adapter_and_switches(transport, en
     assert 'valora_engine_mode{engine="orch",mode="merged"} 1.0' in text
     assert f'valora_engine_merged_adapter{{adapter="{health.merged_adapter}",engine="orch"}} 1.0' in text
     assert 'valora_engine_mode_switches_total{engine="orch"}' in text
+    assert health.detail["decisions"] and set(health.detail["decisions"]) <= {"merged", "merged+held"}
+    assert 'valora_engine_mode_decisions_total{decision="merged' in text
     engine.close()
 
 
@@ -60,3 +62,15 @@ def test_prometheus_switch_counters_follow_health():
     METRICS.observe_engine(EngineHealth(engine_id="e1", ready=True, mode="merged", merged_adapter="ad4",
                                         mode_switches=2, switch_ms_total=10.0))
     assert 'valora_engine_mode_switches_total{engine="e1"} 5.0' in scrape(port)
+
+
+def test_prometheus_decision_counters_follow_health():
+    port = free_port()
+    start_exporter(port)
+    for decided, total in (({"merged": 3}, {"merged": 3.0}), ({"merged": 5, "mixture+held": 2},
+                                                              {"merged": 5.0, "mixture+held": 2.0}),
+                           ({"merged": 1}, {"merged": 6.0, "mixture+held": 2.0})):  # the last: a restarted replica
+        METRICS.observe_engine(EngineHealth(engine_id="d1", ready=True, mode="merged", detail={"decisions": decided}))
+        text = scrape(port)
+        for decision, value in total.items():
+            assert f'valora_engine_mode_decisions_total{{decision="{decision}",engine="d1"}} {value}' in text

@@ -44,7 +44,8 @@ class ValoraPolicy(ModePolicy):
        M's rate is the cheaper of the two; batching only counts while M's requests arrive faster than the
        others (a held request must be outnumbered by those its wait speeds up). Each iteration, every
        candidate earns credit = (current rate - its rate) x T; when a credit reaches the measured switch cost
-       x n (everyone waits for the switch), the weights switch to it (rent-or-buy).
+       x n (everyone waits for the switch), the weights switch to it (rent-or-buy). A merged candidate's rate
+       also counts step 4's saving: its arrivals' prefills can skip the eager LoRA overhead.
     2. With M merged and nobody else in the engine, the iteration runs merged (no LoRA work). Others already
        running keep running (mixture). If batching pays (cycle cheaper than mixture), waiting others are held,
        and all of them are admitted (a mixture phase) once the time they have spent waiting reaches what the
@@ -57,6 +58,13 @@ class ValoraPolicy(ModePolicy):
        latency budget (deadline, or created_at + slo_s, minus created_at), or once its slack - deadline minus now
        minus its estimated service time - falls under two of the longest iterations the current batch can take;
        so no request waits past its deadline when the engine has room for it.
+    4. Eager iterations. An iteration with prefill rows runs eagerly, where the multi-LoRA op costs its host
+       launch overhead (``eager_lora_s``, tens of milliseconds for a 7B on a GPU) whatever its rows; with M
+       merged, an iteration of M's rows alone launches no LoRA op at all. So when M's prefill is due and that
+       overhead exceeds a decode iteration, the iteration runs merged with every other request held for it (the
+       next one, a cheap decode step, takes them back: never two such iterations in a row, and never while one
+       of them is urgent). Everyone gains: the others wait for a LoRA-free prefill and a decode step instead of
+       one iteration that pays the overhead.
     """
 
     needs_cost = True
@@ -68,6 +76,7 @@ class ValoraPolicy(ModePolicy):
         self.arrivals: deque[tuple[float, str | None]] = deque()  # (arrival, group) of the requests seen lately
         self.seen: set[int] = set()
         self.started: float | None = None
+        self.isolated = False  # the last decision ran M's prefill alone (step 4)
 
     def decide(self, view: QueueView) -> ModeDecision:
         seqs = [*view.running, *view.waiting]
@@ -77,8 +86,9 @@ class ValoraPolicy(ModePolicy):
         queue = self._snapshot(seqs)
         target = self._weights(view, queue)
         if target is None:
+            self.isolated = False
             return ModeDecision()
-        return self._phase(view, target, queue)
+        return self._isolate(view, self._phase(view, target, queue), queue)
 
     # -- what the queue looks like
     def _track(self, view: QueueView, seqs: list[Sequence]) -> None:
@@ -140,7 +150,7 @@ class ValoraPolicy(ModePolicy):
         ctx, cur, counts = self.ctx, view.merged, queue.counts
         top = max((g for g in counts if g is not None), key=lambda g: (counts[g], g == cur), default=None)
         candidates = {None, cur, top}
-        rate = {c: min(self._rates(view, queue, c)[:2]) for c in candidates}
+        rate = {c: min(self._rates(view, queue, c)[:2]) - self._eager_saving(view, queue, c) for c in candidates}
         step = ctx.cost.typical_iteration_s
         self.credit = {c: max(0.0, self.credit.get(c, 0.0) + (rate[cur] - rate[c]) * step)
                        for c in candidates if c != cur}
@@ -152,6 +162,16 @@ class ValoraPolicy(ModePolicy):
             self.credit = {}
             return best
         return cur
+
+    def _eager_saving(self, view: QueueView, queue: _Queue, merged: str | None) -> float:
+        """Step 4's gain as a rate: with ``merged`` in the weights, each of its arrivals' prefills can run without
+        the eager LoRA overhead that every request in the engine would wait through, less a decode iteration."""
+        cost = self.ctx.cost
+        if merged is None or cost.eager_lora_s <= 0.0:
+            return 0.0
+        decode = cost.step_s(len(queue.seqs), 0) + cost.lora_s(queue.comp, merged, self.ctx.rank_of(merged))
+        ours, _ = self._arrival_rates(merged, view.now)
+        return ours * len(queue.seqs) * max(cost.eager_lora_s - decode, 0.0)
 
     # -- steps 2 and 3: who runs with M merged
     def _phase(self, view: QueueView, merged: str, queue: _Queue) -> ModeDecision:
@@ -182,6 +202,25 @@ class ValoraPolicy(ModePolicy):
                 admit.update(i for i in rest if left[i] <= phase_left)
         held = frozenset(seqs[i].seq_id for i in waiting if i not in admit)
         return ModeDecision("mixture" if len(others) > len(waiting) or admit else "merged", merged, held)
+
+    # -- step 4: M's prefill without anyone else's LoRA rows
+    def _isolate(self, view: QueueView, decision: ModeDecision, queue: _Queue) -> ModeDecision:
+        ctx, cost, merged = self.ctx, self.ctx.cost, decision.merged_adapter
+        isolate = not self.isolated and cost.eager_lora_s > 0.0
+        if isolate:
+            others = [s for s, g in zip(queue.seqs, queue.groups, strict=True)
+                      if g != merged and decision.admits(s)]
+            ours_prefill = any(g == merged and s.in_prefill and decision.admits(s)
+                               for s, g in zip(queue.seqs, queue.groups, strict=True))
+            lora = cost.lora_s(queue.comp, merged, ctx.rank_of(merged))
+            decode = cost.step_s(len(queue.seqs), 0) + lora
+            guard = 2 * (cost.step_s(len(queue.seqs), ctx.max_num_batched_tokens) + cost.eager_lora_s)
+            isolate = (bool(others) and ours_prefill and cost.eager_lora_s > decode
+                       and not any(self._urgent(s, view.now, lora, guard) for s in others))
+        self.isolated = isolate
+        if not isolate:
+            return decision
+        return ModeDecision("merged", merged, decision.held | {s.seq_id for s in others})
 
     def _budget(self, seq: Sequence) -> float:
         """The request's whole latency budget: deadline (or created_at + slo_s) minus created_at."""

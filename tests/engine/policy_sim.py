@@ -135,9 +135,14 @@ class Simulator:
         return decode, prefill, {k: Load(n, self.ranks.get(k, 0) if k is not None else 0) for k, n in rows.items()}
 
     def _cost(self, chunks: list[tuple[Sequence, int]]) -> float:
+        """An iteration's seconds: its base cost and its multi-LoRA cost; one with prefill rows runs eagerly, where
+        the multi-LoRA op costs at least ``eager_lora_s`` (its host launch overhead) when it runs at all."""
         decode, prefill, comp = self._rows(chunks)
         merged = self.state.merged
-        return self.truth.step_s(decode, prefill) + self.truth.lora_s(comp, merged, self.ranks.get(merged, 0))
+        lora = self.truth.lora_s(comp, merged, self.ranks.get(merged, 0))
+        if prefill and lora > 0.0:
+            lora = max(lora, self.truth.eager_lora_s)
+        return self.truth.step_s(decode, prefill) + lora
 
     def _observe(self, chunks: list[tuple[Sequence, int]], elapsed: float) -> None:
         """What the engine does after each step: the policy's cost model follows the measured iterations."""

@@ -226,3 +226,21 @@ def test_overlapped_steps_remake_a_decision_when_a_request_arrives(make_engine, 
     by_id = {r.request_id: r.token_ids for r in results}
     order = [*reqs[:2], late, *reqs[2:]]
     assert [by_id[r.request_id] for r in order] == unmerged
+
+
+def test_valora_isolates_merged_prefills_and_keeps_the_unmerged_tokens(make_engine, unmerged):
+    """With an eager LoRA cost above a decode step, valora runs M's prefill in a merged iteration that holds
+    every other request (running or waiting) for it; the tokens stay those of the unmerged engine."""
+    engine = make_engine(policy="valora", pinned_adapters=list(ADAPTERS))
+    engine.orchestrator.cost.eager_lora_s = 0.5  # far above a decode step of the tiny model: isolation pays
+    seen = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, feed=None: seen.append(
+        (sched.mode, sched.merged_adapter, {c.seq.adapter for c in sched.chunks},
+         any(c.count > 1 for c in sched.chunks))) or launch(sched, feed)
+    results = engine.generate(requests())
+    assert [r.token_ids for r in results] == unmerged
+    isolated = [s for s in seen if s[0] == "merged" and s[3]]
+    assert isolated, f"no merged prefill iteration: {seen[:6]}"
+    assert all(adapters == {merged} for _, merged, adapters, _ in isolated)
+    assert any(mode == "mixture" for mode, *_ in seen), "the other requests never ran beside the merged adapter"

@@ -1,0 +1,77 @@
+"""Mode policies in virtual time, with the H200's measured costs: an estimate, not a measurement.
+
+    python bench/policy_model.py                      # rates 20 / 26 / 32 req/s, skews 0.9-0.1, 20 s traces
+    python bench/policy_model.py --rates 26 --json out.json
+
+The engine loop is modelled by tests/engine/policy_sim.py (the policies' real decision code, the scheduler's
+batching rules, the cost model following measured iterations). The clock charges what the H200 runs measured
+(bench/RESULTS.md, third session): a decode step of 4.5 ms plus the graph-timed multi-LoRA op (0.9 ms +
+2 µs per segment and unit of rank); an eager (prefill) iteration's fixed host cost (20 ms) plus 20 µs a token,
+plus the eager multi-LoRA overhead (24 ms) when it has any LoRA row; a weight switch of 7.8 ms. The traces are
+bench/traces.py's (the serving bench's task mix; each picture adds 64 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.traces import TraceConfig, adapter_names, generate  # noqa: E402
+from engine.orchestrator.cost import CostModel  # noqa: E402
+from tests.engine.policy_sim import SimRequest, Simulator  # noqa: E402
+
+POLICIES = ("valora", "slora", "dlora", "merged-only")
+
+
+@dataclass
+class MeasuredCosts(CostModel):
+    """The clock: the engine's cost model plus the fixed host cost of an eager iteration (which the engine's
+    model folds into its per-token prefill cost)."""
+
+    eager_step_s: float = 0.020
+
+    def step_s(self, decode_rows: int, prefill_tokens: int) -> float:
+        return super().step_s(decode_rows, prefill_tokens) + (self.eager_step_s if prefill_tokens else 0.0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", type=float, nargs="+", default=[20.0, 26.0, 32.0], help="requests per second")
+    p.add_argument("--skews", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3, 0.1])
+    p.add_argument("--duration", type=float, default=20.0)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    ranks = {name: (8, 16, 32, 64)[i % 4] for i, name in enumerate(adapter_names(32))}
+    policy_view = dict(switch_s=0.0078, lora_launch_s=0.0009, lora_segment_rank_s=2e-6, lora_token_rank_s=1e-11,
+                       decode_step_s=0.0045, prefill_token_s=20e-6, eager_lora_s=0.024)
+    clock = MeasuredCosts(**policy_view)
+    rows = []
+    print("| rate req/s | skew | " + " | ".join(f"{n} avg ms" for n in POLICIES) + " | valora vs slora | vs dlora |")
+    print("|---|---|" + "---|" * (len(POLICIES) + 2))
+    for rate in args.rates:
+        for skew in args.skews:
+            reqs = generate(TraceConfig(rate=rate, duration_s=args.duration, num_adapters=32, skew=skew, seed=0))
+            trace = [SimRequest(r.arrival, r.adapter, r.prompt_tokens + 64 * r.frames, r.output_tokens,
+                                r.arrival + r.slo_s) for r in reqs]
+            avg = {}
+            for name in POLICIES:
+                sim = Simulator(name, CostModel(**policy_view), ranks, max_num_seqs=64, max_tokens=4096, truth=clock)
+                done = sim.run(trace)
+                avg[name] = 1e3 * statistics.mean(o.finished - o.request.arrival for o in done)
+            rows.append({"rate": rate, "skew": skew, "avg_ms": avg})
+            cut = {b: 1 - avg["valora"] / avg[b] for b in ("slora", "dlora")}
+            print(f"| {rate:.0f} | {skew:.1f} | " + " | ".join(f"{avg[n]:.0f}" for n in POLICIES)
+                  + f" | {cut['slora']:+.1%} | {cut['dlora']:+.1%} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"costs": policy_view, "eager_step_s": clock.eager_step_s, "rows": rows},
+                                        indent=1))
+
+
+if __name__ == "__main__":
+    main()

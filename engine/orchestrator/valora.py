@@ -65,6 +65,11 @@ class ValoraPolicy(ModePolicy):
        next one, a cheap decode step, takes them back: never two such iterations in a row, and never while one
        of them is urgent). Everyone gains: the others wait for a LoRA-free prefill and a decode step instead of
        one iteration that pays the overhead.
+    5. Prefill batches. Admitting new requests makes the running ones wait through an eager iteration, whose
+       LoRA overhead beyond a decode step (``extra``) does not grow with the rows. So new requests (other than
+       M's, which step 4 serves) wait while the running ones decode, and are admitted together once the time
+       they have waited adds up to what their admission costs the running ones (running x extra): the
+       economic-order-quantity trigger of step 2 again; at once when nothing runs or one of them is urgent.
     """
 
     needs_cost = True
@@ -87,8 +92,10 @@ class ValoraPolicy(ModePolicy):
         target = self._weights(view, queue)
         if target is None:
             self.isolated = False
-            return ModeDecision()
-        return self._isolate(view, self._phase(view, target, queue), queue)
+            decision = ModeDecision()
+        else:
+            decision = self._isolate(view, self._phase(view, target, queue), queue)
+        return self._gather_prefills(view, decision, queue)
 
     # -- what the queue looks like
     def _track(self, view: QueueView, seqs: list[Sequence]) -> None:
@@ -221,6 +228,25 @@ class ValoraPolicy(ModePolicy):
         if not isolate:
             return decision
         return ModeDecision("merged", merged, decision.held | {s.seq_id for s in others})
+
+    # -- step 5: new requests' prefills in batches
+    def _gather_prefills(self, view: QueueView, decision: ModeDecision, queue: _Queue) -> ModeDecision:
+        ctx, cost, merged = self.ctx, self.ctx.cost, decision.merged_adapter
+        if self.isolated:
+            return decision
+        running = [s for s in view.running if decision.admits(s)]
+        lora = cost.lora_s(queue.comp, merged, ctx.rank_of(merged) if merged else 0)
+        extra = max(cost.eager_lora_s - cost.step_s(len(queue.seqs), 0) - lora, 0.0)
+        if not running or extra == 0.0:
+            return decision
+        new = [s for s in view.waiting if decision.admits(s)
+               and (merged is None or demand.group(s, ctx.state) != merged)]
+        if not new or sum(max(view.now - s.clock.arrived, 0.0) for s in new) >= len(running) * extra:
+            return decision
+        guard = 2 * (cost.step_s(len(queue.seqs), ctx.max_num_batched_tokens) + cost.eager_lora_s)
+        if any(self._urgent(s, view.now, lora, guard) for s in new):
+            return decision
+        return ModeDecision(decision.mode, merged, decision.held | {s.seq_id for s in new})
 
     def _budget(self, seq: Sequence) -> float:
         """The request's whole latency budget: deadline (or created_at + slo_s) minus created_at."""

@@ -62,6 +62,7 @@ class Simulator:
         self.policy = create_policy(name, ctx)
         self.slo_s = slo_s
         self.modes: list[str] = []
+        self.prefill_iterations = 0  # iterations with prefill rows (run eagerly on a GPU)
 
     def run(self, trace: list[SimRequest], horizon: float = 1e9) -> list[Outcome]:
         pending = deque(sorted(trace, key=lambda r: r.arrival))
@@ -91,6 +92,7 @@ class Simulator:
                 now = pending[0].arrival if pending else now + self.truth.decode_step_s
                 continue
             self.modes.append(decision.mode)
+            self.prefill_iterations += any(seq.in_prefill for seq, _ in chunks)
             begin = now
             now += self._cost(chunks)
             self._observe(chunks, now - begin)

@@ -244,3 +244,27 @@ def test_valora_isolates_merged_prefills_and_keeps_the_unmerged_tokens(make_engi
     assert isolated, f"no merged prefill iteration: {seen[:6]}"
     assert all(adapters == {merged} for _, merged, adapters, _ in isolated)
     assert any(mode == "mixture" for mode, *_ in seen), "the other requests never ran beside the merged adapter"
+
+
+def test_valora_batches_new_prefills_and_keeps_the_unmerged_tokens(make_engine, unmerged):
+    """With an eager LoRA cost above a decode step, requests that arrive while others decode wait and are
+    admitted together (step 5); every request still gets the unmerged engine's tokens."""
+    engine = make_engine(policy="valora", pinned_adapters=list(ADAPTERS))
+    engine.orchestrator.cost.eager_lora_s = 0.05
+    held_steps = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, feed=None: held_steps.append(
+        bool(engine.scheduler.waiting) and all(c.count == 1 for c in sched.chunks)) or launch(sched, feed)
+    reqs = requests()
+    results = []
+    for req in reqs[:2]:
+        engine.add_request(req)
+    for _ in range(3):
+        results += engine.step()
+    for req in reqs[2:]:
+        engine.add_request(req)
+    while engine.has_unfinished():
+        results += engine.step()
+    by_id = {r.request_id: r.token_ids for r in results}
+    assert [by_id[r.request_id] for r in reqs] == unmerged
+    assert any(held_steps), "no decode step ran while new requests waited"

@@ -195,3 +195,17 @@ def test_valora_runs_merged_prefills_without_the_eager_lora_overhead(skew):
     assert len(ours) == len(trace) and not late_starts(ours)
     assert mean_latency(ours) < 0.95 * mean_latency(blind.run(trace))
     assert mean_latency(ours) < 0.9 * mean_latency(slora.run(trace))
+
+
+def test_valora_admits_new_requests_in_batches_when_eager_iterations_are_dear():
+    """Step 5: with the eager overhead far above a decode step, new requests wait while the running ones decode and
+    are admitted together: fewer eager iterations and lower average latency than slora, deadlines kept. At skew
+    0.1 nothing is worth merging, so the gain is the batching alone."""
+    truth = costs(eager_lora_s=0.025, decode_step_s=0.0045, lora_launch_s=0.0009)
+    trace = skewed_trace(0.1)
+    ours = Simulator("valora", truth, RANKS, max_num_seqs=64, max_tokens=4096)
+    base = Simulator("slora", truth, RANKS, max_num_seqs=64, max_tokens=4096)
+    done, ref = ours.run(trace), base.run(trace)
+    assert len(done) == len(trace) and not late_starts(done)
+    assert ours.prefill_iterations < 0.7 * base.prefill_iterations
+    assert mean_latency(done) < 0.9 * mean_latency(ref)

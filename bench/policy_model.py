@@ -52,21 +52,23 @@ def main() -> None:
                        decode_step_s=0.0045, prefill_token_s=20e-6, eager_lora_s=0.024)
     clock = MeasuredCosts(**policy_view)
     rows = []
-    print("| rate req/s | skew | " + " | ".join(f"{n} avg ms" for n in POLICIES) + " | valora vs slora | vs dlora |")
+    print("| rate req/s | skew | " + " | ".join(f"{n} avg / p95 ms" for n in POLICIES)
+          + " | valora vs slora | vs dlora |")
     print("|---|---|" + "---|" * (len(POLICIES) + 2))
     for rate in args.rates:
         for skew in args.skews:
             reqs = generate(TraceConfig(rate=rate, duration_s=args.duration, num_adapters=32, skew=skew, seed=0))
             trace = [SimRequest(r.arrival, r.adapter, r.prompt_tokens + 64 * r.frames, r.output_tokens,
                                 r.arrival + r.slo_s) for r in reqs]
-            avg = {}
+            avg, p95 = {}, {}
             for name in POLICIES:
                 sim = Simulator(name, CostModel(**policy_view), ranks, max_num_seqs=64, max_tokens=4096, truth=clock)
-                done = sim.run(trace)
-                avg[name] = 1e3 * statistics.mean(o.finished - o.request.arrival for o in done)
-            rows.append({"rate": rate, "skew": skew, "avg_ms": avg})
+                latency = [o.finished - o.request.arrival for o in sim.run(trace)]
+                avg[name] = 1e3 * statistics.mean(latency)
+                p95[name] = 1e3 * statistics.quantiles(latency, n=20)[-1]
+            rows.append({"rate": rate, "skew": skew, "avg_ms": avg, "p95_ms": p95})
             cut = {b: 1 - avg["valora"] / avg[b] for b in ("slora", "dlora")}
-            print(f"| {rate:.0f} | {skew:.1f} | " + " | ".join(f"{avg[n]:.0f}" for n in POLICIES)
+            print(f"| {rate:.0f} | {skew:.1f} | " + " | ".join(f"{avg[n]:.0f} / {p95[n]:.0f}" for n in POLICIES)
                   + f" | {cut['slora']:+.1%} | {cut['dlora']:+.1%} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"costs": policy_view, "eager_step_s": clock.eager_step_s, "rows": rows},

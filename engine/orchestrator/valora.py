@@ -172,13 +172,11 @@ class ValoraPolicy(ModePolicy):
 
     def _eager_saving(self, view: QueueView, queue: _Queue, merged: str | None) -> float:
         """Step 4's gain as a rate: with ``merged`` in the weights, each of its arrivals' prefills can run without
-        the eager LoRA overhead that every request in the engine would wait through, less a decode iteration."""
-        cost = self.ctx.cost
-        if merged is None or cost.eager_lora_s <= 0.0:
+        the eager LoRA overhead that every request in the engine would wait through."""
+        if merged is None:
             return 0.0
-        decode = cost.step_s(len(queue.seqs), 0) + cost.lora_s(queue.comp, merged, self.ctx.rank_of(merged))
         ours, _ = self._arrival_rates(merged, view.now)
-        return ours * len(queue.seqs) * max(cost.eager_lora_s - decode, 0.0)
+        return ours * len(queue.seqs) * self._eager(queue, merged)[1]
 
     # -- steps 2 and 3: who runs with M merged
     def _phase(self, view: QueueView, merged: str, queue: _Queue) -> ModeDecision:
@@ -210,41 +208,43 @@ class ValoraPolicy(ModePolicy):
         held = frozenset(seqs[i].seq_id for i in waiting if i not in admit)
         return ModeDecision("mixture" if len(others) > len(waiting) or admit else "merged", merged, held)
 
-    # -- step 4: M's prefill without anyone else's LoRA rows
+    # -- steps 4 and 5: eager (prefill) iterations
+    def _eager(self, queue: _Queue, merged: str | None) -> tuple[float, float, float]:
+        """(decode-regime LoRA seconds of an iteration on ``merged``, what an eager iteration's LoRA overhead costs
+        beyond a decode iteration, the slack under which a request counts as urgent for steps 4 and 5)."""
+        ctx, cost = self.ctx, self.ctx.cost
+        lora = cost.lora_s(queue.comp, merged, ctx.rank_of(merged) if merged else 0)
+        extra = max(cost.eager_lora_s - cost.step_s(len(queue.seqs), 0) - lora, 0.0)
+        guard = 2 * (cost.step_s(len(queue.seqs), ctx.max_num_batched_tokens) + cost.eager_lora_s)
+        return lora, extra, guard
+
     def _isolate(self, view: QueueView, decision: ModeDecision, queue: _Queue) -> ModeDecision:
-        ctx, cost, merged = self.ctx, self.ctx.cost, decision.merged_adapter
-        isolate = not self.isolated and cost.eager_lora_s > 0.0
-        if isolate:
-            others = [s for s, g in zip(queue.seqs, queue.groups, strict=True)
-                      if g != merged and decision.admits(s)]
-            ours_prefill = any(g == merged and s.in_prefill and decision.admits(s)
-                               for s, g in zip(queue.seqs, queue.groups, strict=True))
-            lora = cost.lora_s(queue.comp, merged, ctx.rank_of(merged))
-            decode = cost.step_s(len(queue.seqs), 0) + lora
-            guard = 2 * (cost.step_s(len(queue.seqs), ctx.max_num_batched_tokens) + cost.eager_lora_s)
-            isolate = (bool(others) and ours_prefill and cost.eager_lora_s > decode
+        """Step 4: M's prefill without anyone else's LoRA rows."""
+        merged, isolate = decision.merged_adapter, False
+        if not self.isolated:
+            lora, extra, guard = self._eager(queue, merged)
+            pairs = list(zip(queue.seqs, queue.groups, strict=True))
+            others = [s for s, g in pairs if g != merged and decision.admits(s)]
+            ours_prefill = any(g == merged and s.in_prefill and decision.admits(s) for s, g in pairs)
+            isolate = (extra > 0.0 and bool(others) and ours_prefill
                        and not any(self._urgent(s, view.now, lora, guard) for s in others))
         self.isolated = isolate
         if not isolate:
             return decision
         return ModeDecision("merged", merged, decision.held | {s.seq_id for s in others})
 
-    # -- step 5: new requests' prefills in batches
     def _gather_prefills(self, view: QueueView, decision: ModeDecision, queue: _Queue) -> ModeDecision:
-        ctx, cost, merged = self.ctx, self.ctx.cost, decision.merged_adapter
-        if self.isolated:
-            return decision
+        """Step 5: new requests' prefills in batches."""
+        merged = decision.merged_adapter
         running = [s for s in view.running if decision.admits(s)]
-        lora = cost.lora_s(queue.comp, merged, ctx.rank_of(merged) if merged else 0)
-        extra = max(cost.eager_lora_s - cost.step_s(len(queue.seqs), 0) - lora, 0.0)
-        if not running or extra == 0.0:
+        if self.isolated or not running:
             return decision
+        lora, extra, guard = self._eager(queue, merged)
         new = [s for s in view.waiting if decision.admits(s)
-               and (merged is None or demand.group(s, ctx.state) != merged)]
-        if not new or sum(max(view.now - s.clock.arrived, 0.0) for s in new) >= len(running) * extra:
-            return decision
-        guard = 2 * (cost.step_s(len(queue.seqs), ctx.max_num_batched_tokens) + cost.eager_lora_s)
-        if any(self._urgent(s, view.now, lora, guard) for s in new):
+               and (merged is None or demand.group(s, self.ctx.state) != merged)]
+        if (extra == 0.0 or not new
+                or sum(max(view.now - s.clock.arrived, 0.0) for s in new) >= len(running) * extra
+                or any(self._urgent(s, view.now, lora, guard) for s in new)):
             return decision
         return ModeDecision(decision.mode, merged, decision.held | {s.seq_id for s in new})
 

@@ -143,27 +143,22 @@ def triton_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     block_d = max(16, next_power_of_2(dim))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    operands = (  # the two kernels take the same pointers, sizes and strides
+        q, k_cache, v_cache, out, block_tables, cu_query_lens, context_lens, scale, dim,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+    )
     if max_query_len == 1:  # decode: one row per sequence, query heads grouped by the kv head they read
         group = heads // kv_heads
         _paged_decode_kernel[(block_tables.shape[0], kv_heads)](
-            q, k_cache, v_cache, out, block_tables, cu_query_lens, context_lens,
-            scale, dim,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-            GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), PAGE=block_size,
+            *operands, GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), PAGE=block_size,
             BLOCK_N=max(DECODE_KEYS, block_size), BLOCK_D=block_d, PRECISION=precision,
         )
         return out
     block_m = 16 if max_query_len <= 16 else 64
     grid = (block_tables.shape[0], heads, cdiv(max(max_query_len, 1), block_m))
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, cu_query_lens, context_lens,
-        scale, dim,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        GROUP=heads // kv_heads, BLOCK_M=block_m, BLOCK_N=block_size, BLOCK_D=block_d,
+        *operands, GROUP=heads // kv_heads, BLOCK_M=block_m, BLOCK_N=block_size, BLOCK_D=block_d,
         PRECISION=precision,
     )
     return out

@@ -345,7 +345,7 @@ def workspace_shape(plan: RowPlan, weights: LoRAWeights, config: AtmmConfig) -> 
     Within a slice the terms' ranks sit side by side (the expand reads them as one concatenated rank axis). The
     rounding keeps every row 64-byte aligned, and the kernels' stride specialisation the same for every rank.
     """
-    rank = -(-max(plan.max_rank, 1) // 16) * 16
+    rank = cdiv(max(plan.max_rank, 1), 16) * 16
     return (config.shrink.split_k, plan.num_positions, weights.n_slices, plan.n_terms, rank)
 
 

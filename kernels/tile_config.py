@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.intmath import cdiv, next_power_of_2
+
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -95,7 +97,7 @@ FIXED_MERGE_CONFIG = MergeConfig(block_m=64, block_n=128, num_warps=4, num_stage
 
 
 def _pow2_at_least(value: int, floor: int, cap: int) -> int:
-    return max(floor, min(cap, 1 << max(0, (max(value, 1) - 1).bit_length())))
+    return max(floor, min(cap, next_power_of_2(value)))
 
 
 def heuristic_config(key: ShapeKey) -> AtmmConfig:
@@ -107,8 +109,8 @@ def heuristic_config(key: ShapeKey) -> AtmmConfig:
     rows_per_seg = max(1, key.tokens // max(key.segments, 1))
     block_m = _pow2_at_least(rows_per_seg, 16, 64)
     block_r = _pow2_at_least(key.max_rank, 16, 64)
-    row_blocks = key.segments * max(1, -(-rows_per_seg // block_m))
-    rank_blocks = max(1, -(-key.max_rank // block_r))
+    row_blocks = key.segments * max(1, cdiv(rows_per_seg, block_m))
+    rank_blocks = max(1, cdiv(key.max_rank, block_r))
     split_k = 1
     while (rows_per_seg <= 32 and row_blocks * rank_blocks * split_k < 264 and split_k < 8
            and key.in_dim // (split_k * 2) >= 256):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.intmath import next_power_of_2
 from kernels.tile_config import (
     AtmmConfig,
     ExpandConfig,
@@ -66,14 +67,10 @@ def default_grid(quick: bool = False) -> list[ShapeKey]:
     return [ShapeKey(s, t, i, o, r) for (i, o) in dims for r in ranks for t in tokens for s in SEGMENTS if s <= t]
 
 
-def _pow2(value: int) -> int:
-    return 1 << max(0, (max(value, 1) - 1).bit_length())
-
-
 def shrink_candidates(key: ShapeKey) -> list[ShrinkConfig]:
     rows = max(1, key.tokens // key.segments)
     out = [c for c in SHRINK_POOL
-           if c.block_m <= max(16, 2 * _pow2(rows)) and c.block_r <= max(16, _pow2(key.max_rank))
+           if c.block_m <= max(16, 2 * next_power_of_2(rows)) and c.block_r <= max(16, next_power_of_2(key.max_rank))
            and key.in_dim // c.split_k >= c.block_k]
     return out or SHRINK_POOL[:1]
 
@@ -81,7 +78,7 @@ def shrink_candidates(key: ShapeKey) -> list[ShrinkConfig]:
 def expand_candidates(key: ShapeKey) -> list[ExpandConfig]:
     rows = max(1, key.tokens // key.segments)
     out = [c for c in EXPAND_POOL
-           if c.block_m <= max(16, 2 * _pow2(rows)) and c.block_r <= max(16, _pow2(key.max_rank))]
+           if c.block_m <= max(16, 2 * next_power_of_2(rows)) and c.block_r <= max(16, next_power_of_2(key.max_rank))]
     return out or EXPAND_POOL[:1]
 
 

@@ -240,8 +240,8 @@ class ValoraPolicy(ModePolicy):
         if self.isolated or not running:
             return decision
         lora, extra, guard = self._eager(queue, merged)
-        new = [s for s in view.waiting if decision.admits(s)
-               and (merged is None or demand.group(s, self.ctx.state) != merged)]
+        waiting = zip(queue.seqs[len(view.running):], queue.groups[len(view.running):], strict=True)
+        new = [s for s, g in waiting if decision.admits(s) and (merged is None or g != merged)]
         if (extra == 0.0 or not new
                 or sum(max(view.now - s.clock.arrived, 0.0) for s in new) >= len(running) * extra
                 or any(self._urgent(s, view.now, lora, guard) for s in new)):

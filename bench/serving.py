@@ -337,7 +337,8 @@ def main() -> None:
     switch = switch_cost(engine)
     print(f"device {device}; model {label}; {args.adapters} adapters (ranks {RANKS}); "
           f"swift switch {switch['switch_ms']:.2f} ms vs floor {switch['floor_ms']:.2f} ms "
-          f"({switch['of_floor']:.2f}x)", flush=True)
+          f"({switch['of_floor']:.2f}x); precompiled {engine.precompiled[0]} multi-LoRA kernel variants in "
+          f"{engine.precompiled[1]:.1f} s", flush=True)
     warm_up(engine, args, images)
     cap = capacity(engine, args, images)
     print(f"capacity (closed burst, unmerged): {cap:.1f} requests/s; start-up {time.time() - started:.0f} s",
@@ -360,6 +361,7 @@ def main() -> None:
         print(f"skipped past the {args.budget_s:.0f} s budget: {len(skipped)} runs", flush=True)
     result = {"device": device, "model": label, "adapters": args.adapters, "ranks": RANKS,
               "duration_s": args.duration, "capacity_rps": cap, "switch": switch, "runs": runs, "skipped": skipped,
+              "precompiled": {"variants": engine.precompiled[0], "seconds": engine.precompiled[1]},
               "cost_model": vars(engine.orchestrator.cost) if engine.orchestrator.cost else None,
               "wall_s": time.time() - started}
     if args.json:

@@ -9,7 +9,7 @@ import triton.language as tl
 from kernels.intmath import cdiv, next_power_of_2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width varies per batch
 def _paged_attention_kernel(
     # pointers
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_q_ptr, ctx_lens_ptr,
@@ -64,7 +64,7 @@ def _paged_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width varies per batch
 def _paged_decode_kernel(
     # pointers
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_q_ptr, ctx_lens_ptr,

@@ -66,6 +66,11 @@ class EngineConfig(BaseModel):
         True, description="Queue the next decode step of an unchanged batch before reading the current step's "
         "tokens, so the host's per-step work overlaps the device's (tokens after a stop are dropped)."
     )
+    precompile_kernels: bool = Field(
+        True, description="On GPU, compile the multi-LoRA kernel variants that batches within the limits above can "
+        "need at start-up (seconds per variant the first time; Triton's disk cache keeps them across restarts), "
+        "instead of inside the first iteration that needs each."
+    )
     compile_ops: bool = Field(
         True, description="torch.compile the element-wise ops (norms, RoPE, SwiGLU) on GPU; CPU stays eager."
     )

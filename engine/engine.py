@@ -52,6 +52,7 @@ class ValoraEngine(EngineBackend):
         self._init_lora()
         self._init_runner()
         self._init_scheduler()
+        self._precompile()
         self.mode, self.steps = "unmerged", 0
         self._ready: list[EngineResult] = []
         self._inflight: Launch | None = None  # launched, tokens not read yet
@@ -59,6 +60,18 @@ class ValoraEngine(EngineBackend):
         self.overlap = self.config.overlap_decode  # overlapped decode (``step``); may be changed between steps
         self._collected_at = 0.0
         logger.info("engine %s ready: %s on %s (%s)", self.engine_id, self.config.model, self.device, self.dtype)
+
+    def _precompile(self) -> None:
+        """Compile the multi-LoRA kernel variants this engine's batches can need before serving (GPU only)."""
+        self.precompiled = (0, 0.0)
+        if self.device.type != "cuda" or not self.config.precompile_kernels:
+            return
+        cfg, graphs = self.config, self.runner.graphs
+        static = [(size, cfg.max_lora_rank) for size in graphs.sizes] if graphs is not None else []
+        self.precompiled = self.lora.op.precompile(
+            self.lora.pool.all_weights(), max_tokens=cfg.max_num_batched_tokens,
+            max_segments=min(cfg.lora_slots + 1, cfg.max_num_seqs), static=static)
+        logger.info("engine %s: %d multi-LoRA kernel variants ready in %.1f s", self.engine_id, *self.precompiled)
 
     def _init_model(self) -> None:
         self.checkpoint = Checkpoint(self.config.model)
@@ -196,8 +209,8 @@ class ValoraEngine(EngineBackend):
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "mode": self.mode, "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "steps": self.steps, "preemptions": self.scheduler.num_preemptions,
-            "kv_blocks_free": self.scheduler.blocks.num_free, **self.orchestrator.stats(), **self.runner.stats(),
-            **self.lora.stats(),
+            "kv_blocks_free": self.scheduler.blocks.num_free, "precompiled_variants": self.precompiled[0],
+            **self.orchestrator.stats(), **self.runner.stats(), **self.lora.stats(),
         }
 
     def close(self) -> None:

@@ -349,6 +349,13 @@ def workspace_shape(plan: RowPlan, weights: LoRAWeights, config: AtmmConfig) -> 
     return (config.shrink.split_k, plan.num_positions, weights.n_slices, plan.n_terms, rank)
 
 
+def shrink_meta(plan: RowPlan, n_slices: int, cfg: ShrinkConfig, ieee: bool) -> dict:
+    """The shrink kernel's compile-time arguments for ``plan``: one Triton variant per distinct dict."""
+    return dict(N_SLICES=n_slices, SPLIT_K=cfg.split_k, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed,
+                TOP_K_POW2=_pow2(plan.top_k), IEEE=ieee, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r,
+                BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor, cfg: ShrinkConfig) -> None:
     """Semantics: tmp[split, p, k, i, :r] = partial over K split of x[row(p)] @ a[slot(p,k), i, :r].T (* gate).
 
@@ -365,11 +372,23 @@ def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
         plan.num_segments, plan.num_positions, weights.in_dim, plan.n_terms, plan.top_k, r_blocks,
         x.stride(0), weights.a.stride(0), weights.a.stride(1), weights.a.stride(2),
         tmp.stride(0), tmp.stride(1), tmp.stride(3), tmp.stride(2),
-        N_SLICES=weights.n_slices, SPLIT_K=cfg.split_k, SEG_POW2=_seg_pow2(plan),
-        ROUTED=plan.routed, TOP_K_POW2=_pow2(plan.top_k), IEEE=x.dtype == torch.float32,
-        BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **shrink_meta(plan, weights.n_slices, cfg, x.dtype == torch.float32),
     )
+
+
+def expand_meta(plan: RowPlan, n_slices: int, cfg: ExpandConfig, n_splits: int, ieee: bool) -> dict:
+    """The expand kernel's compile-time arguments for ``plan``: one Triton variant per distinct dict.
+
+    One or two terms whose padded ranks fit in registers are preloaded (R_PAD wide); otherwise R_PAD is unused and
+    pinned to 16, so that batches of different ranks share that variant.
+    """
+    r_pad = _pow2(plan.max_rank, 16)
+    preload = plan.n_terms if (not plan.routed and plan.n_terms <= 2
+                               and r_pad * cfg.block_m * plan.n_terms <= PRELOAD_ELEMENTS) else 0
+    return dict(N_SLICES=n_slices, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed, ONE_SPLIT=n_splits == 1,
+                TOP_K_POW2=_pow2(plan.top_k), IEEE=ieee, PRELOAD_TERMS=preload, R_PAD=r_pad if preload else 16,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, GROUP_N=cfg.group_n,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor, cfg: ExpandConfig) -> None:
@@ -386,9 +405,7 @@ def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
     grid = (plan.row_blocks(cfg.block_m) * n_groups,)
     if grid[0] == 0:
         return
-    r_pad = _pow2(plan.max_rank, 16)
-    preload = plan.n_terms if (not plan.routed and plan.n_terms <= 2
-                               and r_pad * cfg.block_m * plan.n_terms <= PRELOAD_ELEMENTS) else 0
+    ieee = y.dtype == torch.float32 and weights.b.dtype == torch.float32
     _expand_kernel[grid](
         y, tmp, weights.b, plan.tok, plan.indptr, plan.slots, plan.ranks, plan.scales,
         plan.route_ids if plan.routed else plan.slots,
@@ -396,10 +413,7 @@ def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
         bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
         y.stride(0), weights.b.stride(0), weights.b.stride(1), tmp.stride(0), tmp.stride(1), tmp.stride(2),
         tmp.stride(3),
-        N_SLICES=weights.n_slices, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed, ONE_SPLIT=tmp.shape[0] == 1,
-        TOP_K_POW2=_pow2(plan.top_k), IEEE=y.dtype == torch.float32 and weights.b.dtype == torch.float32,
-        PRELOAD_TERMS=preload, R_PAD=r_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
-        GROUP_N=cfg.group_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **expand_meta(plan, weights.n_slices, cfg, tmp.shape[0], ieee),
     )
 
 

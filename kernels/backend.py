@@ -11,7 +11,7 @@ switches ``backend.swift_merge(plan, add=..., sub=...)``. Every method updates i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -44,6 +44,11 @@ class LoRABackend(ABC):
     @abstractmethod
     def fused_switch(self, plan: MergePlan, prev: DeltaTerms, new: DeltaTerms) -> None:
         """Per layer whose selection changed: W += [-G_prev D_prev || G_new D_new] @ [U_prev; U_new]."""
+
+    def precompile(self, pools: Sequence[LoRAWeights], **limits) -> tuple[int, float]:
+        """Compile ahead of serving the kernel variants ``add_lora`` can need within ``limits``
+        (kernels/precompile.py); returns (variants launched, seconds). Nothing to compile by default."""
+        return 0, 0.0
 
 
 _REGISTRY: dict[str, Callable[[], LoRABackend]] = {}
@@ -114,6 +119,11 @@ class TritonBackend(LoRABackend):
         from kernels.switch import fused_switch
 
         fused_switch(plan, prev, new, self.merge_config)
+
+    def precompile(self, pools, **limits):
+        from kernels.precompile import precompile_pools
+
+        return precompile_pools(pools, config=self.atmm_config, **limits)
 
 
 @register_backend("punica")

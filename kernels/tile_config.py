@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -69,6 +70,9 @@ class MergeConfig:
     group_n: int = 8  # column tiles per program, streamed in a pipelined loop
 
 
+DISTANCE_WEIGHTS = (1.0, 1.0, 2.0, 2.0, 1.5)  # segments, tokens, in-dim, out-dim, max rank
+
+
 @dataclass(frozen=True)
 class ShapeKey:
     """What the best tiles depend on: the batch shape of one ATMM call."""
@@ -81,10 +85,7 @@ class ShapeKey:
 
     def distance(self, other: ShapeKey) -> float:
         """Log2 distance; the dims weigh more than the batch shape because they fix the grid's other axis."""
-        weights = (1.0, 1.0, 2.0, 2.0, 1.5)
-        mine = (self.segments, self.tokens, self.in_dim, self.out_dim, self.max_rank)
-        theirs = (other.segments, other.tokens, other.in_dim, other.out_dim, other.max_rank)
-        pairs = zip(weights, mine, theirs, strict=True)
+        pairs = zip(DISTANCE_WEIGHTS, astuple_dist(self), astuple_dist(other), strict=True)
         return sum(w * abs(math.log2(max(a, 1)) - math.log2(max(b, 1))) for w, a, b in pairs)
 
 
@@ -171,6 +172,26 @@ class TileTable:
             answer = self._answers[key] = self._lookup(key)
         return answer
 
+    def lookup_many(self, keys: Sequence[ShapeKey]) -> list[AtmmConfig]:
+        """``lookup(key)[0]`` for many keys, with one vectorised distance matrix instead of a scan per key.
+
+        Distances within 1e-9 of the best are settled by ``ShapeKey.distance`` in entry order, as ``lookup`` does.
+        """
+        todo = [k for k in dict.fromkeys(keys) if k not in self._answers]
+        if todo and self.entries:
+            names = list(self.entries)
+            log2 = lambda ks: torch.tensor([astuple_dist(k) for k in ks], dtype=torch.float64).clamp(min=1).log2()  # noqa: E731
+            dist = ((log2(todo)[:, None, :] - log2(names)[None, :, :]).abs()
+                    * torch.tensor(DISTANCE_WEIGHTS, dtype=torch.float64)).sum(-1)  # [keys, entries]
+            near = dist <= dist.min(dim=1, keepdim=True).values + 1e-9
+            for key, row in zip(todo, near.tolist(), strict=True):
+                if key in self.entries:
+                    self._answers[key] = self.entries[key], "exact"
+                else:
+                    best = min((n for n, hit in zip(names, row, strict=True) if hit), key=key.distance)
+                    self._answers[key] = self.entries[best], "nearest"
+        return [self.lookup(k)[0] for k in keys]
+
     def _lookup(self, key: ShapeKey) -> tuple[AtmmConfig, str]:
         if key in self.entries:
             return self.entries[key], "exact"
@@ -225,6 +246,11 @@ class TileTable:
     @classmethod
     def load(cls, path: Path) -> TileTable:
         return cls.from_json(json.loads(path.read_text()))
+
+
+def astuple_dist(key: ShapeKey) -> tuple[int, ...]:
+    """The coordinates ``ShapeKey.distance`` compares, in ``DISTANCE_WEIGHTS`` order."""
+    return (key.segments, key.tokens, key.in_dim, key.out_dim, key.max_rank)
 
 
 def astuple_key(key: ShapeKey) -> tuple[int, ...]:

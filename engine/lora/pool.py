@@ -41,6 +41,10 @@ class AdapterPool(SlotTable[HostAdapter]):
     def weights(self, key: LayerKey) -> LoRAWeights:
         return self._weights[key]
 
+    def all_weights(self) -> list[LoRAWeights]:
+        """Every layer's view of every projection group."""
+        return list(self._weights.values())
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])

@@ -1,0 +1,125 @@
+"""Compile the ATMM kernel variants a server will meet before it serves, not inside a request's iteration.
+
+Triton compiles one variant of a kernel per distinct set of compile-time arguments (tile config, padded rank,
+terms, segment-scan width) the first time a launch needs it: about half a second each on an H200 host, paid by
+whichever iteration meets the shape first, and by every request in it. ``precompile`` walks a grid of batch shapes
+up to the server's limits, asks the tile table which config each would get, derives the compile-time arguments
+with the helpers the launches use (``shrink_meta`` / ``expand_meta``), and launches every distinct variant once,
+on a one-row batch whose output goes to scratch. With Triton's disk cache (``TRITON_CACHE_DIR``) a restart loads
+the variants instead of compiling them.
+
+The grid takes every segment count, tokens one by one up to 16 and at quarter-octave steps beyond, and ranks at
+half-octave steps; a shape between grid points whose nearest table entry no grid point reaches (or whose
+heuristic tiles differ from every grid point's) still compiles on first use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from kernels.atmm import RowPlan, atmm_add, expand_meta, shrink_meta
+from kernels.intmath import next_power_of_2
+from kernels.lora_batch import LoRABatch, LoRAWeights
+from kernels.tile_config import AtmmConfig, ShapeKey, TileTable, device_table
+
+_done: set[tuple] = set()  # (weights' device, dtype and layout, variant_key) launched in this process
+
+
+def _steps(lo: int, hi: int, per_octave: int, dense_to: int = 0) -> list[int]:
+    """Ints from lo to hi: every one up to ``dense_to``, then ``per_octave`` geometric steps per doubling."""
+    out = set(range(lo, min(dense_to, hi) + 1)) | {lo, hi}
+    k = 0
+    while (v := round(2 ** (k / per_octave))) <= hi:
+        if v >= lo:
+            out.add(v)
+        k += 1
+    return sorted(out)
+
+
+def shape_grid(max_tokens: int, max_segments: int, max_rank: int) -> Iterator[tuple[int, int, int]]:
+    """(segments, tokens, max_rank) shapes a server with these limits can meet, sampled."""
+    ranks = _steps(1, max_rank, 2)
+    for tokens in _steps(1, max_tokens, 4, dense_to=16):
+        for segments in range(1, min(tokens, max_segments) + 1):
+            for rank in ranks:
+                yield segments, tokens, rank
+
+
+def _probe(slots: int, segments: int, rank: int, terms: int) -> LoRABatch:
+    """A one-row host batch whose launch compiles the variants of ``segments`` segments at ``rank`` with ``terms``
+    terms (padding segments are empty; scales are zero, so it adds nothing)."""
+    ranks, scales = [rank] * slots, [0.0] * slots
+    if terms == 2:  # a base row in mixture mode: the -M term and an inactive one
+        return LoRABatch.from_token_slots([-1], ranks, scales, merged_slot=0, pad_segments_to=segments, max_rank=rank)
+    return LoRABatch.from_token_slots([0], ranks, scales, pad_segments_to=segments, max_rank=rank)
+
+
+def variant_key(batch: LoRABatch, weights: LoRAWeights, config: AtmmConfig) -> tuple:
+    """What decides which compiled variants ``atmm_add(y, x, weights, batch, config)`` runs: the two kernels'
+    compile-time arguments (the operands' sizes and strides are fixed by ``weights``)."""
+    plan, ieee = RowPlan.from_batch(batch), weights.a.dtype == torch.float32
+    shrink = shrink_meta(plan, weights.n_slices, config.shrink, ieee)
+    expand = expand_meta(plan, weights.n_slices, config.expand, config.shrink.split_k, ieee)
+    return tuple(sorted(shrink.items())), tuple(sorted(expand.items()))
+
+
+def plan_variants(weights: LoRAWeights, *, max_tokens: int, max_segments: int, terms: Sequence[int] = (1, 2),
+                  config: AtmmConfig | None = None, static: Sequence[tuple[int, int]] = (),
+                  table: TileTable | None = None) -> dict[tuple, tuple[LoRABatch, AtmmConfig]]:
+    """Every variant the shape grid reaches, keyed by ``variant_key``, with a host probe batch and config that run it.
+
+    weights: one projection's slot pool (variants depend on its dims, slices and dtype, not on its contents).
+    max_tokens: the most rows an iteration carries (the engine's token budget); max_segments: the most segments
+    (distinct adapters) in one batch; terms: 1 (plain), 2 (mixture); config: a fixed config (the Punica-style
+    baseline), else ``table``'s pick per shape (the device's by default); static: extra (segments, max_rank) pairs
+    reported by fixed-capacity batches (CUDA-graph buckets report their size as segments and the pool's rank).
+    """
+    table = table or device_table()
+    points = [*shape_grid(max_tokens, max_segments, weights.pool_rank), *((s, s, r) for s, r in static)]
+    keys = [ShapeKey(s, t, weights.in_dim, weights.out_dim, r) for s, t, r in points]
+    configs = [config] * len(keys) if config is not None else table.lookup_many(keys)
+    probes: dict[tuple, tuple[int, int, int, AtmmConfig]] = {}
+    for (segments, _, rank), cfg in zip(points, configs, strict=True):
+        scan = 1 if segments <= 64 else next_power_of_2(segments)  # the segment scan's width: 64 up to 64
+        for n_terms in terms:
+            probes.setdefault((cfg, scan, max(16, next_power_of_2(rank)), n_terms), (segments, rank, n_terms, cfg))
+    variants: dict[tuple, tuple[LoRABatch, AtmmConfig]] = {}
+    for segments, rank, n_terms, cfg in probes.values():
+        batch = _probe(int(weights.a.shape[0]), segments, rank, n_terms)
+        variants.setdefault(variant_key(batch, weights, cfg), (batch, cfg))
+    return variants
+
+
+def precompile(weights: LoRAWeights, **limits) -> int:
+    """Launch once every variant ``plan_variants(weights, **limits)`` finds that this process has not launched yet
+    (into scratch, on the weights' CUDA device); returns how many it launched. Does nothing off CUDA."""
+    device = weights.a.device
+    if device.type != "cuda":
+        return 0
+    layout = (str(device), weights.a.dtype, weights.in_dim, weights.out_dim, weights.slice_bounds, weights.pool_rank)
+    x = torch.zeros(1, weights.in_dim, dtype=weights.a.dtype, device=device)
+    y = torch.zeros(1, weights.out_dim, dtype=weights.a.dtype, device=device)
+    launched = 0
+    for key, (batch, cfg) in plan_variants(weights, **limits).items():
+        if (layout, key) not in _done:
+            atmm_add(y, x, weights, batch.to(device), cfg)
+            _done.add((layout, key))
+            launched += 1
+    return launched
+
+
+def precompile_pools(pools: Sequence[LoRAWeights], **limits) -> tuple[int, float]:
+    """``precompile`` over projections, once per distinct layout; returns (variants launched, seconds)."""
+    started, launched, seen = time.perf_counter(), 0, set()
+    for weights in pools:
+        layout = (weights.in_dim, weights.out_dim, weights.slice_bounds, weights.pool_rank, weights.a.dtype)
+        if layout not in seen:
+            seen.add(layout)
+            launched += precompile(weights, **limits)
+    if launched and pools:
+        torch.cuda.synchronize(pools[0].a.device)
+    return launched, time.perf_counter() - started
+

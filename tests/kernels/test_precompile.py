@@ -1,0 +1,106 @@
+"""Ahead-of-serving compilation: the planned variants cover the batches a server builds, and (GPU) nothing
+compiles after precompile."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kernels.atmm import atmm_add, shape_key
+from kernels.lora_batch import LoRABatch, LoRAWeights
+from kernels.precompile import plan_variants, precompile, variant_key
+from kernels.tile_config import ShapeKey, TileTable, table_path
+
+SLOTS, POOL_RANK, BUDGET, SEGMENTS = 33, 64, 2048, 33
+LAYOUTS = {"qkv": (3584, [3584, 512, 512]), "o": (3584, [3584]), "gate_up": (3584, [18944, 18944]),
+           "down": (18944, [3584])}  # Qwen2.5-VL-7B
+TABLES = {"h200": lambda: TileTable.load(table_path("nvidia_h200")), "heuristic": lambda: TileTable("none")}
+
+
+def pool(in_dim: int, widths: list[int], device: str = "meta", dtype=torch.bfloat16, slots: int = SLOTS,
+         rank: int = POOL_RANK) -> LoRAWeights:
+    bounds = [0]
+    for w in widths:
+        bounds.append(bounds[-1] + w)
+    return LoRAWeights(torch.zeros(slots, len(widths), rank, in_dim, dtype=dtype, device=device),
+                       torch.zeros(slots, bounds[-1], rank, dtype=dtype, device=device), tuple(bounds))
+
+
+def random_batches(rng: random.Random, n: int, max_tokens: int, max_adapters: int) -> list[LoRABatch]:
+    """Batches as a server builds them: any token count, adapters of mixed ranks in any order, base rows, and
+    mixture mode (one adapter merged)."""
+    out = []
+    while len(out) < n:
+        tokens = max(1, int(2 ** rng.uniform(0, max_tokens.bit_length() - 1)))
+        adapters = rng.randint(1, min(max_adapters, tokens))
+        slots = [rng.randrange(-1, adapters) for _ in range(tokens)]
+        ranks = [rng.choice([8, 16, 24, 32, 48, 64]) for _ in range(SLOTS)]
+        batch = LoRABatch.from_token_slots(slots, ranks, [0.5] * SLOTS, merged_slot=rng.choice([None, None, 0]))
+        if batch.num_segments and batch.max_rank:
+            out.append(batch)
+    return out
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_planned_variants_cover_the_batches_a_server_builds(layout, table):
+    weights, tiles = pool(*LAYOUTS[layout]), TABLES[table]()
+    planned = plan_variants(weights, max_tokens=BUDGET, max_segments=SEGMENTS, table=tiles)
+    assert 0 < len(planned) < 200
+    for batch in random_batches(random.Random(layout + table), 300, BUDGET, SEGMENTS - 1):
+        config = tiles.lookup(shape_key(batch, weights))[0]
+        assert variant_key(batch, weights, config) in planned, (batch.num_segments, batch.num_lora_tokens,
+                                                                batch.max_rank, batch.num_terms)
+
+
+def test_static_graph_batches_are_planned():
+    """CUDA-graph buckets report their size as segments and the pool's rank; wide buckets scan more segments."""
+    weights, tiles = pool(*LAYOUTS["o"]), TABLES["h200"]()
+    planned = plan_variants(weights, max_tokens=256, max_segments=SEGMENTS, table=tiles,
+                            static=[(size, POOL_RANK) for size in (1, 2, 4, 8, 16, 32, 64, 128, 256)])
+    for size in (128, 256):
+        batch = LoRABatch.from_token_slots([0] * size, [POOL_RANK] * SLOTS, [1.0] * SLOTS, pad_segments_to=size,
+                                           max_seg_len=size, max_rank=POOL_RANK)
+        assert variant_key(batch, weights, tiles.lookup(shape_key(batch, weights))[0]) in planned
+    without = plan_variants(weights, max_tokens=256, max_segments=SEGMENTS, table=tiles)
+    assert len(planned) > len(without)
+
+
+def test_lookup_many_answers_as_lookup():
+    table, fresh = TABLES["h200"](), TABLES["h200"]()
+    rng = random.Random(3)
+    keys = [ShapeKey(rng.randint(1, 64), rng.randint(1, 9000), *rng.choice([(3584, 4608), (3584, 3584),
+                                                                             (3584, 37888), (18944, 3584)]),
+                     rng.choice([1, 8, 16, 24, 64, 128])) for _ in range(500)]
+    keys += [ShapeKey(32, 2 ** k, 3584, 3584, 64) for k in range(14)]  # grid points and exact entries
+    assert table.lookup_many(keys) == [fresh.lookup(k)[0] for k in keys]
+
+
+def test_precompile_does_nothing_off_cuda():
+    assert precompile(pool(64, [32, 16], device="cpu", dtype=torch.float32), max_tokens=64, max_segments=4) == 0
+
+
+def _variants() -> int:
+    from kernels import atmm
+
+    return sum(len(cache[0]) for kernel in (atmm._shrink_kernel, atmm._expand_kernel)
+               for cache in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+def test_nothing_compiles_after_precompile():
+    """After precompile, a server's batches (random shapes, mixture included) run on compiled variants only."""
+    weights = pool(*LAYOUTS["qkv"], device="cuda", slots=SLOTS)
+    torch.nn.init.normal_(weights.a)
+    launched = precompile(weights, max_tokens=BUDGET, max_segments=SEGMENTS)
+    before = _variants()
+    assert launched > 0 and before >= launched
+    for batch in random_batches(random.Random(7), 60, BUDGET, SEGMENTS - 1):
+        x = torch.randn(batch.num_tokens, weights.in_dim, dtype=weights.a.dtype, device="cuda")
+        y = torch.zeros(batch.num_tokens, weights.out_dim, dtype=weights.a.dtype, device="cuda")
+        atmm_add(y, x, weights, batch.to("cuda"))
+    torch.cuda.synchronize()
+    assert _variants() == before
+    assert precompile(weights, max_tokens=BUDGET, max_segments=SEGMENTS) == 0  # launched once per process

@@ -311,17 +311,32 @@ def timed_run(engine, args, trace: list[TraceRequest], images: list[bytes], poli
         replay(engine, trace, images, f"rehearse-{policy}-{load}-{skew}", cap_s=1.5 * args.duration + 3)
         drain(engine)
     switches, decided, before = engine.merge_state.switches, Counter(engine.orchestrator.decisions), compiled()
+    ran = {k: Counter(v) for k, v in engine.orchestrator.iterations.items()}
     row = replay(engine, trace, images, f"{policy}-{load}-{skew}-{rep}", cap_s=1.5 * args.duration + 3)
     drain(engine)
     row.update(load=load, rate=load * cap, skew=skew, policy=policy, repeat=rep,
                switches=engine.merge_state.switches - switches, trace=summary(trace),
                cost=cost_snapshot(engine), decisions=dict(engine.orchestrator.decisions - decided),
-               compiled={k: v - before[k] for k, v in compiled().items()})
+               compiled={k: v - before[k] for k, v in compiled().items()},
+               iterations=iteration_times(engine.orchestrator.iterations, ran))
     print(f"load {load:.2f} skew {skew:.1f} {policy:>11}: avg {row['avg_ms']:8.1f} ms  p95 "
           f"{row['p95_ms']:8.1f} ms  {row['throughput_rps']:6.1f} req/s  switches {row['switches']:4d}  "
           f"modes {row['modes']}  unfinished {row['unfinished']}  decisions {row['decisions']}  "
           f"compiled {row['compiled']}  cost {row['cost']}", flush=True)
+    print("    iterations: " + "  ".join(f"{k} {v['n']} x {v['mean_ms']:.1f} ms ({v['rows_per']:.0f} rows)"
+                                         for k, v in row["iterations"].items()), flush=True)
     return row
+
+
+def iteration_times(now: dict[str, Counter], before: dict[str, Counter]) -> dict[str, dict]:
+    """Iterations of one run by '<mode> decode|prefill': how many, their mean measured time and rows."""
+    out = {}
+    for label, tally in sorted(now.items()):
+        diff = tally - before.get(label, Counter())
+        if diff["n"]:
+            out[label] = {"n": diff["n"], "mean_ms": 1e3 * diff["seconds"] / diff["n"],
+                          "rows_per": diff["rows"] / diff["n"]}
+    return out
 
 
 def main() -> None:

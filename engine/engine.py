@@ -179,7 +179,8 @@ class ValoraEngine(EngineBackend):
     def _complete(self, launch: Launch) -> list[EngineResult]:
         out = self.runner.collect(launch)
         now = time.perf_counter()
-        self.orchestrator.observe(launch.sched.chunks, now - max(launch.launched_at, self._collected_at))
+        self.orchestrator.observe(launch.sched.chunks, now - max(launch.launched_at, self._collected_at),
+                                  launch.sched.mode)
         self._collected_at = now
         self.mode, self.steps = launch.sched.mode, self.steps + 1
         ready, self._ready = self._ready, []

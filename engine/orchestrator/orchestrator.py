@@ -44,6 +44,8 @@ class Orchestrator:
         self.limits = (slo_s, max_num_seqs, max_num_batched_tokens)
         self.policy: ModePolicy = self._make(policy)
         self.decisions: Counter[str] = Counter()  # decisions made, by mode ("+held" when someone sat one out)
+        # measured iterations by "<mode> decode|prefill": count, seconds, rows (where the time goes, per mode)
+        self.iterations: dict[str, Counter[str]] = {}
 
     @property
     def policy_name(self) -> str:
@@ -132,12 +134,17 @@ class Orchestrator:
         logger.debug("weights %s -> %s in %.2f ms", old and old.name, target, seconds * 1e3)
         return True
 
-    def observe(self, chunks: Sequence, elapsed_s: float) -> None:
-        """Fold a measured iteration (its ScheduledChunks and seconds) into the cost model's base costs."""
-        if self.cost is None or not chunks:
+    def observe(self, chunks: Sequence, elapsed_s: float, mode: str = "unmerged") -> None:
+        """Fold a measured iteration (its ScheduledChunks, seconds and mode) into the cost model's base costs and
+        the per-mode iteration counts."""
+        if not chunks:
             return
         decode = sum(1 for c in chunks if c.count == 1 and c.start >= c.seq.prompt_len)
         prefill = sum(c.count for c in chunks) - decode
+        tally = self.iterations.setdefault(f"{mode} {'prefill' if prefill else 'decode'}", Counter())
+        tally.update(n=1, seconds=elapsed_s, rows=decode + prefill)
+        if self.cost is None:
+            return
         rows: Counter[str | None] = Counter()
         for c in chunks:
             rows[demand.group(c.seq, self.state)] += c.count
@@ -152,4 +159,5 @@ class Orchestrator:
                 "switch_ms_total": s.switch_s_total * 1e3, "switch_ms_last": s.last_switch_s * 1e3,
                 "switch_cost_ms": None if self.cost is None else self.cost.switch_s * 1e3,
                 "merge_base_copy": self.switcher.base_copy, "weights_claimed_by": s.claimed_by,
-                "decisions": dict(self.decisions)}
+                "decisions": dict(self.decisions),
+                "iterations": {k: dict(v) for k, v in sorted(self.iterations.items())}}

@@ -55,6 +55,10 @@ def test_mixture_gives_the_unmerged_tokens(make_engine, unmerged, merged):
     assert [r.token_ids for r in results] == unmerged
     assert {r.mode for r in results} == {"mixture"}
     assert engine.merge_state.merged == merged and engine.health()["mode_switches"] == 1
+    iterations = engine.health()["iterations"]  # every measured iteration, by mode and phase
+    assert set(iterations) == {"mixture prefill", "mixture decode"}
+    assert sum(v["n"] for v in iterations.values()) == engine.steps
+    assert iterations["mixture decode"]["rows"] <= len(results) * iterations["mixture decode"]["n"]
 
 
 def test_merged_mode_gives_the_unmerged_tokens(make_engine, unmerged):

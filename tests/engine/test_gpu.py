@@ -26,21 +26,13 @@ def test_bf16_prefill_logits_track_transformers(make_engine, tiny_checkpoint, ad
 
 @pytest.mark.parametrize(("batch", "adapters"), [(1, [None]), (4, [None] * 4), (4, [None, "ad8", None, "ad4"])])
 def test_cuda_graph_decode_matches_eager(make_engine, batch, adapters):
-    """At a bucket size the graph replays the eager kernels: identical greedy tokens.
-
-    A graph's LoRA batch has a static shape (bucket-many segments at the pool's rank) where eager decode has the
-    true one, and the device table may give the two shapes different tiles (another K split: another fp32 sum
-    order, and a bf16 rounding that can flip a near-tied greedy token). So with adapters both engines run one
-    fixed tile config (the punica backend) and the graph must reproduce the eager tokens exactly.
-    """
+    """At a bucket size the graph replays exactly the eager kernels: identical greedy tokens."""
     reqs = lambda: [EngineRequest(prompt=f"count the cars {i}", adapter=adapters[i],  # noqa: E731
                                   images=[ImageRef(id="g", jpeg=jpeg(3))] if i == 1 else [],
                                   sampling=SamplingParams(max_tokens=24)) for i in range(batch)]
     # One fixed mode in both engines (a merging policy could time its switches differently in each).
-    same = {"device": "cuda", "kv_cache_blocks": 512, "policy": "slora",
-            "lora_backend": "punica" if any(adapters) else "auto"}
-    graphed = make_engine(cuda_graphs=True, **same)
-    eager = make_engine(cuda_graphs=False, **same)
+    graphed = make_engine(device="cuda", cuda_graphs=True, kv_cache_blocks=512, policy="slora")
+    eager = make_engine(device="cuda", cuda_graphs=False, kv_cache_blocks=512, policy="slora")
     with_graphs = graphed.generate(reqs())
     without = eager.generate(reqs())
     captured = graphed.runner.graphs.graphs

@@ -30,9 +30,13 @@ def test_cuda_graph_decode_matches_eager(make_engine, batch, adapters):
     reqs = lambda: [EngineRequest(prompt=f"count the cars {i}", adapter=adapters[i],  # noqa: E731
                                   images=[ImageRef(id="g", jpeg=jpeg(3))] if i == 1 else [],
                                   sampling=SamplingParams(max_tokens=24)) for i in range(batch)]
-    # One fixed mode in both engines (a merging policy could time its switches differently in each).
-    graphed = make_engine(device="cuda", cuda_graphs=True, kv_cache_blocks=512, policy="slora")
-    eager = make_engine(device="cuda", cuda_graphs=False, kv_cache_blocks=512, policy="slora")
+    # The same batches in both engines: one fixed mode (a merging policy could time its switches differently in
+    # each), and the adapters resident from the start (an on-demand load reads the files on a background thread,
+    # and a request waits for it while the others run, so load timing could batch the requests differently).
+    same = {"device": "cuda", "kv_cache_blocks": 512, "policy": "slora",
+            "pinned_adapters": sorted({a for a in adapters if a is not None})}
+    graphed = make_engine(cuda_graphs=True, **same)
+    eager = make_engine(cuda_graphs=False, **same)
     with_graphs = graphed.generate(reqs())
     without = eager.generate(reqs())
     captured = graphed.runner.graphs.graphs

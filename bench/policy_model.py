@@ -5,10 +5,12 @@
 
 The engine loop is modelled by tests/engine/policy_sim.py (the policies' real decision code, the scheduler's
 batching rules, the cost model following measured iterations). The clock charges what the H200 runs measured
-(bench/RESULTS.md, third session): a decode step of 4.5 ms plus the graph-timed multi-LoRA op (0.9 ms +
-2 µs per segment and unit of rank); an eager (prefill) iteration's fixed host cost (20 ms) plus 20 µs a token,
-plus the eager multi-LoRA overhead (24 ms) when it has any LoRA row; a weight switch of 7.8 ms. The traces are
-bench/traces.py's (the serving bench's task mix; each picture adds 64 tokens).
+(bench/RESULTS.md): a decode step of 4.5 ms plus the graph-timed multi-LoRA op (0.9 ms + 2 µs per segment and
+unit of rank, and 0.6 ms more for a two-term (mixture) launch: mixture decode steps measured 6.6-7.5 ms against
+6.2-6.5 ms unmerged in the fourth session's run J); an eager (prefill) iteration's fixed cost (45 ms) plus 50 µs a
+row, plus the eager multi-LoRA overhead (24 ms) when it has any LoRA row, fitted to run J's mean prefill
+iterations (54-75 ms without LoRA rows, 73-98 ms with, at 200-300 rows); a weight switch of 7.8 ms. The traces
+are bench/traces.py's (the serving bench's task mix; each picture adds 64 tokens).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class MeasuredCosts(CostModel):
     """The clock: the engine's cost model plus the fixed host cost of an eager iteration (which the engine's
     model folds into its per-token prefill cost)."""
 
-    eager_step_s: float = 0.020
+    eager_step_s: float = 0.045
 
     def step_s(self, decode_rows: int, prefill_tokens: int) -> float:
         return super().step_s(decode_rows, prefill_tokens) + (self.eager_step_s if prefill_tokens else 0.0)
@@ -49,7 +51,7 @@ def main() -> None:
     args = p.parse_args()
     ranks = {name: (8, 16, 32, 64)[i % 4] for i, name in enumerate(adapter_names(32))}
     policy_view = dict(switch_s=0.0078, lora_launch_s=0.0009, lora_segment_rank_s=2e-6, lora_token_rank_s=1e-11,
-                       decode_step_s=0.0045, prefill_token_s=20e-6, eager_lora_s=0.024)
+                       decode_step_s=0.0045, prefill_token_s=50e-6, eager_lora_s=0.024, mixture_launch_s=0.0006)
     clock = MeasuredCosts(**policy_view)
     rows = []
     print("| rate req/s | skew | " + " | ".join(f"{n} avg / p95 ms" for n in POLICIES)

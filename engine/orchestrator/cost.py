@@ -49,6 +49,7 @@ class CostModel:
     decode_step_s: float  # an iteration of decode rows only, LoRA work excluded
     prefill_token_s: float  # each prefill row on top of that
     eager_lora_s: float = 0.0  # the op in an eagerly run iteration (prefill), at least: host launch overhead
+    mixture_launch_s: float = 0.0  # what a two-term (mixture) launch costs beyond its terms' segment and row costs
     iteration_s: float = 0.0  # a typical iteration as served lately, everything included (0: none measured)
     smoothing: float = 0.2  # weight of a new measurement in the moving averages
 
@@ -56,7 +57,8 @@ class CostModel:
         """Estimated multi-LoRA seconds of an iteration with rows ``comp`` while ``merged`` is in the weights.
 
         Unmerged: a segment per adapter at its rank. With M merged: M's rows cost nothing; every other row
-        (other adapters, and rows with no plain adapter) computes its own terms plus -M, in one launch.
+        (other adapters, and rows with no plain adapter) computes its own terms plus -M, in one launch, whose
+        two-term kernels cost ``mixture_launch_s`` more.
         """
         segments = []
         for adapter, load in comp.items():
@@ -67,7 +69,8 @@ class CostModel:
                 segments.append((load.tokens, rank))
         if not segments:
             return 0.0
-        return (self.lora_launch_s + sum(r for _, r in segments) * self.lora_segment_rank_s
+        return (self.lora_launch_s + (self.mixture_launch_s if merged is not None else 0.0)
+                + sum(r for _, r in segments) * self.lora_segment_rank_s
                 + sum(t * r for t, r in segments) * self.lora_token_rank_s)
 
     @property
@@ -105,7 +108,9 @@ def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, 
     """Time the multi-LoRA op and the base matmuls on layer 0's projections; scale to every layer.
 
     Three op timings at the pool's max rank R (scale 0 on whatever the slots hold) pin down the launch,
-    per-segment and per-row coefficients: (8 rows, 1 adapter), (8 rows, 8 adapters), (512 rows, 1 adapter).
+    per-segment and per-row coefficients: (8 rows, 1 adapter), (8 rows, 8 adapters), (512 rows, 1 adapter); a
+    fourth, (8 rows, 8 adapters) in mixture mode (adapter 0 merged: the other rows carry two terms), gives what a
+    two-term launch costs beyond what those coefficients predict for it.
     With ``graphs`` on a GPU and a graph-safe op they, and the base decode prior, are timed as CUDA-graph
     replays, the way decode steps run; the eager time of the first case is ``eager_lora_s`` (prefill).
     """
@@ -125,9 +130,10 @@ def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, 
             return median_time(fn, device, reps)
         return timer.graph_time_us(fn, reps=reps, flush=False) * 1e-6
 
-    def lora_time(tokens: int, adapters: int, eager: bool = False) -> float:
+    def lora_time(tokens: int, adapters: int, eager: bool = False, mixture: bool = False) -> float:
         slots = [i % adapters for i in range(tokens)]
-        batch = LoRABatch.from_token_slots(slots, [rank] * pool.num_slots, [0.0] * pool.num_slots, device=device)
+        batch = LoRABatch.from_token_slots(slots, [rank] * pool.num_slots, [0.0] * pool.num_slots, device=device,
+                                           merged_slot=0 if mixture else None)
         cases = []
         for key, lin in layer0.items():
             x = torch.randn(tokens, lin.in_dim, device=device, dtype=dtype)  # [tokens, in]
@@ -143,12 +149,18 @@ def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, 
     per_segment = max(many - one, 0.0) / (max(n_adapters - 1, 1) * rank)
     per_token = max(long - one, 0.0) / (504 * rank)
     launch = max(one - rank * per_segment - 8 * rank * per_token, 0.0)
+    others = sum(1 for i in range(8) if i % n_adapters)  # rows that carry two terms (the merged adapter's: none)
+    segments = n_adapters - 1  # every other adapter's segment, at rank R + R
+    mixed = lora_time(8, n_adapters, mixture=True) if n_adapters > 1 else 0.0
+    mixture = max(mixed - launch - 2 * rank * (segments * per_segment + others * per_token), 0.0) if mixed else 0.0
     eager = lora_time(8, 1, eager=True) if timer is not None else one
     decode = base_time(8)
     prefill = max(base_time(512) - decode, 0.0) / 504
     cost = CostModel(switch_s=switch_s, lora_launch_s=launch, lora_segment_rank_s=per_segment,
-                     lora_token_rank_s=per_token, decode_step_s=decode, prefill_token_s=prefill, eager_lora_s=eager)
-    logger.info("cost model (%s): switch %.2f ms, LoRA launch %.3f ms + %.2f us/segment-rank + %.4f us/token-rank, "
-                "eager LoRA %.2f ms, decode step prior %.2f ms", "graphs" if timer else "eager", switch_s * 1e3,
-                launch * 1e3, per_segment * 1e6, per_token * 1e6, eager * 1e3, decode * 1e3)
+                     lora_token_rank_s=per_token, decode_step_s=decode, prefill_token_s=prefill, eager_lora_s=eager,
+                     mixture_launch_s=mixture)
+    logger.info("cost model (%s): switch %.2f ms, LoRA launch %.3f ms (+%.3f ms two-term) + %.2f us/segment-rank + "
+                "%.4f us/token-rank, eager LoRA %.2f ms, decode step prior %.2f ms", "graphs" if timer else "eager",
+                switch_s * 1e3, launch * 1e3, mixture * 1e3, per_segment * 1e6, per_token * 1e6, eager * 1e3,
+                decode * 1e3)
     return cost

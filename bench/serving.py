@@ -277,7 +277,7 @@ def cost_snapshot(engine) -> dict | None:
     if cost is None:
         return None
     return {"iteration_ms": cost.iteration_s * 1e3, "decode_step_ms": cost.decode_step_s * 1e3,
-            "prefill_token_us": cost.prefill_token_s * 1e6}
+            "prefill_token_us": cost.prefill_token_s * 1e6, "prefill_base_ms": cost.prefill_base_s * 1e3}
 
 
 def switch_cost(engine) -> dict:

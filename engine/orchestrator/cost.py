@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +48,13 @@ class CostModel:
     lora_token_rank_s: float  # per row and unit of rank: shrink + expand FLOPs
     decode_step_s: float  # an iteration of decode rows only, LoRA work excluded
     prefill_token_s: float  # each prefill row on top of that
+    prefill_base_s: float = 0.0  # an iteration with prefill rows, beyond its rows' cost (an eager forward's host work)
     eager_lora_s: float = 0.0  # the op in an eagerly run iteration (prefill), at least: host launch overhead
     mixture_launch_s: float = 0.0  # what a two-term (mixture) launch costs beyond its terms' segment and row costs
     iteration_s: float = 0.0  # a typical iteration as served lately, everything included (0: none measured)
     smoothing: float = 0.2  # weight of a new measurement in the moving averages
+    # exponentially forgotten sums over prefill iterations (weight, Σtokens, Σseconds, Σtokens², Σtokens·seconds)
+    prefill_fit: list[float] = field(default_factory=lambda: [0.0] * 5)
 
     def lora_s(self, comp: Composition, merged: str | None, merged_rank: int = 0) -> float:
         """Estimated multi-LoRA seconds of an iteration with rows ``comp`` while ``merged`` is in the weights.
@@ -81,7 +84,7 @@ class CostModel:
     def step_s(self, decode_rows: int, prefill_tokens: int) -> float:
         """Base seconds of an iteration (LoRA work excluded)."""
         decode = self.decode_step_s if decode_rows or not prefill_tokens else 0.0
-        return decode + prefill_tokens * self.prefill_token_s
+        return decode + (self.prefill_base_s + prefill_tokens * self.prefill_token_s if prefill_tokens else 0.0)
 
     def observe(self, decode_rows: int, prefill_tokens: int, lora_s: float, elapsed_s: float) -> None:
         """Fold a measured iteration into the base-cost averages (its estimated LoRA share taken out).
@@ -98,8 +101,22 @@ class CostModel:
         if prefill_tokens == 0 and decode_rows:
             self.decode_step_s += a * (base - self.decode_step_s)
         elif prefill_tokens >= 16:
-            per_token = max(base - (self.decode_step_s if decode_rows else 0.0), 0.0) / prefill_tokens
-            self.prefill_token_s += a * (per_token - self.prefill_token_s)
+            self._fit_prefill(prefill_tokens, max(base - (self.decode_step_s if decode_rows else 0.0), 0.0))
+
+    def _fit_prefill(self, tokens: int, seconds: float) -> None:
+        """Least squares of seconds = prefill_base_s + tokens x prefill_token_s over recent prefill iterations
+        (each older one weighs 1 - smoothing less). With too little spread in their token counts to separate the
+        two, the base stays and the per-token cost takes the rest."""
+        keep = 1.0 - self.smoothing
+        w, sx, sy, sxx, sxy = (v * keep for v in self.prefill_fit)
+        w, sx, sy, sxx, sxy = self.prefill_fit = [w + 1.0, sx + tokens, sy + seconds, sxx + tokens * tokens,
+                                                  sxy + tokens * seconds]
+        mx, my = sx / w, sy / w
+        var, cov = sxx / w - mx * mx, sxy / w - mx * my
+        if var > (0.25 * mx) ** 2 and cov > 0.0 and my - cov / var * mx >= 0.0:
+            self.prefill_token_s, self.prefill_base_s = cov / var, my - cov / var * mx
+        else:
+            self.prefill_token_s = max(my - self.prefill_base_s, 0.0) / mx
 
 
 @torch.inference_mode()

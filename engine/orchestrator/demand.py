@@ -38,7 +38,9 @@ def deadline(seq: Sequence, slo_s: float) -> float:
 
 def service_s(seq: Sequence, cost: CostModel, lora_step_s: float) -> float:
     """Seconds the sequence needs once it runs every iteration: its prefill, then one iteration per token."""
-    return prefill_left(seq) * cost.prefill_token_s + decode_left(seq) * (cost.decode_step_s + lora_step_s)
+    prefill = prefill_left(seq)
+    return ((cost.prefill_base_s + prefill * cost.prefill_token_s if prefill else 0.0)
+            + decode_left(seq) * (cost.decode_step_s + lora_step_s))
 
 
 def rows_and_iterations(seq: Sequence, budget: int) -> tuple[int, int]:

@@ -25,6 +25,7 @@ class _Queue:
     comp: Composition  # rows per group if all of them ran in one iteration
     counts: Counter  # requests per group
     longest: dict[str | None, int]  # per group, the most iterations any of its requests still needs
+    rows: int  # the rows of the longest iteration this queue can make: all of the next rows, up to the budget
 
 
 @register_policy("valora")
@@ -127,7 +128,7 @@ class ValoraPolicy(ModePolicy):
             if it > longest.get(g, -1):
                 longest[g] = it
         comp = {g: Load(n, ctx.rank_of(g) if g is not None else 0) for g, n in rows.items()}
-        return _Queue(seqs, groups, left, comp, counts, longest)
+        return _Queue(seqs, groups, left, comp, counts, longest, min(sum(rows.values()), budget))
 
     def _arrival_rates(self, merged: str, now: float) -> tuple[float, float]:
         """Arrivals per second lately of M's requests and of the requests M's weights do not serve."""
@@ -192,8 +193,7 @@ class ValoraPolicy(ModePolicy):
         if not waiting or (always <= batched and not saturated):
             return ModeDecision("mixture", merged)
         seqs, left, now = queue.seqs, queue.left, view.now
-        budget = ctx.max_num_batched_tokens
-        longest = cost.step_s(n_running + len(waiting), budget) + cost.lora_launch_s + lora
+        longest = cost.step_s(n_running + len(waiting), queue.rows) + cost.lora_launch_s + lora
         admit = {i for i in waiting if self._urgent(seqs[i], now, lora, 2 * longest)
                  or now - seqs[i].clock.arrived >= self.hold_share * self._budget(seqs[i])}
         phase_left = max((left[i] for i in others if i < n_running or i in admit), default=0)
@@ -215,7 +215,7 @@ class ValoraPolicy(ModePolicy):
         ctx, cost = self.ctx, self.ctx.cost
         lora = cost.lora_s(queue.comp, merged, ctx.rank_of(merged) if merged else 0)
         extra = max(cost.eager_lora_s - cost.step_s(len(queue.seqs), 0) - lora, 0.0)
-        guard = 2 * (cost.step_s(len(queue.seqs), ctx.max_num_batched_tokens) + cost.eager_lora_s)
+        guard = 2 * (cost.step_s(len(queue.seqs), queue.rows) + cost.eager_lora_s)
         return lora, extra, guard
 
     def _isolate(self, view: QueueView, decision: ModeDecision, queue: _Queue) -> ModeDecision:

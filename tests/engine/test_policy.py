@@ -163,6 +163,19 @@ def test_an_eager_iteration_pays_at_least_the_eager_lora_cost():
     assert cost.prefill_token_s == pytest.approx(0.02 / 500)
 
 
+def test_prefill_cost_separates_the_iteration_base_from_the_per_token_cost():
+    """Prefill iterations of 45 ms + 50 us a token (eager host work plus rows): the fit recovers both, so a
+    full-budget iteration is not estimated at the per-token average of small ones (4096 x 230 us = 0.94 s)."""
+    cost = costs(eager_lora_s=0.0)
+    for tokens in [100, 250, 400, 180, 320] * 4:
+        cost.observe(decode_rows=0, prefill_tokens=tokens, lora_s=0.0, elapsed_s=0.045 + 50e-6 * tokens)
+    assert cost.prefill_base_s == pytest.approx(0.045, rel=1e-3)
+    assert cost.prefill_token_s == pytest.approx(50e-6, rel=1e-3)
+    assert cost.step_s(0, 4096) == pytest.approx(0.045 + 50e-6 * 4096, rel=1e-3)
+    cost.observe(decode_rows=0, prefill_tokens=250, lora_s=0.0, elapsed_s=0.045 + 50e-6 * 250 + 0.01)
+    assert 0.045 < cost.step_s(0, 250) < 0.045 + 50e-6 * 250 + 0.01  # a slower one moves the estimate, partly
+
+
 def skewed_trace(skew: float, rate: float = 25.0, duration: float = 20.0, seed: int = 0) -> list[SimRequest]:
     """Poisson arrivals; the hottest adapter's share is ``skew``, the rest spread over seven others and the base."""
     rng = np.random.default_rng(seed)

@@ -83,7 +83,7 @@ def plan_variants(weights: LoRAWeights, *, max_tokens: int, max_segments: int, t
     configs = [config] * len(keys) if config is not None else table.lookup_many(keys)
     probes: dict[tuple, tuple[int, int, int, AtmmConfig]] = {}
     for (segments, _, rank), cfg in zip(points, configs, strict=True):
-        scan = 1 if segments <= 64 else next_power_of_2(segments)  # the segment scan's width: 64 up to 64
+        scan = 1 if segments <= 64 else next_power_of_2(segments)  # SEG_POW2: one value up to 64 segments
         for n_terms in terms:
             probes.setdefault((cfg, scan, max(16, next_power_of_2(rank)), n_terms), (segments, rank, n_terms, cfg))
     variants: dict[tuple, tuple[LoRABatch, AtmmConfig]] = {}

@@ -15,6 +15,7 @@ heuristic tiles differ from every grid point's) still compiles on first use.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 
@@ -24,6 +25,8 @@ from kernels.atmm import RowPlan, atmm_add, expand_meta, shrink_meta
 from kernels.intmath import next_power_of_2
 from kernels.lora_batch import LoRABatch, LoRAWeights
 from kernels.tile_config import AtmmConfig, ShapeKey, TileTable, device_table
+
+logger = logging.getLogger(__name__)
 
 _done: set[tuple] = set()  # (weights' device, dtype and layout, variant_key) launched in this process
 
@@ -96,14 +99,18 @@ def plan_variants(weights: LoRAWeights, *, max_tokens: int, max_segments: int, t
 def precompile(weights: LoRAWeights, **limits) -> int:
     """Launch once every variant ``plan_variants(weights, **limits)`` finds that this process has not launched yet
     (into scratch, on the weights' CUDA device); returns how many it launched. Does nothing off CUDA."""
-    device = weights.a.device
-    if device.type != "cuda":
+    if weights.a.device.type != "cuda":
         return 0
+    return _launch(weights, plan_variants(weights, **limits))
+
+
+def _launch(weights: LoRAWeights, variants: dict[tuple, tuple[LoRABatch, AtmmConfig]]) -> int:
+    device = weights.a.device
     layout = (str(device), weights.a.dtype, weights.in_dim, weights.out_dim, weights.slice_bounds, weights.pool_rank)
     x = torch.zeros(1, weights.in_dim, dtype=weights.a.dtype, device=device)
     y = torch.zeros(1, weights.out_dim, dtype=weights.a.dtype, device=device)
     launched = 0
-    for key, (batch, cfg) in plan_variants(weights, **limits).items():
+    for key, (batch, cfg) in variants.items():
         if (layout, key) not in _done:
             atmm_add(y, x, weights, batch.to(device), cfg)
             _done.add((layout, key))
@@ -113,13 +120,14 @@ def precompile(weights: LoRAWeights, **limits) -> int:
 
 def precompile_pools(pools: Sequence[LoRAWeights], **limits) -> tuple[int, float]:
     """``precompile`` over projections, once per distinct layout; returns (variants launched, seconds)."""
-    started, launched, seen = time.perf_counter(), 0, set()
-    for weights in pools:
-        layout = (weights.in_dim, weights.out_dim, weights.slice_bounds, weights.pool_rank, weights.a.dtype)
-        if layout not in seen:
-            seen.add(layout)
-            launched += precompile(weights, **limits)
-    if launched and pools:
-        torch.cuda.synchronize(pools[0].a.device)
+    started = time.perf_counter()
+    layouts = {(w.in_dim, w.out_dim, w.slice_bounds, w.pool_rank, w.a.dtype): w for w in pools
+               if w.a.device.type == "cuda"}
+    plans = [(w, plan_variants(w, **limits)) for w in layouts.values()]
+    if plans:
+        logger.info("preparing %d multi-LoRA kernel variants for %d projection layouts (compiled ones load from "
+                    "the Triton cache)", sum(len(v) for _, v in plans), len(plans))
+    launched = sum(_launch(w, variants) for w, variants in plans)
+    if launched:
+        torch.cuda.synchronize(plans[0][0].a.device)
     return launched, time.perf_counter() - started
-

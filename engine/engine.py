@@ -68,9 +68,14 @@ class ValoraEngine(EngineBackend):
             return
         cfg, graphs = self.config, self.runner.graphs
         static = [(size, cfg.max_lora_rank) for size in graphs.sizes] if graphs is not None else []
-        self.precompiled = self.lora.op.precompile(
+        plain = self.lora.op.precompile(
             self.lora.pool.all_weights(), max_tokens=cfg.max_num_batched_tokens,
             max_segments=min(cfg.lora_slots + 1, cfg.max_num_seqs), static=static)
+        experts = self.lora.moe.pool  # allocated at start-up when the adapters directory holds MoE-LoRA adapters
+        routed = self.lora.op.precompile_routed(
+            experts.all_weights(), max_tokens=cfg.max_num_batched_tokens, experts=experts.num_slots * experts.experts,
+            top_k=experts.top_k, max_rank=experts.max_rank)
+        self.precompiled = (plain[0] + routed[0], plain[1] + routed[1])
         logger.info("engine %s: %d multi-LoRA kernel variants ready in %.1f s", self.engine_id, *self.precompiled)
 
     def _init_model(self) -> None:

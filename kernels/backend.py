@@ -50,6 +50,10 @@ class LoRABackend(ABC):
         (kernels/precompile.py); returns (variants launched, seconds). Nothing to compile by default."""
         return 0, 0.0
 
+    def precompile_routed(self, pools: Sequence[LoRAWeights], **shape) -> tuple[int, float]:
+        """The same for ``add_routed`` over MoE expert pools (``plan_routed_variants``' arguments)."""
+        return 0, 0.0
+
 
 _REGISTRY: dict[str, Callable[[], LoRABackend]] = {}
 
@@ -124,6 +128,11 @@ class TritonBackend(LoRABackend):
         from kernels.precompile import precompile_pools
 
         return precompile_pools(pools, config=self.atmm_config, **limits)
+
+    def precompile_routed(self, pools, **shape):
+        from kernels.precompile import precompile_routed_pools
+
+        return precompile_routed_pools(pools, config=self.atmm_config, **shape)
 
 
 @register_backend("punica")

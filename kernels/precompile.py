@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import fields, replace
 
 import torch
 
 from kernels.atmm import RowPlan, atmm_add, expand_meta, shrink_meta
 from kernels.intmath import next_power_of_2
 from kernels.lora_batch import LoRABatch, LoRAWeights
+from kernels.routed import routed_add, routed_plan
+from kernels.routing import Routing
 from kernels.tile_config import AtmmConfig, ShapeKey, TileTable, device_table
 
 logger = logging.getLogger(__name__)
@@ -60,10 +63,14 @@ def _probe(slots: int, segments: int, rank: int, terms: int) -> LoRABatch:
     return LoRABatch.from_token_slots([0], ranks, scales, pad_segments_to=segments, max_rank=rank)
 
 
-def variant_key(batch: LoRABatch, weights: LoRAWeights, config: AtmmConfig) -> tuple:
-    """What decides which compiled variants ``atmm_add(y, x, weights, batch, config)`` runs: the two kernels'
-    compile-time arguments (the operands' sizes and strides are fixed by ``weights``)."""
-    plan, ieee = RowPlan.from_batch(batch), weights.a.dtype == torch.float32
+def variant_key(rows: LoRABatch | Routing, weights: LoRAWeights, config: AtmmConfig) -> tuple:
+    """What decides which compiled variants ``atmm_add(y, x, weights, rows, config)`` (or, for a Routing,
+    ``routed_add``) runs: the two kernels' compile-time arguments (sizes and strides are fixed by ``weights``)."""
+    plan = routed_plan(rows) if isinstance(rows, Routing) else RowPlan.from_batch(rows)
+    return _metas(plan, weights, config, weights.a.dtype == torch.float32)
+
+
+def _metas(plan: RowPlan, weights: LoRAWeights, config: AtmmConfig, ieee: bool) -> tuple:
     shrink = shrink_meta(plan, weights.n_slices, config.shrink, ieee)
     expand = expand_meta(plan, weights.n_slices, config.expand, config.shrink.split_k, ieee)
     return tuple(sorted(shrink.items())), tuple(sorted(expand.items()))
@@ -96,6 +103,31 @@ def plan_variants(weights: LoRAWeights, *, max_tokens: int, max_segments: int, t
     return variants
 
 
+def _routed_probe(weights: LoRAWeights, experts: int, top_k: int, max_rank: int) -> Routing:
+    """A one-row host routing over ``experts`` experts at ``max_rank`` (zero scales: it adds nothing)."""
+    slots = int(weights.a.shape[0])
+    return Routing(expert_slots=torch.arange(experts, dtype=torch.int32) % slots,
+                   expert_ranks=torch.full((experts,), max_rank, dtype=torch.int32),
+                   expert_scales=torch.zeros(experts), topk_ids=torch.arange(top_k, dtype=torch.int32)[None] % experts,
+                   topk_gates=torch.zeros(1, top_k), max_rank=max_rank)
+
+
+def plan_routed_variants(weights: LoRAWeights, *, max_tokens: int, experts: int, top_k: int, max_rank: int,
+                         config: AtmmConfig | None = None,
+                         table: TileTable | None = None) -> dict[tuple, tuple[Routing, AtmmConfig]]:
+    """The routed operator's variants (kernels/routed.py) for 1..max_tokens routed rows, keyed like
+    ``variant_key``: a routing's shape is fixed by the expert pool (``experts`` = slots x experts per adapter,
+    ``top_k``, ``max_rank``), so only the row count picks the tiles."""
+    table = table or device_table()
+    keys = [ShapeKey(experts, rows * top_k, weights.in_dim, weights.out_dim, max_rank)
+            for rows in _steps(1, max_tokens, 4, dense_to=16)]
+    probe = _routed_probe(weights, experts, top_k, max_rank)
+    variants: dict[tuple, tuple[Routing, AtmmConfig]] = {}
+    for cfg in dict.fromkeys([config] if config is not None else table.lookup_many(keys)):
+        variants.setdefault(variant_key(probe, weights, cfg), (probe, cfg))
+    return variants
+
+
 def precompile(weights: LoRAWeights, **limits) -> int:
     """Launch once every variant ``plan_variants(weights, **limits)`` finds that this process has not launched yet
     (into scratch, on the weights' CUDA device); returns how many it launched. Does nothing off CUDA."""
@@ -104,29 +136,44 @@ def precompile(weights: LoRAWeights, **limits) -> int:
     return _launch(weights, plan_variants(weights, **limits))
 
 
-def _launch(weights: LoRAWeights, variants: dict[tuple, tuple[LoRABatch, AtmmConfig]]) -> int:
+def _launch(weights: LoRAWeights, variants: dict[tuple, tuple[LoRABatch | Routing, AtmmConfig]]) -> int:
     device = weights.a.device
     layout = (str(device), weights.a.dtype, weights.in_dim, weights.out_dim, weights.slice_bounds, weights.pool_rank)
     x = torch.zeros(1, weights.in_dim, dtype=weights.a.dtype, device=device)
     y = torch.zeros(1, weights.out_dim, dtype=weights.a.dtype, device=device)
     launched = 0
-    for key, (batch, cfg) in variants.items():
-        if (layout, key) not in _done:
-            atmm_add(y, x, weights, batch.to(device), cfg)
-            _done.add((layout, key))
-            launched += 1
+    for key, (probe, cfg) in variants.items():
+        if (layout, key) in _done:
+            continue
+        if isinstance(probe, Routing):
+            routed_add(y, x, weights, replace(probe, **{f.name: getattr(probe, f.name).to(device)
+                                                        for f in fields(probe) if f.name != "max_rank"}), cfg)
+        else:
+            atmm_add(y, x, weights, probe.to(device), cfg)
+        _done.add((layout, key))
+        launched += 1
     return launched
 
 
 def precompile_pools(pools: Sequence[LoRAWeights], **limits) -> tuple[int, float]:
     """``precompile`` over projections, once per distinct layout; returns (variants launched, seconds)."""
+    return _prepare(pools, lambda w: plan_variants(w, **limits), "multi-LoRA")
+
+
+def precompile_routed_pools(pools: Sequence[LoRAWeights], **shape) -> tuple[int, float]:
+    """The routed operator's variants (``plan_routed_variants(w, **shape)``) over MoE expert pools, once per
+    distinct layout; returns (variants launched, seconds)."""
+    return _prepare(pools, lambda w: plan_routed_variants(w, **shape), "routed MoE-LoRA")
+
+
+def _prepare(pools: Sequence[LoRAWeights], plan, label: str) -> tuple[int, float]:
     started = time.perf_counter()
     layouts = {(w.in_dim, w.out_dim, w.slice_bounds, w.pool_rank, w.a.dtype): w for w in pools
                if w.a.device.type == "cuda"}
-    plans = [(w, plan_variants(w, **limits)) for w in layouts.values()]
+    plans = [(w, plan(w)) for w in layouts.values()]
     if plans:
-        logger.info("preparing %d multi-LoRA kernel variants for %d projection layouts (compiled ones load from "
-                    "the Triton cache)", sum(len(v) for _, v in plans), len(plans))
+        logger.info("preparing %d %s kernel variants for %d projection layouts (compiled ones load from the "
+                    "Triton cache)", sum(len(v) for _, v in plans), label, len(plans))
     launched = sum(_launch(w, variants) for w, variants in plans)
     if launched:
         torch.cuda.synchronize(plans[0][0].a.device)

@@ -78,6 +78,10 @@ class MoEPool(SlotTable[HostMoE]):
     def weights(self, key: LayerKey) -> LoRAWeights:
         return self._weights[key]
 
+    def all_weights(self) -> list[LoRAWeights]:
+        """Every layer's view of every projection group (none before ``allocate``)."""
+        return list(self._weights.values())
+
     @property
     def nbytes(self) -> int:
         """Device bytes of the expert and router storage (0 until allocated)."""

@@ -10,7 +10,15 @@ import torch
 
 from kernels.atmm import atmm_add, shape_key
 from kernels.lora_batch import LoRABatch, LoRAWeights
-from kernels.precompile import plan_variants, precompile, variant_key
+from kernels.precompile import (
+    plan_routed_variants,
+    plan_variants,
+    precompile,
+    precompile_routed_pools,
+    variant_key,
+)
+from kernels.routed import routed_add
+from kernels.routing import Routing
 from kernels.tile_config import ShapeKey, TileTable, table_path
 
 SLOTS, POOL_RANK, BUDGET, SEGMENTS = 33, 64, 2048, 33
@@ -68,6 +76,29 @@ def test_static_graph_batches_are_planned():
     assert len(planned) > len(without)
 
 
+EXPERTS, TOP_K = 4 * 8, 2  # an expert pool of 4 MoE-LoRA adapters x 8 experts, top-2
+
+
+def random_routing(rng: random.Random, rows: int, device: str = "cpu") -> Routing:
+    ids = torch.tensor([[rng.randrange(-1, EXPERTS) for _ in range(TOP_K)] for _ in range(rows)], dtype=torch.int32)
+    return Routing(torch.arange(EXPERTS, dtype=torch.int32, device=device),
+                   torch.tensor([rng.choice([8, 16, 64]) for _ in range(EXPERTS)], dtype=torch.int32, device=device),
+                   torch.full((EXPERTS,), 0.5, device=device), ids.to(device),
+                   torch.rand(rows, TOP_K, generator=torch.Generator().manual_seed(rows)).to(device), POOL_RANK)
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_planned_routed_variants_cover_any_row_count(table):
+    weights, tiles = pool(*LAYOUTS["gate_up"], slots=EXPERTS), TABLES[table]()
+    planned = plan_routed_variants(weights, max_tokens=BUDGET, experts=EXPERTS, top_k=TOP_K, max_rank=POOL_RANK,
+                                   table=tiles)
+    rng = random.Random(table)
+    for rows in [1, 2, 3, 7, 16, 17, 100, 333, 1000, BUDGET] + [rng.randint(1, BUDGET) for _ in range(40)]:
+        routing = random_routing(rng, rows)
+        key = ShapeKey(EXPERTS, rows * TOP_K, weights.in_dim, weights.out_dim, POOL_RANK)
+        assert variant_key(routing, weights, tiles.lookup(key)[0]) in planned, rows
+
+
 def test_lookup_many_answers_as_lookup():
     table, fresh = TABLES["h200"](), TABLES["h200"]()
     rng = random.Random(3)
@@ -104,3 +135,19 @@ def test_nothing_compiles_after_precompile():
     torch.cuda.synchronize()
     assert _variants() == before
     assert precompile(weights, max_tokens=BUDGET, max_segments=SEGMENTS) == 0  # launched once per process
+
+
+@pytest.mark.gpu
+def test_nothing_compiles_after_routed_precompile():
+    weights = pool(*LAYOUTS["down"], device="cuda", slots=EXPERTS)
+    launched, _ = precompile_routed_pools([weights], max_tokens=BUDGET, experts=EXPERTS, top_k=TOP_K,
+                                          max_rank=POOL_RANK)
+    before = _variants()
+    assert launched > 0
+    rng = random.Random(11)
+    for rows in [1, 5, 16, 100, 700, BUDGET]:
+        x = torch.randn(rows, weights.in_dim, dtype=weights.a.dtype, device="cuda")
+        y = torch.zeros(rows, weights.out_dim, dtype=weights.a.dtype, device="cuda")
+        routed_add(y, x, weights, random_routing(rng, rows, "cuda"))
+    torch.cuda.synchronize()
+    assert _variants() == before

@@ -7,12 +7,13 @@
 One engine (32 adapters of ranks 8-64 on every language-model linear, generated in memory and pinned in the
 device pool) replays each trace (bench/traces.py: Poisson arrivals, hottest-adapter share = skew, the vision task
 mix) once per policy, switching policy between runs. Rates are fractions of the capacity measured first (a
-closed burst on the unmerged engine). Latency is end to end from each request's scheduled arrival. Also: the
+closed burst on the unmerged engine), or of ``--capacity`` when given (the same rates in every session's run). Latency is end to end from each request's scheduled arrival. Also: the
 swift switch of a pool-max-rank adapter across all layers against its memory floor.
 
 Short traces are noisy (on the H200, one policy's average latency varied by ~35% between runs of one 3 s trace),
-and a run that meets a new kernel shape compiles it (~0.5 s per Triton variant): ``--repeats`` interleaves
-several timed runs per point, ``--rehearse`` compiles before timing, and each row records what was compiled.
+and a run that meets a new kernel shape compiles it (~0.5 s per Triton variant; the engine now compiles the
+multi-LoRA variants at start-up): ``--repeats`` interleaves several timed runs per point, ``--rehearse`` replays
+each trace untimed first, and each row records what was compiled and its iteration times by mode.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def parse_args() -> argparse.Namespace:
                    help=f"from {', '.join(POLICIES)}; NAME:sync runs NAME with one synchronous step per call")
     p.add_argument("--skews", type=float, nargs="+")
     p.add_argument("--loads", type=float, nargs="+", help="request rates as fractions of the measured capacity")
+    p.add_argument("--capacity", type=float,
+                   help="requests/s that --loads are fractions of, instead of measuring it (runs of different "
+                        "sessions then offer the same rates)")
     p.add_argument("--duration", type=float, help="seconds of arrivals per trace")
     p.add_argument("--adapters", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -355,9 +359,9 @@ def main() -> None:
           f"({switch['of_floor']:.2f}x); precompiled {engine.precompiled[0]} multi-LoRA kernel variants in "
           f"{engine.precompiled[1]:.1f} s", flush=True)
     warm_up(engine, args, images)
-    cap = capacity(engine, args, images)
-    print(f"capacity (closed burst, unmerged): {cap:.1f} requests/s; start-up {time.time() - started:.0f} s",
-          flush=True)
+    cap = args.capacity or capacity(engine, args, images)
+    how = "given" if args.capacity else "closed burst, unmerged"
+    print(f"capacity ({how}): {cap:.1f} requests/s; start-up {time.time() - started:.0f} s", flush=True)
     runs, skipped = [], []
     timed = time.time()
     for load in args.loads:

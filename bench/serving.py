@@ -7,8 +7,9 @@
 One engine (32 adapters of ranks 8-64 on every language-model linear, generated in memory and pinned in the
 device pool) replays each trace (bench/traces.py: Poisson arrivals, hottest-adapter share = skew, the vision task
 mix) once per policy, switching policy between runs. Rates are fractions of the capacity measured first (a
-closed burst on the unmerged engine), or of ``--capacity`` when given (the same rates in every session's run). Latency is end to end from each request's scheduled arrival. Also: the
-swift switch of a pool-max-rank adapter across all layers against its memory floor.
+closed burst on the unmerged engine), or of ``--capacity`` when given (the same rates in every session's run).
+Latency is end to end from each request's scheduled arrival. Also: the swift switch of a pool-max-rank adapter
+across all layers against its memory floor.
 
 Short traces are noisy (on the H200, one policy's average latency varied by ~35% between runs of one 3 s trace),
 and a run that meets a new kernel shape compiles it (~0.5 s per Triton variant; the engine now compiles the

@@ -334,9 +334,13 @@ def _pow2(value: int, floor: int = 1) -> int:
     return max(floor, next_power_of_2(max(value, 1)))
 
 
+def segment_scan_width(num_segments: int) -> int:
+    """Width of the in-kernel segment scan (SEG_POW2); one value (64) for up to 64 segments keeps recompiles rare."""
+    return _pow2(num_segments, 64)
+
+
 def _seg_pow2(plan: RowPlan) -> int:
-    """Width of the in-kernel segment scan; one value (64) for up to 64 segments keeps recompiles rare."""
-    return 1 if plan.routed else _pow2(plan.num_segments, 64)
+    return 1 if plan.routed else segment_scan_width(plan.num_segments)
 
 
 def workspace_shape(plan: RowPlan, weights: LoRAWeights, config: AtmmConfig) -> tuple[int, ...]:

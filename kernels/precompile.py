@@ -18,12 +18,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import fields, replace
 
 import torch
 
-from kernels.atmm import RowPlan, atmm_add, expand_meta, shrink_meta
-from kernels.intmath import next_power_of_2
+from kernels.atmm import RowPlan, atmm_add, expand_meta, segment_scan_width, shrink_meta
 from kernels.lora_batch import LoRABatch, LoRAWeights
 from kernels.routed import routed_add, routed_plan
 from kernels.routing import Routing
@@ -91,11 +89,10 @@ def plan_variants(weights: LoRAWeights, *, max_tokens: int, max_segments: int, t
     points = [*shape_grid(max_tokens, max_segments, weights.pool_rank), *((s, s, r) for s, r in static)]
     keys = [ShapeKey(s, t, weights.in_dim, weights.out_dim, r) for s, t, r in points]
     configs = [config] * len(keys) if config is not None else table.lookup_many(keys)
-    probes: dict[tuple, tuple[int, int, int, AtmmConfig]] = {}
+    probes: dict[tuple, tuple[int, int, int, AtmmConfig]] = {}  # one probe per (config, scan width, rank, terms)
     for (segments, _, rank), cfg in zip(points, configs, strict=True):
-        scan = 1 if segments <= 64 else next_power_of_2(segments)  # SEG_POW2: one value up to 64 segments
         for n_terms in terms:
-            probes.setdefault((cfg, scan, max(16, next_power_of_2(rank)), n_terms), (segments, rank, n_terms, cfg))
+            probes.setdefault((cfg, segment_scan_width(segments), rank, n_terms), (segments, rank, n_terms, cfg))
     variants: dict[tuple, tuple[LoRABatch, AtmmConfig]] = {}
     for segments, rank, n_terms, cfg in probes.values():
         batch = _probe(int(weights.a.shape[0]), segments, rank, n_terms)
@@ -136,9 +133,14 @@ def precompile(weights: LoRAWeights, **limits) -> int:
     return _launch(weights, plan_variants(weights, **limits))
 
 
+def _layout(weights: LoRAWeights) -> tuple:
+    """What a variant's operands share across layers: device, dtype, dims, slices and pool rank."""
+    return (str(weights.a.device), weights.a.dtype, weights.in_dim, weights.out_dim, weights.slice_bounds,
+            weights.pool_rank)
+
+
 def _launch(weights: LoRAWeights, variants: dict[tuple, tuple[LoRABatch | Routing, AtmmConfig]]) -> int:
-    device = weights.a.device
-    layout = (str(device), weights.a.dtype, weights.in_dim, weights.out_dim, weights.slice_bounds, weights.pool_rank)
+    device, layout = weights.a.device, _layout(weights)
     x = torch.zeros(1, weights.in_dim, dtype=weights.a.dtype, device=device)
     y = torch.zeros(1, weights.out_dim, dtype=weights.a.dtype, device=device)
     launched = 0
@@ -146,8 +148,7 @@ def _launch(weights: LoRAWeights, variants: dict[tuple, tuple[LoRABatch | Routin
         if (layout, key) in _done:
             continue
         if isinstance(probe, Routing):
-            routed_add(y, x, weights, replace(probe, **{f.name: getattr(probe, f.name).to(device)
-                                                        for f in fields(probe) if f.name != "max_rank"}), cfg)
+            routed_add(y, x, weights, probe.to(device), cfg)
         else:
             atmm_add(y, x, weights, probe.to(device), cfg)
         _done.add((layout, key))
@@ -168,8 +169,7 @@ def precompile_routed_pools(pools: Sequence[LoRAWeights], **shape) -> tuple[int,
 
 def _prepare(pools: Sequence[LoRAWeights], plan, label: str) -> tuple[int, float]:
     started = time.perf_counter()
-    layouts = {(w.in_dim, w.out_dim, w.slice_bounds, w.pool_rank, w.a.dtype): w for w in pools
-               if w.a.device.type == "cuda"}
+    layouts = {_layout(w): w for w in pools if w.a.device.type == "cuda"}
     plans = [(w, plan(w)) for w in layouts.values()]
     if plans:
         logger.info("preparing %d %s kernel variants for %d projection layouts (compiled ones load from the "

@@ -53,6 +53,11 @@ class Routing:
         if not (self.topk_ids.is_contiguous() and self.topk_gates.is_contiguous()):
             raise ValueError("topk_ids and topk_gates must be contiguous")
 
+    def to(self, device: torch.device | str) -> Routing:
+        """The same routing with its tensors on ``device``."""
+        return Routing(self.expert_slots.to(device), self.expert_ranks.to(device), self.expert_scales.to(device),
+                       self.topk_ids.to(device), self.topk_gates.to(device), self.max_rank)
+
     @classmethod
     def from_router_logits(
         cls,

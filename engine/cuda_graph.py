@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.device import capture_graph
 from engine.forward_context import ForwardContext
 from engine.lora.batch import MultiLoRADelta, StaticLoRABatch
 from engine.model.qwen2 import Qwen2LM
@@ -104,17 +104,6 @@ class GraphRunner:
         )
         deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, self.static_lora[size, terms].batch)] if terms else []
         ctx = ForwardContext(attn, deltas + self.static_moe.deltas(moe, size))
-        forward: Callable[[], torch.Tensor] = lambda: self.model(  # noqa: E731
-            self.input_ids[:size], self.positions[:, :size], ctx)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: compiles kernels and settles the allocator outside capture
-                forward()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the adapter and MoE loader threads pin host memory (cudaHostAlloc) while a capture may be
-        # running; in the default global mode that call invalidates the capture.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            hidden = forward()
-        return graph, hidden
+        return capture_graph(lambda: self.model(self.input_ids[:size], self.positions[:, :size], ctx), self.device,
+                       self.pool)
+

@@ -5,8 +5,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,3 +47,22 @@ def median_time(fn: Callable[[], object], device: torch.device, reps: int = 10, 
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def capture_graph(forward: Callable[[], T], device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``forward`` captured as a CUDA graph in memory pool ``pool``, and its output (read it after each replay).
+
+    Two warm-up runs on a side stream first: they compile kernels and settle the allocator outside capture.
+    """
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the adapter and MoE loader threads pin host memory (cudaHostAlloc) while a capture may be
+    # running; in the default global mode that call invalidates the capture.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = forward()
+    return graph, out

@@ -61,7 +61,14 @@ class EngineConfig(BaseModel):
         "linears, allocated only for policies that merge) so that merges write base + ΔW and switching back "
         "restores the base bit-exactly; off, merges update the weights in place within a stated rounding bound."
     )
-    cuda_graphs: bool = Field(True, description="Capture decode iterations in CUDA graphs on GPU.")
+    cuda_graphs: bool = Field(
+        True, description="On GPU, run decode iterations, prefill iterations (see prefill_graph_tokens) and picture "
+        "encodes as CUDA-graph replays."
+    )
+    prefill_graph_tokens: int = Field(
+        1024, ge=0, description="On GPU with cuda_graphs, iterations with prefill rows of up to this many tokens run "
+        "as piecewise CUDA graphs (every layer but its attention, at a padded row count); 0 runs them eagerly."
+    )
     overlap_decode: bool = Field(
         True, description="Queue the next decode step of an unchanged batch before reading the current step's "
         "tokens, so the host's per-step work overlaps the device's (tokens after a stop are dropped)."

@@ -77,11 +77,17 @@ class ValoraEngine(EngineBackend):
             top_k=experts.top_k, max_rank=experts.max_rank)
         self.precompiled = (plain[0] + routed[0], plain[1] + routed[1])
         logger.info("engine %s: %d multi-LoRA kernel variants ready in %.1f s", self.engine_id, *self.precompiled)
+        if self.runner.prefill_graphs is not None:
+            start = time.perf_counter()
+            count = self.runner.prefill_graphs.capture_all()
+            logger.info("engine %s: %d prefill graph pieces captured in %.1f s", self.engine_id, count,
+                        time.perf_counter() - start)
 
     def _init_model(self) -> None:
         self.checkpoint = Checkpoint(self.config.model)
         compiled = self.device.type == "cuda" and self.config.compile_ops
-        self.model, self.vision = build_model(self.checkpoint, self.device, self.dtype, self.config.seed, compiled)
+        self.model, self.vision = build_model(self.checkpoint, self.device, self.dtype, self.config.seed, compiled,
+                                              self.config.cuda_graphs)
         self.model.layers[0].mlp.ops.check(self.device, self.dtype)
 
     def _init_lora(self) -> None:
@@ -116,7 +122,8 @@ class ValoraEngine(EngineBackend):
         cfg = self.config
         self.orchestrator = Orchestrator(cfg.policy, self.lora, self.model.adapted_linears(), self.switcher,
                                          cfg.slo_s, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                         graphs=self.runner.graphs is not None)
+                                         graphs=self.runner.graphs is not None,
+                                         prefill_graphs=self.runner.prefill_graphs is not None)
         blocks = BlockManager(self.runner.kv.num_blocks, self.runner.kv.block_size)
         self.scheduler = Scheduler(blocks, self.lora, self.orchestrator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.intake = RequestIntake(self.checkpoint.spec, self.checkpoint.tokenizer, self.lora,

@@ -22,6 +22,7 @@ from engine.model.vision import VisionTower
 from engine.model_input import HostStaging, ModelInput, build_model_input
 from engine.moe.adapters import AdapterManager
 from engine.moe.manager import MoEPlan
+from engine.prefill_graph import PrefillGraphs
 from engine.sampler import Sampler
 from engine.scheduler import ScheduleOutput
 from engine.sequence import Sequence
@@ -53,8 +54,10 @@ class Launch:
 
 
 def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, seed: int,
-                compiled: bool) -> tuple[Qwen2LM, VisionTower | None]:
-    """Our decoder (and transformers' vision tower) with the checkpoint's weights, or seeded random ones."""
+                compiled: bool, graphs: bool = True) -> tuple[Qwen2LM, VisionTower | None]:
+    """Our decoder (and transformers' vision tower) with the checkpoint's weights, or seeded random ones.
+
+    ``graphs``: the vision tower replays CUDA graphs of its encodes (GPU only)."""
     spec = checkpoint.spec
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -64,7 +67,8 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     finally:
         torch.set_default_dtype(default_dtype)
     lm.requires_grad_(False)
-    vision = VisionTower(spec, checkpoint.image_processor, device, dtype) if spec.has_vision else None
+    vision = VisionTower(spec, checkpoint.image_processor, device, dtype, cuda_graphs=graphs) if spec.has_vision \
+        else None
     if checkpoint.is_dummy:
         init_dummy(lm, seed)
         if vision is not None:
@@ -93,6 +97,10 @@ class ModelRunner:
         if device.type == "cuda" and config.cuda_graphs and self.use_triton:
             max_blocks = -(-config.max_model_len // self.kv.block_size)
             self.graphs = GraphRunner(model, lora, config.max_num_seqs, max_blocks, device)
+        self.prefill_graphs = None
+        if self.graphs is not None and config.prefill_graph_tokens:
+            self.prefill_graphs = PrefillGraphs(model, lora, config.prefill_graph_tokens, config.max_num_seqs, device,
+                                                use_triton=True)
 
     @staticmethod
     def _attention_path(choice: str, device: torch.device) -> bool:
@@ -152,6 +160,9 @@ class ModelRunner:
         terms = self.lora.num_terms(inp.lora_rows, inp.num_tokens)
         if is_decode and self.graphs is not None and self.graphs.can_run(inp.num_tokens, terms, moe):
             return self.graphs.run(inp, terms, moe)
+        prefill = self.prefill_graphs
+        if not is_decode and prefill is not None and prefill.can_run(inp.num_tokens, terms, moe):
+            return prefill.run(inp, terms, self.staging)
         delta = self.lora.build_delta(inp.lora_rows, inp.num_tokens)
         ctx = ForwardContext(inp.attn, ([delta] if delta is not None else []) + self.lora.moe.build_deltas(moe))
         embeds = None
@@ -163,7 +174,8 @@ class ModelRunner:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kv_blocks_total": self.kv.num_blocks - 1, "kv_block_size": self.kv.block_size,
                                "attention": "triton" if self.use_triton else "torch",
-                               "cuda_graphs": self.graphs is not None}
+                               "cuda_graphs": self.graphs is not None,
+                               "prefill_graphs": 0 if self.prefill_graphs is None else len(self.prefill_graphs.graphs)}
         if self.vision_cache is not None:
             out.update(self.vision_cache.stats())
         return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,16 +96,20 @@ def build_lora_batch(rows: Sequence[LoRARows], pool: AdapterPool, num_tokens: in
 class StaticLoRABatch:
     """A LoRABatch in fixed buffers for a CUDA-graph bucket of ``size`` rows, with 1 term (plain) or 2 (mixture).
 
-    Shapes and host ints never change (``size`` segments, max_seg_len = size, max_rank = the pool's), so a
-    captured launch replays; unused segments are empty (repeated indptr) with rank 0.
+    Shapes and host ints never change (``segments`` segments, by default ``size``; max_seg_len = size, max_rank =
+    the pool's), so a captured launch replays; unused segments are empty (repeated indptr) with rank 0. A prefill
+    bucket of hundreds of rows holds at most one segment per sequence (and mixture's base rows), so its
+    ``segments`` is that bound: the kernels scan the segment table in every program.
     """
 
-    def __init__(self, size: int, max_rank: int, device: torch.device, num_terms: int = 1) -> None:
+    def __init__(self, size: int, max_rank: int, device: torch.device, num_terms: int = 1,
+                 segments: int | None = None) -> None:
         self.size, self.num_terms = size, num_terms
-        shape = (size,) if num_terms == 1 else (size, num_terms)
+        self.segments = size if segments is None else min(size, segments)
+        shape = (self.segments,) if num_terms == 1 else (self.segments, num_terms)
         self.batch = LoRABatch(
             token_indices=torch.zeros(size, dtype=torch.int32, device=device),
-            seg_indptr=torch.zeros(size + 1, dtype=torch.int32, device=device),
+            seg_indptr=torch.zeros(self.segments + 1, dtype=torch.int32, device=device),
             seg_slots=torch.zeros(shape, dtype=torch.int32, device=device),
             seg_ranks=torch.zeros(shape, dtype=torch.int32, device=device),
             seg_scales=torch.zeros(shape, dtype=torch.float32, device=device),
@@ -113,9 +117,11 @@ class StaticLoRABatch:
         )
 
     def fill(self, rows: Sequence[LoRARows], pool: AdapterPool, num_rows: int | None = None,
-             merged_slot: int | None = None) -> None:
+             merged_slot: int | None = None,
+             upload: Callable[[list[np.ndarray]], list[torch.Tensor]] | None = None) -> None:
         """Load the segments of ``rows``; in mixture mode (``merged_slot``) rows < ``num_rows`` without a plain
-        adapter get the -M term (padding rows beyond ``num_rows`` get none)."""
+        adapter get the -M term (padding rows beyond ``num_rows`` get none). ``upload``: how host arrays reach
+        the device without the host waiting (``HostStaging.upload``); by default plain copies."""
         if (merged_slot is None) != (self.num_terms == 1):
             raise ValueError(f"a {self.num_terms}-term static batch cannot hold merged_slot={merged_slot}")
         if merged_slot is not None and num_rows is None:
@@ -125,21 +131,24 @@ class StaticLoRABatch:
             live = mixture_rows(live, num_rows, merged_slot)
         indices, indptr, slots = _segments(live) if live else (np.zeros(0, dtype=np.int32), [0], [])
         n_seg = len(slots)
+        if n_seg > self.segments or len(indices) > self.size:
+            raise ValueError(f"{n_seg} segments of {len(indices)} rows do not fit a static batch of "
+                             f"{self.segments} segments and {self.size} rows")
         tok = np.zeros(self.size, dtype=np.int32)
         tok[:len(indices)] = indices
-        ptr = np.full(self.size + 1, indptr[-1], dtype=np.int32)
+        ptr = np.full(self.segments + 1, indptr[-1], dtype=np.int32)
         ptr[:len(indptr)] = indptr
-        shape = (self.size,) if self.num_terms == 1 else (self.size, self.num_terms)
+        shape = (self.segments,) if self.num_terms == 1 else (self.segments, self.num_terms)
         seg_slots, seg_ranks = np.zeros(shape, dtype=np.int32), np.zeros(shape, dtype=np.int32)
         seg_scales = np.zeros(shape, dtype=np.float32)
         if n_seg:
             seg_slots[:n_seg], seg_ranks[:n_seg], seg_scales[:n_seg] = segment_terms(slots, pool, merged_slot)
+        arrays = [tok, ptr, seg_slots, seg_ranks, seg_scales]
+        sources = upload(arrays) if upload is not None else [torch.from_numpy(a) for a in arrays]
         b = self.batch
-        b.token_indices.copy_(torch.from_numpy(tok))
-        b.seg_indptr.copy_(torch.from_numpy(ptr))
-        b.seg_slots.copy_(torch.from_numpy(seg_slots))
-        b.seg_ranks.copy_(torch.from_numpy(seg_ranks))
-        b.seg_scales.copy_(torch.from_numpy(seg_scales))
+        for dst, src in zip((b.token_indices, b.seg_indptr, b.seg_slots, b.seg_ranks, b.seg_scales), sources,
+                            strict=True):
+            dst.copy_(src)
 
 
 class MultiLoRADelta(LayerDelta):

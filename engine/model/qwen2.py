@@ -36,22 +36,29 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: [tokens, hidden] -> [tokens, hidden]."""
+        return self.o_proj(self.attend(self.project(x, cos, sin, ctx), ctx), ctx.deltas)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: [tokens, hidden] -> rotated queries [tokens, heads, dim]; the keys and values go into the cache."""
         tokens = x.shape[0]
         qkv = self.qkv_proj(x, ctx.deltas)  # [tokens, (heads + 2 kv_heads) * dim]
         if ctx.attn.use_triton:  # one launch: rotate q and k, write k and v into the cache
             from engine.attention_kernel import triton_rope_and_cache
 
-            q = triton_rope_and_cache(qkv, cos, sin, self.k_cache, self.v_cache, ctx.attn.slot_mapping, self.heads)
-        else:
-            q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                                 self.kv_heads * self.head_dim], dim=-1)
-            q = q.view(tokens, self.heads, self.head_dim)
-            k = k.view(tokens, self.kv_heads, self.head_dim)
-            v = v.reshape(tokens, self.kv_heads, self.head_dim)
-            q, k = self.ops.apply_rope(q, k, cos, sin)
-            write_kv(k, v, self.k_cache, self.v_cache, ctx.attn.slot_mapping)
-        out = paged_attention(q, self.k_cache, self.v_cache, ctx.attn, self.scale)  # [tokens, heads, dim]
-        return self.o_proj(out.reshape(tokens, -1), ctx.deltas)
+            return triton_rope_and_cache(qkv, cos, sin, self.k_cache, self.v_cache, ctx.attn.slot_mapping,
+                                         self.heads)
+        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                             self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(tokens, self.heads, self.head_dim)
+        k = k.view(tokens, self.kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.kv_heads, self.head_dim)
+        q, k = self.ops.apply_rope(q, k, cos, sin)
+        write_kv(k, v, self.k_cache, self.v_cache, ctx.attn.slot_mapping)
+        return q
+
+    def attend(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """q: [tokens, heads, dim] over the paged cache -> [tokens, heads * dim] (the o projection's input)."""
+        return paged_attention(q, self.k_cache, self.v_cache, ctx.attn, self.scale).reshape(q.shape[0], -1)
 
 
 class MLP(nn.Module):
@@ -77,12 +84,23 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(sub-layer output, residual stream) in -> out; the residual add is fused into the next norm."""
+        q, residual = self.pre_attention(x, residual, cos, sin, ctx)
+        return self.post_attention(self.self_attn.attend(q, ctx), residual, ctx)
+
+    def pre_attention(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to its attention: (queries [tokens, heads, dim], residual stream); no cross-row work, so
+        that piecewise CUDA graphs (engine/prefill_graph.py) can capture it at a padded row count."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, ctx)
-        h, residual = self.post_attention_layernorm(h, residual)
+        return self.self_attn.project(h, cos, sin, ctx), residual
+
+    def post_attention(self, attn: torch.Tensor, residual: torch.Tensor,
+                       ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer after its attention: attention output [tokens, heads * dim] -> (MLP output, residual)."""
+        h, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn, ctx.deltas), residual)
         return self.mlp(h, ctx), residual
 
 

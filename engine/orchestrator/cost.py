@@ -4,8 +4,10 @@ The switch cost and the multi-LoRA op's cost coefficients are measured at start-
 start from a measured prior and then follow the engine's measured steps (exponential moving averages).
 
 Two regimes: decode iterations run as CUDA-graph replays on a GPU, so their multi-LoRA cost is device time
-(the coefficients); prefill iterations run eagerly, where the op's host-side launches (checks, tile lookup,
-two Triton launches per projection and layer) cost milliseconds whatever the rows (``eager_lora_s``).
+(the coefficients); prefill iterations too when the engine runs them as piecewise graphs (engine/prefill_graph.py,
+the GPU default up to ``prefill_graph_tokens``); otherwise they run eagerly, where the op's host-side launches
+(checks, tile lookup, two Triton launches per projection and layer) cost milliseconds whatever the rows
+(``eager_lora_s``).
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ class CostModel:
 
 @torch.inference_mode()
 def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, op: LoRABackend,
-              switch_s: float, reps: int = 5, graphs: bool = True) -> CostModel:
+              switch_s: float, reps: int = 5, graphs: bool = True, prefill_graphs: bool = False) -> CostModel:
     """Time the multi-LoRA op and the base matmuls on layer 0's projections; scale to every layer.
 
     Three op timings at the pool's max rank R (scale 0 on whatever the slots hold) pin down the launch,
@@ -129,7 +131,8 @@ def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, 
     fourth, (8 rows, 8 adapters) in mixture mode (adapter 0 merged: the other rows carry two terms), gives what a
     two-term launch costs beyond what those coefficients predict for it.
     With ``graphs`` on a GPU and a graph-safe op they, and the base decode prior, are timed as CUDA-graph
-    replays, the way decode steps run; the eager time of the first case is ``eager_lora_s`` (prefill).
+    replays, the way decode steps run; the eager time of the first case is ``eager_lora_s`` (prefill), unless
+    ``prefill_graphs`` says prefill iterations are graph replays too (then it is the first case's replay time).
     """
     layer0 = {key: lin for key, lin in linears.items() if key[0] == 0}
     layers = 1 + max(key[0] for key in linears)
@@ -170,7 +173,7 @@ def calibrate(linears: dict[tuple[int, str], AdaptedLinear], pool: AdapterPool, 
     segments = n_adapters - 1  # every other adapter's segment, at rank R + R
     mixed = lora_time(8, n_adapters, mixture=True) if n_adapters > 1 else 0.0
     mixture = max(mixed - launch - 2 * rank * (segments * per_segment + others * per_token), 0.0) if mixed else 0.0
-    eager = lora_time(8, 1, eager=True) if timer is not None else one
+    eager = lora_time(8, 1, eager=True) if timer is not None and not prefill_graphs else one
     decode = base_time(8)
     prefill = max(base_time(512) - decode, 0.0) / 504
     cost = CostModel(switch_s=switch_s, lora_launch_s=launch, lora_segment_rank_s=per_segment,

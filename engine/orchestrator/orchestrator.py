@@ -36,9 +36,10 @@ class Orchestrator:
 
     def __init__(self, policy: str, lora: LoRAManager, linears: dict[tuple[int, str], AdaptedLinear],
                  switcher: WeightSwitcher, slo_s: float, max_num_seqs: int, max_num_batched_tokens: int,
-                 clock: Callable[[], float] = time.time, graphs: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, graphs: bool = True, prefill_graphs: bool = False) -> None:
         self.lora, self.linears, self.switcher, self.clock = lora, linears, switcher, clock
         self.graphs = graphs  # decode steps run as CUDA-graph replays on GPU (the cost model times them so)
+        self.prefill_graphs = prefill_graphs  # and prefill iterations too (engine/prefill_graph.py)
         self.state: MergeState = lora.merge_state
         self.cost: CostModel | None = None
         self.limits = (slo_s, max_num_seqs, max_num_batched_tokens)
@@ -68,7 +69,7 @@ class Orchestrator:
         """Measure the switch cost (a merge + unmerge at the pool's max rank) and the multi-LoRA op's costs."""
         self.switcher.op = self.lora.op
         self.cost = calibrate(self.linears, self.lora.pool, self.lora.op, self.switcher.measure(),
-                              graphs=self.graphs)
+                              graphs=self.graphs, prefill_graphs=self.prefill_graphs)
         return self.cost
 
     def _rank_of(self, name: str) -> int:

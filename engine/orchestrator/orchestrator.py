@@ -152,7 +152,7 @@ class Orchestrator:
         comp = {g: Load(n, self._rank_of(g) if g is not None else 0) for g, n in rows.items()}
         merged = self.state.merged
         lora = self.cost.lora_s(comp, merged, self._rank_of(merged) if merged else 0)
-        self.cost.observe(decode, prefill, lora, elapsed_s)
+        self.cost.observe(decode, prefill, lora, elapsed_s, mode)
 
     def stats(self) -> dict[str, Any]:
         s = self.state

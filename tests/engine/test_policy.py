@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from engine.orchestrator.cost import CostModel
+from engine.orchestrator.cost import CostModel, Load
 from engine.orchestrator.state import MergedAdapter, MergeState
 from engine.policy import PolicyContext, QueueView, create_policy
 from tests.engine.policy_sim import SimRequest, Simulator, make_sequence
@@ -161,6 +161,21 @@ def test_an_eager_iteration_pays_at_least_the_eager_lora_cost():
     assert cost.decode_step_s == pytest.approx(0.006)
     cost.observe(decode_rows=0, prefill_tokens=500, lora_s=0.0, elapsed_s=0.02)  # no adapter rows: no LoRA share
     assert cost.prefill_token_s == pytest.approx(0.02 / 500)
+
+
+def test_mixture_steps_teach_the_two_term_launch_cost():
+    """Served mixture decode steps 1.2 ms slower than the model says: ``mixture_launch_s`` learns the 1.2 ms (so
+    mixture is estimated as it runs), and the base decode step is left alone; unmerged steps refit the base."""
+    cost = costs(mixture_launch_s=0.0, decode_step_s=0.0048)
+    comp = {"a1": Load(2, 16), "a2": Load(3, 64)}
+    served = cost.lora_s(comp, "a1", 16) + 0.0012  # what a step's two-term launches take
+    for _ in range(60):
+        lora = cost.lora_s(comp, "a1", 16)  # the model's estimate, with what it has learned so far
+        cost.observe(decode_rows=5, prefill_tokens=0, lora_s=lora, elapsed_s=0.0048 + served, mode="mixture")
+    assert cost.mixture_launch_s == pytest.approx(0.0012, rel=1e-3)
+    assert cost.decode_step_s == pytest.approx(0.0048)
+    cost.observe(decode_rows=5, prefill_tokens=0, lora_s=0.001, elapsed_s=0.0068, mode="unmerged")
+    assert cost.decode_step_s > 0.0048 and cost.mixture_launch_s == pytest.approx(0.0012, rel=1e-3)
 
 
 def test_prefill_cost_separates_the_iteration_base_from_the_per_token_cost():

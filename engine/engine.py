@@ -77,9 +77,16 @@ class ValoraEngine(EngineBackend):
             top_k=experts.top_k, max_rank=experts.max_rank)
         self.precompiled = (plain[0] + routed[0], plain[1] + routed[1])
         logger.info("engine %s: %d multi-LoRA kernel variants ready in %.1f s", self.engine_id, *self.precompiled)
-        if self.runner.prefill_graphs is not None:
+        prefill = self.runner.prefill_graphs
+        if prefill is not None:
             start = time.perf_counter()
-            count = self.runner.prefill_graphs.capture_all()
+            try:
+                count = prefill.capture_all()
+            except RuntimeError as err:  # serve anyway: prefill iterations then run eagerly
+                logger.warning("engine %s: prefill graph capture failed (%s); prefill runs eagerly", self.engine_id,
+                               err)
+                prefill.failed = True
+                return
             logger.info("engine %s: %d prefill graph pieces captured in %.1f s", self.engine_id, count,
                         time.perf_counter() - start)
 

@@ -162,7 +162,9 @@ class ModelRunner:
             return self.graphs.run(inp, terms, moe)
         prefill = self.prefill_graphs
         if not is_decode and prefill is not None and prefill.can_run(inp.num_tokens, terms, moe):
-            return prefill.run(inp, terms, self.staging)
+            hidden = prefill.run(inp, terms, self.staging)
+            if hidden is not None:
+                return hidden
         delta = self.lora.build_delta(inp.lora_rows, inp.num_tokens)
         ctx = ForwardContext(inp.attn, ([delta] if delta is not None else []) + self.lora.moe.build_deltas(moe))
         embeds = None

@@ -63,16 +63,23 @@ class PrefillGraphs:
         self.static_lora: dict[tuple[int, int], StaticLoRABatch] = {}
         self.graphs: dict[tuple[str, int, int], list[Callable[[], None]]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture_graphs else None
+        self.failed = False
 
     def can_run(self, num_tokens: int, terms: int, moe: MoEPlan) -> bool:
         safe = terms == 0 or self.lora.graph_safe or not self.capture_graphs  # torch's LoRA path reads the host
-        return num_tokens <= self.sizes[-1] and moe.path == "none" and safe
+        return not self.failed and num_tokens <= self.sizes[-1] and moe.path == "none" and safe
 
-    def run(self, inp: ModelInput, terms: int, staging: HostStaging | None = None) -> torch.Tensor:
-        """Hidden states [T, hidden] of ``inp``'s rows (a view of a static buffer: read it before the next run)."""
+    def run(self, inp: ModelInput, terms: int, staging: HostStaging | None = None) -> torch.Tensor | None:
+        """Hidden states [T, hidden] of ``inp``'s rows (a view of a static buffer: read it before the next run);
+        None if this bucket's capture failed (then every later iteration runs eagerly; the warning says why)."""
         rows = inp.num_tokens
         size = next(b for b in self.sizes if b >= rows)
-        pieces = self.pieces(size, terms)
+        try:
+            pieces = self.pieces(size, terms)
+        except RuntimeError as err:  # e.g. out of memory for a pool, or an op that cannot be captured
+            logger.warning("prefill graph capture failed (%s); prefill iterations run eagerly from now on", err)
+            self.failed = True
+            return None
         self._load(inp, size)
         if terms:
             merged = self.lora.merge_state.slot if terms == 2 else None

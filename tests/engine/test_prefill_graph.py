@@ -80,3 +80,19 @@ def test_oversized_iterations_run_eagerly(make_engine):
     results = engine.generate(requests(max_tokens=4))
     assert all(r.ok for r in results)
     assert all(n <= 16 for n in seen)
+
+
+def test_a_failed_capture_falls_back_to_eager(make_engine):
+    """A bucket whose capture fails (out of memory, say) is served eagerly, and so is every later iteration."""
+    plain = make_engine(policy="slora").generate(requests(max_tokens=4))
+    engine = make_engine(policy="slora")
+    seen = piecewise(engine)
+    graphs = engine.runner.prefill_graphs
+
+    def fail(size, terms):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    graphs._make = fail
+    results = engine.generate(requests(max_tokens=4))
+    assert [r.token_ids for r in results] == [r.token_ids for r in plain]
+    assert graphs.failed and len(seen) == 1  # tried once, then never again

@@ -3,6 +3,7 @@
 
     python bench/engine.py --quick --json out.json            # H200, dummy Qwen2.5-VL-7B, bf16
     python bench/engine.py --model dummy:/path/config.json    # any Qwen2.5-VL-shaped config (CPU smoke runs)
+    python bench/engine.py --prefill-ab                       # prefill iterations: eager vs piecewise graphs
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/valora-bench"))
     p.add_argument("--overlap-ab", action="store_true",
                    help="only compare decode ms/token with overlapped decode off and on (no adapters, batches 1/8/32)")
+    p.add_argument("--prefill-ab", action="store_true",
+                   help="only compare prefill iterations run eagerly and as piecewise CUDA graphs, in one engine "
+                        "(batches 1/4/8 of --prompt-tokens, with and without adapters)")
     return p.parse_args()
 
 
@@ -182,6 +186,67 @@ def bench_overlap(args, texts: list[str], batches=(1, 8, 32), new_tokens: int = 
     return out
 
 
+def bench_prefill(args, adapters: list[tuple[str, int]], texts: list[str], batches=(1, 4, 8),
+                  reps: int = 5) -> dict[str, float]:
+    """One prefill iteration (one step of requests that each want one token), median ms over ``reps``, run as
+    piecewise CUDA graphs and then eagerly in the same engine (GPU; on CPU the eager column only)."""
+    engine = create_engine(EngineConfig(
+        model=args.model, adapters=str(args.workdir / "adapters"), lora_slots=max(len(adapters), 1),
+        max_lora_rank=max(RANKS), max_num_seqs=max(batches), max_num_batched_tokens=8192,
+        max_model_len=args.prompt_tokens + 64, seed=0, policy="slora",
+        pinned_adapters=[n for n, _ in adapters[:max(batches)]]))
+    names = [n for n, _ in adapters]
+    graphs = engine.runner.prefill_graphs
+
+    def prefill(batch: int, lora: bool) -> float:
+        for i in range(batch):
+            engine.add_request(EngineRequest(prompt=texts[i % len(texts)], adapter=names[i] if lora else None,
+                                             sampling=SamplingParams(max_tokens=1)))
+        synchronize(engine.device)
+        start = time.perf_counter()
+        engine.step()
+        synchronize(engine.device)
+        elapsed = time.perf_counter() - start
+        while engine.has_unfinished():
+            engine.step()
+        return elapsed
+
+    out: dict[str, float] = {}
+    for label, runner_graphs in (("graphs", graphs), ("eager", None)):
+        if label == "graphs" and graphs is None:
+            continue
+        engine.runner.prefill_graphs = runner_graphs
+        for batch in batches:
+            for lora in (False, True):
+                prefill(batch, lora)  # first sight of the shape: kernels, graph pieces
+                key = f"prefill_ms_b{batch}_{'lora' if lora else 'base'}_{label}"
+                out[key] = 1e3 * statistics.median(prefill(batch, lora) for _ in range(reps))
+                print(f"{key}: {out[key]:.2f}", flush=True)
+    engine.close()
+    return out
+
+
+def prefill_table(result: dict[str, float], spec: ModelSpec, adapters, prompt_tokens: int, bandwidth: float,
+                  flops: float, batches=(1, 4, 8)) -> list[dict]:
+    """Rows of ``bench_prefill``: eager (baseline) vs graphs, and the iteration's floor (weights read once, 2
+    FLOPs per weight and row; the adapters' bytes and FLOPs added for the LoRA rows)."""
+    linear, per_rank = linear_params(spec)
+    rows = []
+    for batch in batches:
+        for lora in (False, True):
+            ranks = [r for _, r in adapters[:batch]] if lora else []
+            weights = linear + per_rank * sum(ranks)
+            tokens = batch * prompt_tokens
+            floor = max(2 * weights / bandwidth, 2 * weights * tokens / flops) * 1e3
+            kind = "lora" if lora else "base"
+            eager, graph = result.get(f"prefill_ms_b{batch}_{kind}_eager"), result.get(
+                f"prefill_ms_b{batch}_{kind}_graphs")
+            rows.append({"metric": f"prefill ms, {batch} x {prompt_tokens} tokens, {kind}", "baseline": eager,
+                         "ours": graph, "speedup_vs_baseline": eager / graph if graph else None, "floor": floor,
+                         "of_floor": floor / graph if graph else None})
+    return rows
+
+
 def bench_baseline(args, spec: ModelSpec, adapters: list[tuple[str, int]], ids: list[list[int]],
                    new_tokens: int) -> dict[str, float]:
     """transformers + peft: generate() one batch at a time; mixed adapters through ``adapter_names``."""
@@ -232,6 +297,16 @@ def bench_baseline(args, spec: ModelSpec, adapters: list[tuple[str, int]], ids: 
     return out
 
 
+def linear_params(spec: ModelSpec) -> tuple[int, int]:
+    """(weights of the language model's linears and LM head, adapter weights per unit of rank on all of them)."""
+    linear = spec.num_layers * (spec.hidden_size * (spec.q_size + 2 * spec.kv_size) + spec.q_size * spec.hidden_size
+                                + 3 * spec.hidden_size * spec.intermediate_size) + spec.hidden_size * spec.vocab_size
+    # Per unit of rank: A rows (in dims of q/k/v/gate/up, o, down) plus B columns (their out dims).
+    per_rank = spec.num_layers * (7 * spec.hidden_size + 2 * spec.q_size + 2 * spec.kv_size
+                                  + 3 * spec.intermediate_size)
+    return linear, per_rank
+
+
 def floors(spec: ModelSpec, adapters, batches, bandwidth: float, flops: float, prompt_tokens: int,
            new_tokens: int) -> dict[str, float]:
     """Physical bounds of what is measured: each step reads every weight once and does 2 FLOPs per weight per token.
@@ -239,11 +314,7 @@ def floors(spec: ModelSpec, adapters, batches, bandwidth: float, flops: float, p
     A throughput run is one prefill of B x prompt tokens (yielding the first token) plus new_tokens - 1 decode
     steps; its floor is B x new_tokens over the sum of those steps' floors (KV-cache traffic left out).
     """
-    linear = spec.num_layers * (spec.hidden_size * (spec.q_size + 2 * spec.kv_size) + spec.q_size * spec.hidden_size
-                                + 3 * spec.hidden_size * spec.intermediate_size) + spec.hidden_size * spec.vocab_size
-    # Per unit of rank: A rows (in dims of q/k/v/gate/up, o, down) plus B columns (their out dims).
-    per_rank = spec.num_layers * (7 * spec.hidden_size + 2 * spec.q_size + 2 * spec.kv_size
-                                  + 3 * spec.intermediate_size)
+    linear, per_rank = linear_params(spec)
 
     def step(weights: float, token_flops: float) -> float:
         return max(2 * weights / bandwidth, token_flops / flops)
@@ -283,6 +354,13 @@ def fmt(v) -> str:
     return "-" if v is None else f"{v:.3g}" if isinstance(v, float) and not math.isnan(v) else str(v)
 
 
+def print_table(rows: list[dict]) -> None:
+    head = ("metric", "baseline", "ours", "speedup_vs_baseline", "floor", "of_floor")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(fmt(row.get(k)) for k in head) + " |")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args()
@@ -300,6 +378,15 @@ def main() -> None:
             args.json.write_text(json.dumps({"model": args.model, "overlap_ab": result}, indent=1))
         return
     adapters = write_adapters(args.workdir / "adapters", spec, args.adapters, device)
+    if args.prefill_ab:
+        rows = prefill_table(bench_prefill(args, adapters, texts), spec, adapters, args.prompt_tokens, bandwidth,
+                             flops)
+        print_table(rows)
+        if args.json:
+            args.json.write_text(json.dumps({"model": args.model, "prompt_tokens": args.prompt_tokens,
+                                             "copy_bytes_per_s": bandwidth, "matmul_flops_per_s": flops,
+                                             "rows": rows}, indent=1))
+        return
     ours = bench_ours(args, adapters, texts, new_tokens)
     print("ours:", json.dumps(ours), flush=True)
     gc.collect()
@@ -314,10 +401,7 @@ def main() -> None:
     print("baseline:", json.dumps(base), flush=True)
     floor = floors(spec, adapters, args.batches, bandwidth, flops, args.prompt_tokens, new_tokens)
     rows = table(ours, base, floor, args.batches, args.adapters, args.baseline_adapters)
-    head = ("metric", "baseline", "ours", "speedup_vs_baseline", "floor", "of_floor")
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for row in rows:
-        print("| " + " | ".join(fmt(row.get(k)) for k in head) + " |")
+    print_table(rows)
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "new_tokens": new_tokens,
                                          "prompt_tokens": args.prompt_tokens, "copy_bytes_per_s": bandwidth,

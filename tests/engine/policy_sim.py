@@ -152,7 +152,9 @@ class Simulator:
         if cost is not None:
             decode, prefill, comp = self._rows(chunks)
             merged = self.state.merged
-            cost.observe(decode, prefill, cost.lora_s(comp, merged, self.ranks.get(merged, 0)), elapsed)
+            lora = cost.lora_s(comp, merged, self.ranks.get(merged, 0))
+            mode = "unmerged" if merged is None else "mixture" if lora > 0.0 else "merged"
+            cost.observe(decode, prefill, lora, elapsed, mode)
 
     @staticmethod
     def _advance(seq: Sequence, count: int) -> bool:

@@ -81,7 +81,8 @@ class ValoraEngine(EngineBackend):
         if prefill is not None:
             start = time.perf_counter()
             try:
-                count = prefill.capture_all()
+                # mixture's two-term pieces only where the policy merges (another policy's are captured on use)
+                count = prefill.capture_all((0, 1, 2) if policy_class(self.config.policy).merges else (0, 1))
             except RuntimeError as err:  # serve anyway: prefill iterations then run eagerly
                 logger.warning("engine %s: prefill graph capture failed (%s); prefill runs eagerly", self.engine_id,
                                err)

@@ -96,3 +96,13 @@ def test_a_failed_capture_falls_back_to_eager(make_engine):
     results = engine.generate(requests(max_tokens=4))
     assert [r.token_ids for r in results] == [r.token_ids for r in plain]
     assert graphs.failed and len(seen) == 1  # tried once, then never again
+
+
+def test_capture_all_makes_every_bucket_and_skips_what_the_backend_cannot_capture(make_engine):
+    engine = make_engine(policy="slora")
+    graphs = PrefillGraphs(engine.model, engine.lora, 64, engine.config.max_num_seqs, engine.device,
+                           use_triton=False)
+    pieces = len(engine.model.layers) + 1
+    # the CPU's torch LoRA path reads the host: only the no-LoRA pieces could be captured
+    assert graphs.capture_all((0, 1)) == len(prefill_buckets(64)) * pieces
+    assert {key[1:] for key in graphs.graphs} == {(size, 0) for size in prefill_buckets(64)}

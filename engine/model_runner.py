@@ -177,7 +177,8 @@ class ModelRunner:
         out: dict[str, Any] = {"kv_blocks_total": self.kv.num_blocks - 1, "kv_block_size": self.kv.block_size,
                                "attention": "triton" if self.use_triton else "torch",
                                "cuda_graphs": self.graphs is not None,
-                               "prefill_graphs": 0 if self.prefill_graphs is None else len(self.prefill_graphs.graphs)}
+                               "prefill_graph_pieces": 0 if self.prefill_graphs is None or self.prefill_graphs.failed
+                               else sum(len(pieces) for pieces in self.prefill_graphs.graphs.values())}
         if self.vision_cache is not None:
             out.update(self.vision_cache.stats())
         return out

@@ -105,5 +105,4 @@ class GraphRunner:
         deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, self.static_lora[size, terms].batch)] if terms else []
         ctx = ForwardContext(attn, deltas + self.static_moe.deltas(moe, size))
         return capture_graph(lambda: self.model(self.input_ids[:size], self.positions[:, :size], ctx), self.device,
-                       self.pool)
-
+                             self.pool)

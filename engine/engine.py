@@ -80,14 +80,8 @@ class ValoraEngine(EngineBackend):
         prefill = self.runner.prefill_graphs
         if prefill is not None:
             start = time.perf_counter()
-            try:
-                # mixture's two-term pieces only where the policy merges (another policy's are captured on use)
-                count = prefill.capture_all((0, 1, 2) if policy_class(self.config.policy).merges else (0, 1))
-            except RuntimeError as err:  # serve anyway: prefill iterations then run eagerly
-                logger.warning("engine %s: prefill graph capture failed (%s); prefill runs eagerly", self.engine_id,
-                               err)
-                prefill.failed = True
-                return
+            # mixture's two-term pieces only where the policy merges (another policy's are captured on use)
+            count = prefill.capture_all((0, 1, 2) if policy_class(self.config.policy).merges else (0, 1))
             logger.info("engine %s: %d prefill graph pieces captured in %.1f s", self.engine_id, count,
                         time.perf_counter() - start)
 

@@ -77,8 +77,7 @@ class PrefillGraphs:
         try:
             pieces = self.pieces(size, terms)
         except RuntimeError as err:  # e.g. out of memory for a pool, or an op that cannot be captured
-            logger.warning("prefill graph capture failed (%s); prefill iterations run eagerly from now on", err)
-            self.failed = True
+            self._fail(err)
             return None
         self._load(inp, size)
         if terms:
@@ -102,9 +101,17 @@ class PrefillGraphs:
 
     def capture_all(self, terms: tuple[int, ...] = (0, 1, 2)) -> int:
         """Capture every bucket's pieces for ``terms`` now (start-up), instead of in the first iteration of each;
-        returns the number of graphs."""
+        returns the number of graphs (0 if a capture failed: then prefill stays eager)."""
         terms = tuple(t for t in terms if t == 0 or self.lora.graph_safe)
-        return sum(len(self.pieces(size, k)) for size in self.sizes for k in terms)
+        try:
+            return sum(len(self.pieces(size, k)) for size in self.sizes for k in terms)
+        except RuntimeError as err:
+            self._fail(err)
+            return 0
+
+    def _fail(self, err: RuntimeError) -> None:
+        logger.warning("prefill graph capture failed (%s); prefill iterations run eagerly from now on", err)
+        self.failed = True
 
     def _lora(self, size: int, terms: int) -> StaticLoRABatch:
         if (size, terms) not in self.static_lora:

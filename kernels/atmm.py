@@ -17,6 +17,7 @@ Work layout (both kernels use a flat 1-D grid):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -78,9 +79,13 @@ def _shrink_kernel(
     stride_t_split, stride_t_pos, stride_t_term, stride_t_slice,
     # meta
     N_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, SEG_POW2: tl.constexpr,
-    ROUTED: tl.constexpr, TOP_K_POW2: tl.constexpr, IEEE: tl.constexpr,
+    ROUTED: tl.constexpr, TOP_K_POW2: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    if USE_PDL:
+        # Let the expand (launched as a programmatic dependent) start its prologue once every program here runs;
+        # it waits for this grid's completion before it reads tmp.
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     inner = n_terms * r_blocks * (N_SLICES * SPLIT_K)
     pid_m = pid // inner
@@ -143,22 +148,33 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, term, n_splits, offs_m, mask_m, offs_r,
-               stride_t_split, stride_t_pos, stride_t_term, t_slice_off, ONE_SPLIT: tl.constexpr):
+def _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, term, offs_m, mask_m, offs_r,
+               stride_t_split, stride_t_pos, stride_t_term, t_slice_off, N_SPLITS: tl.constexpr):
     """One term's shrink output for a row block, summed over K splits and scaled -> ([BM, BR] fp32, slot, rank)."""
     slot = tl.load(slot_ptr + seg * n_terms + term)
     rank = tl.load(rank_ptr + seg * n_terms + term)
     scale = tl.load(scale_ptr + seg * n_terms + term)
     rank = tl.where(slot >= 0, rank, 0)
-    t_ptrs = tmp_ptr + offs_m[:, None] * stride_t_pos + term * stride_t_term + t_slice_off + offs_r[None, :]
-    t_mask = mask_m[:, None] & (offs_r < rank)[None, :]
-    if ONE_SPLIT:
-        t = tl.load(t_ptrs, mask=t_mask, other=0.0)
-    else:
-        t = tl.zeros((offs_m.shape[0], offs_r.shape[0]), dtype=tl.float32)
-        for split in range(0, n_splits):
-            t += tl.load(t_ptrs + split * stride_t_split, mask=t_mask, other=0.0)
+    t = _split_sum(tmp_ptr + term * stride_t_term + t_slice_off, offs_m, mask_m, offs_r, rank, stride_t_split,
+                   stride_t_pos, N_SPLITS)
     return t * scale, slot, rank
+
+
+@triton.jit
+def _split_sum(t_base, offs_m, mask_m, offs_r, rank, stride_t_split, stride_t_pos, N_SPLITS: tl.constexpr):
+    """The [BM, BR] fp32 shrink output at ``t_base`` (one term and slice), its N_SPLITS K-split partials summed."""
+    t_ptrs = t_base + offs_m[:, None] * stride_t_pos + offs_r[None, :]
+    t_mask = mask_m[:, None] & (offs_r < rank)[None, :]
+    t = tl.load(t_ptrs, mask=t_mask, other=0.0)
+    for split in tl.static_range(1, N_SPLITS):
+        t += tl.load(t_ptrs + split * stride_t_split, mask=t_mask, other=0.0)
+    return t
+
+
+@triton.jit
+def _pick(offs, index, values):
+    """values[index] of a register vector (a masked sum: no memory access)."""
+    return tl.sum(tl.where(offs == index, values, 0), axis=0)
 
 
 @triton.jit
@@ -168,19 +184,20 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
-@triton.jit(do_not_specialize=["num_segments", "num_rows", "n_terms", "top_k", "n_splits", "n_groups", "first1",
+@triton.jit(do_not_specialize=["num_segments", "num_rows", "n_terms", "top_k", "r_blocks", "n_groups", "first1",
                                "first2", "first3"])
 def _expand_kernel(
     # pointers
     y_ptr, tmp_ptr, b_ptr, tok_ptr, indptr_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr,
     # sizes
-    num_segments, num_rows, n_terms, top_k, n_splits, n_groups, out_total,
+    num_segments, num_rows, n_terms, top_k, r_blocks, n_groups, out_total,
     bound1, bound2, bound3, first1, first2, first3,
     # strides
     stride_y_row, stride_b_slot, stride_b_row, stride_t_split, stride_t_pos, stride_t_slice, stride_t_term,
     # meta
-    N_SLICES: tl.constexpr, SEG_POW2: tl.constexpr, ROUTED: tl.constexpr, ONE_SPLIT: tl.constexpr,
-    TOP_K_POW2: tl.constexpr, IEEE: tl.constexpr, PRELOAD_TERMS: tl.constexpr, R_PAD: tl.constexpr,
+    N_SLICES: tl.constexpr, SEG_POW2: tl.constexpr, ROUTED: tl.constexpr, N_SPLITS: tl.constexpr,
+    TOP_K_POW2: tl.constexpr, TERMS_POW2: tl.constexpr, IEEE: tl.constexpr, PRELOAD_TERMS: tl.constexpr,
+    R_PAD: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -213,28 +230,27 @@ def _expand_kernel(
     mask_m = offs_m < m_hi
     if ROUTED:
         rows = offs_m
-        offs_j = tl.arange(0, TOP_K_POW2)
-        id_mask = mask_m[:, None] & (offs_j[None, :] < top_k)
-        ids = tl.load(route_id_ptr + offs_m[:, None] * top_k + offs_j[None, :], mask=id_mask, other=-1)
     else:
         rows = tl.load(tok_ptr + offs_m, mask=mask_m, other=0)
     y_rows = y_ptr + rows.to(tl.int64)[:, None] * stride_y_row
     t_slice_off = slice_id * stride_t_slice
     dtype = b_ptr.dtype.element_ty
+    if USE_PDL:
+        # Launched as the shrink's programmatic dependent: everything above overlapped the shrink's tail; its
+        # output (tmp) is read only after this wait. (y, B and the batch tables are not written by the shrink.)
+        tl.extra.cuda.gdc_wait()
     if PRELOAD_TERMS > 0:
         # One or two terms whose ranks fit a tile: load their shrink output once, then stream y and B over the
         # output blocks (the loop body is loads -> dot -> store, which the compiler software-pipelines).
         offs_r = tl.arange(0, R_PAD)
-        t0, slot0, rank0 = _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, 0, n_splits, offs_m,
-                                      mask_m, offs_r, stride_t_split, stride_t_pos, stride_t_term, t_slice_off,
-                                      ONE_SPLIT)
+        t0, slot0, rank0 = _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, 0, offs_m, mask_m,
+                                      offs_r, stride_t_split, stride_t_pos, stride_t_term, t_slice_off, N_SPLITS)
         b0 = b_ptr + slot0.to(tl.int64) * stride_b_slot + offs_r[:, None]
         live0 = offs_r < rank0
         t0 = t0.to(dtype)
         if PRELOAD_TERMS == 2:
-            t1, slot1, rank1 = _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, 1, n_splits, offs_m,
-                                          mask_m, offs_r, stride_t_split, stride_t_pos, stride_t_term, t_slice_off,
-                                          ONE_SPLIT)
+            t1, slot1, rank1 = _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, 1, offs_m, mask_m,
+                                          offs_r, stride_t_split, stride_t_pos, stride_t_term, t_slice_off, N_SPLITS)
             b1 = b_ptr + slot1.to(tl.int64) * stride_b_slot + offs_r[:, None]
             live1 = offs_r < rank1
             t1 = t1.to(dtype)
@@ -256,37 +272,46 @@ def _expand_kernel(
                 acc += _dot(t1, b_tile1, IEEE)
             tl.store(y_rows + offs_n[None, :], (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
     else:
-        # Any number of terms (mixture of wide ranks, routed experts): walk terms and rank chunks per output block.
-        hits = 0
-        for term in range(0, n_terms):  # scalar pass: leave y untouched when no term is live
-            live = (tl.load(slot_ptr + seg * n_terms + term) >= 0) & (tl.load(rank_ptr + seg * n_terms + term) > 0)
-            if ROUTED:
-                live = live & (tl.sum((ids == term).to(tl.int32)) > 0)
-            hits += live.to(tl.int32)
-        if hits == 0:
+        # Any number of terms (mixtures of wide ranks, routed experts). The terms' slots, ranks and scales sit in
+        # registers; per output block one flat loop walks (live term, rank chunk) with no branch, so the compiler
+        # pipelines its B loads. Dead terms (no slot, rank 0, or -- routed -- picked by no row of the block) are
+        # left out of the walk.
+        offs_e = tl.arange(0, TERMS_POW2)
+        e_mask = offs_e < n_terms
+        slots = tl.load(slot_ptr + seg * n_terms + offs_e, mask=e_mask, other=-1)
+        ranks = tl.load(rank_ptr + seg * n_terms + offs_e, mask=e_mask, other=0)
+        scales = tl.load(scale_ptr + seg * n_terms + offs_e, mask=e_mask, other=0.0)
+        live = (slots >= 0) & (ranks > 0)
+        if ROUTED:
+            offs_j = tl.arange(0, TOP_K_POW2)
+            id_mask = mask_m[:, None] & (offs_j[None, :] < top_k)
+            ids = tl.load(route_id_ptr + offs_m[:, None] * top_k + offs_j[None, :], mask=id_mask, other=-1)
+            picked = tl.zeros((TERMS_POW2,), dtype=tl.int32)
+            for j in tl.static_range(TOP_K_POW2):
+                col = tl.sum(tl.where(offs_j[None, :] == j, ids, 0), axis=1)  # [BM] expert of pair j per row
+                picked = tl.maximum(picked, tl.max((col[:, None] == offs_e[None, :]).to(tl.int32), axis=0))
+            live = live & (picked > 0)
+        n_live = tl.sum(live.to(tl.int32), axis=0)
+        if n_live == 0:  # leave y untouched when no term is live
             return
+        order = tl.where(live, tl.cumsum(live.to(tl.int32), axis=0) - 1, -1)  # rank of each live term among them
+        offs_k = tl.arange(0, BLOCK_R)
         for nb in range(nb_lo, nb_hi):
             offs_n = n_lo + nb * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n_hi
             y_mask = mask_m[:, None] & mask_n[None, :]
             y_tile = tl.load(y_rows + offs_n[None, :], mask=y_mask, other=0.0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for term in range(0, n_terms):
-                slot = tl.load(slot_ptr + seg * n_terms + term)
-                rank = tl.load(rank_ptr + seg * n_terms + term)
-                live = (slot >= 0) & (rank > 0)
-                if ROUTED:
-                    live = live & (tl.sum((ids == term).to(tl.int32)) > 0)
-                if live:
-                    b_base = b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[None, :] * stride_b_row
-                    for r_lo in range(0, rank, BLOCK_R):
-                        offs_r = r_lo + tl.arange(0, BLOCK_R)
-                        t, _, _ = _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, term, n_splits,
-                                             offs_m, mask_m, offs_r, stride_t_split, stride_t_pos, stride_t_term,
-                                             t_slice_off, ONE_SPLIT)
-                        b_tile = tl.load(b_base + offs_r[:, None], mask=(offs_r < rank)[:, None] & mask_n[None, :],
-                                         other=0.0)
-                        acc += _dot(t.to(dtype), b_tile, IEEE)
+            for it in range(0, n_live * r_blocks):  # live terms only; chunks past a term's rank are masked
+                term = _pick(order, it // r_blocks, offs_e)
+                offs_r = (it % r_blocks) * BLOCK_R + offs_k
+                slot = _pick(offs_e, term, slots)
+                rank = _pick(offs_e, term, ranks)
+                t = _split_sum(tmp_ptr + term * stride_t_term + t_slice_off, offs_m, mask_m, offs_r, rank,
+                               stride_t_split, stride_t_pos, N_SPLITS) * _pick(offs_e, term, scales)
+                b_tile = tl.load(b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[None, :] * stride_b_row
+                                 + offs_r[:, None], mask=(offs_r < rank)[:, None] & mask_n[None, :], other=0.0)
+                acc += _dot(t.to(dtype), b_tile, IEEE)
             tl.store(y_rows + offs_n[None, :], (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
@@ -353,17 +378,19 @@ def workspace_shape(plan: RowPlan, weights: LoRAWeights, config: AtmmConfig) -> 
     return (config.shrink.split_k, plan.num_positions, weights.n_slices, plan.n_terms, rank)
 
 
-def shrink_meta(plan: RowPlan, n_slices: int, cfg: ShrinkConfig, ieee: bool) -> dict:
+def shrink_meta(plan: RowPlan, n_slices: int, cfg: ShrinkConfig, ieee: bool, pdl: bool = False) -> dict:
     """The shrink kernel's compile-time arguments for ``plan``: one Triton variant per distinct dict."""
     return dict(N_SLICES=n_slices, SPLIT_K=cfg.split_k, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed,
-                TOP_K_POW2=_pow2(plan.top_k), IEEE=ieee, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r,
+                TOP_K_POW2=_pow2(plan.top_k), IEEE=ieee, USE_PDL=pdl, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r,
                 BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor, cfg: ShrinkConfig) -> None:
+def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor, cfg: ShrinkConfig,
+                  pdl: bool = False) -> None:
     """Semantics: tmp[split, p, k, i, :r] = partial over K split of x[row(p)] @ a[slot(p,k), i, :r].T (* gate).
 
     x: [T, in_dim]; tmp: workspace_shape(...) fp32, written where a term is live and r < its rank.
+    pdl: the next launch (the expand) is a programmatic dependent of this one (``pdl_enabled``).
     """
     r_blocks = cdiv(plan.max_rank, cfg.block_r)
     inner = plan.n_terms * weights.n_slices * r_blocks * cfg.split_k
@@ -376,29 +403,36 @@ def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
         plan.num_segments, plan.num_positions, weights.in_dim, plan.n_terms, plan.top_k, r_blocks,
         x.stride(0), weights.a.stride(0), weights.a.stride(1), weights.a.stride(2),
         tmp.stride(0), tmp.stride(1), tmp.stride(3), tmp.stride(2),
-        **shrink_meta(plan, weights.n_slices, cfg, x.dtype == torch.float32),
+        **shrink_meta(plan, weights.n_slices, cfg, x.dtype == torch.float32, pdl),
     )
 
 
-def expand_meta(plan: RowPlan, n_slices: int, cfg: ExpandConfig, n_splits: int, ieee: bool) -> dict:
+def expand_meta(plan: RowPlan, n_slices: int, cfg: ExpandConfig, n_splits: int, ieee: bool,
+                pdl: bool = False) -> dict:
     """The expand kernel's compile-time arguments for ``plan``: one Triton variant per distinct dict.
 
     One or two terms whose padded ranks fit in registers are preloaded (R_PAD wide); otherwise R_PAD is unused and
-    pinned to 16, so that batches of different ranks share that variant.
+    pinned to 16, so that batches of different ranks share that variant. ``pdl``: launched as the shrink's
+    programmatic dependent (``launch_pdl`` is a launch option of the variant).
     """
     r_pad = _pow2(plan.max_rank, 16)
     preload = plan.n_terms if (not plan.routed and plan.n_terms <= 2
                                and r_pad * cfg.block_m * plan.n_terms <= PRELOAD_ELEMENTS) else 0
-    return dict(N_SLICES=n_slices, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed, ONE_SPLIT=n_splits == 1,
-                TOP_K_POW2=_pow2(plan.top_k), IEEE=ieee, PRELOAD_TERMS=preload, R_PAD=r_pad if preload else 16,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, GROUP_N=cfg.group_n,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    meta = dict(N_SLICES=n_slices, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed, N_SPLITS=n_splits,
+                TOP_K_POW2=_pow2(plan.top_k), TERMS_POW2=_pow2(plan.n_terms) if not preload else 1, IEEE=ieee,
+                PRELOAD_TERMS=preload, R_PAD=r_pad if preload else 16, USE_PDL=pdl, BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, GROUP_N=cfg.group_n, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+    if pdl:
+        meta["launch_pdl"] = True
+    return meta
 
 
-def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor, cfg: ExpandConfig) -> None:
+def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor, cfg: ExpandConfig,
+                  pdl: bool = False) -> None:
     """Semantics: y[row(p), out_i] += sum_k scale(p,k) * (sum_split tmp[:, p, i, k, :r]) @ b[slot(p,k), out_i, :r].T.
 
-    y: [T, out_total]; tmp: as written by launch_shrink with the same plan.
+    y: [T, out_total]; tmp: as written by launch_shrink with the same plan (and the same ``pdl``).
     """
     bounds = list(weights.slice_bounds) + [weights.out_dim] * (MAX_SLICES + 1 - len(weights.slice_bounds))
     firsts, n_groups = [], 0
@@ -413,12 +447,43 @@ def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
     _expand_kernel[grid](
         y, tmp, weights.b, plan.tok, plan.indptr, plan.slots, plan.ranks, plan.scales,
         plan.route_ids if plan.routed else plan.slots,
-        plan.num_segments, plan.num_positions, plan.n_terms, plan.top_k, tmp.shape[0], n_groups, weights.out_dim,
-        bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
+        plan.num_segments, plan.num_positions, plan.n_terms, plan.top_k, cdiv(plan.max_rank, cfg.block_r), n_groups,
+        weights.out_dim, bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
         y.stride(0), weights.b.stride(0), weights.b.stride(1), tmp.stride(0), tmp.stride(1), tmp.stride(2),
         tmp.stride(3),
-        **expand_meta(plan, weights.n_slices, cfg, tmp.shape[0], ieee),
+        **expand_meta(plan, weights.n_slices, cfg, tmp.shape[0], ieee, pdl),
     )
+
+
+def launch_pair(y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor,
+                config: AtmmConfig) -> None:
+    """The shrink then the expand; chained by programmatic dependent launch when ``pdl_enabled`` and the batch is
+    decode-sized."""
+    pdl = plan.num_positions <= PDL_MAX_ROWS and pdl_enabled(x.device)
+    launch_shrink(x, weights, plan, tmp, config.shrink, pdl)
+    launch_expand(y, weights, plan, tmp, config.expand, pdl)
+
+
+_PDL: dict[torch.device, bool] = {}
+PDL_MAX_ROWS = 512
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether shrink -> expand pairs on ``device`` use programmatic dependent launch: opt-in with ``VALORA_PDL=1``
+    (read at each call, so a benchmark can compare both in one process), on a CUDA device of compute capability
+    9.0+ with a Triton that has grid-dependency control, never in the CPU interpreter.
+
+    Off by default because it measured mixed on an H200 (bench/RESULTS.md, Kernels, sixth session): ~1 us saved per
+    pair on small decode batches, 8% lost on 2048-row prefills, and the routed operator at 16 rows ran up to 2x
+    slower with it.
+    """
+    if device.type != "cuda" or os.environ.get("VALORA_PDL", "0") != "1":
+        return False
+    if device not in _PDL:
+        gdc = getattr(getattr(tl, "extra", None), "cuda", None)
+        _PDL[device] = (hasattr(gdc, "gdc_wait") and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+                        and torch.cuda.get_device_capability(device)[0] >= 9)
+    return _PDL[device]
 
 
 def check_operands(y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, num_tokens: int) -> None:
@@ -478,8 +543,7 @@ def atmm_add(
     config = config or device_table().lookup(shape_key(batch, weights))[0]
     plan = RowPlan.from_batch(batch)
     tmp = _workspace(plan, weights, config, workspace, x.device)
-    launch_shrink(x, weights, plan, tmp, config.shrink)
-    launch_expand(y, weights, plan, tmp, config.expand)
+    launch_pair(y, x, weights, plan, tmp, config)
 
 
 def _workspace(

@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="Stop profiling new shapes after this many seconds (the rest use the nearest shape).")
     tune.add_argument("--merge-only", action="store_true",
                       help="Keep the table's ATMM entries; profile only the swift-merge tiles.")
+    tune.add_argument("--routed", action="store_true",
+                      help="Keep the table's ATMM and merge entries; profile the routed (MoE-LoRA) operator's tiles.")
     tune.add_argument("--trace", type=Path, default=None, help="Also write every candidate's time to this JSON.")
     tune.set_defaults(handler=_tune)
 
@@ -34,14 +36,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("--out-dim", type=int, required=True)
     show.add_argument("--max-rank", type=int, required=True)
     show.add_argument("--device", default=None, help="Table slug, e.g. nvidia_h200 (default: this GPU's).")
+    show.add_argument("--routed", action="store_true",
+                      help="The routed operator's pick (segments = experts, tokens = rows x top-k).")
     show.set_defaults(handler=_show)
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from kernels.tuning import default_grid, tune
+    from kernels.tuning import default_grid, routed_grid, tune
 
-    path = tune(default_grid(quick=args.quick), out_path=args.out, budget_s=args.budget_s, trace_path=args.trace,
-                merge_only=args.merge_only)
+    grid = routed_grid(quick=args.quick) if args.routed else default_grid(quick=args.quick)
+    path = tune(grid, out_path=args.out, budget_s=args.budget_s, trace_path=args.trace,
+                merge_only=args.merge_only, routed_only=args.routed)
     print(f"wrote {path}")
     return 0
 
@@ -51,6 +56,6 @@ def _show(args: argparse.Namespace) -> int:
 
     table = device_table(args.device)
     key = ShapeKey(args.segments, args.tokens, args.in_dim, args.out_dim, args.max_rank)
-    config, source = table.lookup(key)
+    config, source = table.lookup_routed(key) if args.routed else table.lookup(key)
     print(f"{table.device} {key}: {source}\n  shrink {config.shrink}\n  expand {config.expand}")
     return 0

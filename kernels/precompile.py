@@ -120,7 +120,7 @@ def plan_routed_variants(weights: LoRAWeights, *, max_tokens: int, experts: int,
             for rows in _steps(1, max_tokens, 4, dense_to=16)]
     probe = _routed_probe(weights, experts, top_k, max_rank)
     variants: dict[tuple, tuple[Routing, AtmmConfig]] = {}
-    for cfg in dict.fromkeys([config] if config is not None else table.lookup_many(keys)):
+    for cfg in dict.fromkeys([config] if config is not None else table.lookup_many_routed(keys)):
         variants.setdefault(variant_key(probe, weights, cfg), (probe, cfg))
     return variants
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.atmm import RowPlan, check_operands, launch_expand, launch_shrink, workspace_shape
+from kernels.atmm import RowPlan, check_operands, launch_pair, workspace_shape
 from kernels.lora_batch import LoRAWeights
 from kernels.routing import Routing
 from kernels.tile_config import AtmmConfig, ShapeKey, device_table
@@ -46,7 +46,7 @@ def routed_add(
         x: [T, in_dim] layer input in the weights' dtype.
         weights: the projection's pool holding the experts' slots.
         routing: the step's Routing (shared by every layer).
-        config: tiles; default from the device table, keyed as E segments of T rows.
+        config: tiles; default from the device table's routed entries, keyed as E segments of T * k rows.
         workspace: optional fp32 [split_k, T, E, n_slices, max_rank] shrink buffer.
     """
     routing.check()
@@ -61,11 +61,10 @@ def routed_add(
     if config is None:
         key = ShapeKey(segments=routing.num_experts, tokens=routing.num_tokens * routing.top_k,
                        in_dim=weights.in_dim, out_dim=weights.out_dim, max_rank=routing.max_rank)
-        config = device_table().lookup(key)[0]
+        config = device_table().lookup_routed(key)[0]
     shape = workspace_shape(plan, weights, config)
     if workspace is None:
         workspace = torch.empty(shape, dtype=torch.float32, device=x.device)
     elif tuple(workspace.shape) != shape or workspace.dtype != torch.float32 or not workspace.is_contiguous():
         raise ValueError(f"workspace must be a contiguous fp32 tensor of shape {shape}")
-    launch_shrink(x, weights, plan, workspace, config.shrink)
-    launch_expand(y, weights, plan, workspace, config.expand)
+    launch_pair(y, x, weights, plan, workspace, config)

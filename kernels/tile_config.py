@@ -149,11 +149,15 @@ class TileTable:
         entries: dict[ShapeKey, AtmmConfig] | None = None,
         merge: dict[int, MergeConfig] | None = None,
         timings_us: dict[ShapeKey, float] | None = None,
+        routed: TileTable | None = None,
     ) -> None:
         self.device = device
         self.entries: dict[ShapeKey, AtmmConfig] = dict(entries or {})
         self.merge: dict[int, MergeConfig] = dict(merge or {})  # keyed by max rank
         self.timings_us: dict[ShapeKey, float] = dict(timings_us or {})
+        # The routed (LoRA-Switch) operator's own entries, keyed as E experts x (T * k) pairs: the same kernels in
+        # routed mode walk every expert of one segment, a different regime from segmented batches of that key.
+        self.routed: TileTable | None = routed
         # Every ATMM call looks up its shape; the nearest-shape scan costs ~0.5 ms on 200 entries, so answers are
         # kept (the shapes a server sees repeat). ``add`` clears them.
         self._answers: dict[ShapeKey, tuple[AtmmConfig, str]] = {}
@@ -200,6 +204,16 @@ class TileTable:
             return self.entries[nearest], "nearest"
         return heuristic_config(key), "heuristic"
 
+    def lookup_routed(self, key: ShapeKey) -> tuple[AtmmConfig, str]:
+        """The routed operator's config for ``key`` (segments = experts, tokens = rows x top-k): its own entries,
+        else what ``lookup`` gives a segmented batch of that shape."""
+        return self.routed.lookup(key) if self.routed is not None and self.routed.entries else self.lookup(key)
+
+    def lookup_many_routed(self, keys: Sequence[ShapeKey]) -> list[AtmmConfig]:
+        if self.routed is not None and self.routed.entries:
+            return self.routed.lookup_many(keys)
+        return self.lookup_many(keys)
+
     def lookup_merge(self, max_rank: int) -> MergeConfig:
         if not self.merge:
             return heuristic_merge_config(max_rank)
@@ -207,27 +221,35 @@ class TileTable:
         return self.merge[nearest]
 
     def to_json(self) -> dict:
-        return {
-            "version": TABLE_VERSION,
-            "device": self.device,
-            "entries": [
-                {"key": asdict(k), "shrink": asdict(c.shrink), "expand": asdict(c.expand),
-                 "us": self.timings_us.get(k)}
-                for k, c in sorted(self.entries.items(), key=lambda kv: astuple_key(kv[0]))
-            ],
-            "merge": [{"max_rank": r, **asdict(c)} for r, c in sorted(self.merge.items())],
-        }
+        out = {"version": TABLE_VERSION, "device": self.device, "entries": self._entries_json(),
+               "merge": [{"max_rank": r, **asdict(c)} for r, c in sorted(self.merge.items())]}
+        if self.routed is not None and self.routed.entries:
+            out["routed"] = self.routed._entries_json()
+        return out
+
+    def _entries_json(self) -> list[dict]:
+        return [{"key": asdict(k), "shrink": asdict(c.shrink), "expand": asdict(c.expand), "us": self.timings_us.get(k)}
+                for k, c in sorted(self.entries.items(), key=lambda kv: astuple_key(kv[0]))]
+
+    @staticmethod
+    def _entries_from_json(rows: list[dict]) -> tuple[dict[ShapeKey, AtmmConfig], dict[ShapeKey, float]]:
+        entries, timings = {}, {}
+        for row in rows:
+            key = ShapeKey(**row["key"])
+            entries[key] = AtmmConfig(shrink=ShrinkConfig(**row["shrink"]), expand=ExpandConfig(**row["expand"]))
+            if row.get("us") is not None:
+                timings[key] = float(row["us"])
+        return entries, timings
 
     @classmethod
     def from_json(cls, data: dict) -> TileTable:
         if data.get("version") != TABLE_VERSION:
             raise ValueError(f"tile table version {data.get('version')!r} is not {TABLE_VERSION}")
-        entries, timings = {}, {}
-        for row in data["entries"]:
-            key = ShapeKey(**row["key"])
-            entries[key] = AtmmConfig(shrink=ShrinkConfig(**row["shrink"]), expand=ExpandConfig(**row["expand"]))
-            if row.get("us") is not None:
-                timings[key] = float(row["us"])
+        entries, timings = cls._entries_from_json(data["entries"])
+        routed = None
+        if data.get("routed"):
+            routed_entries, routed_timings = cls._entries_from_json(data["routed"])
+            routed = cls(data["device"], routed_entries, timings_us=routed_timings)
         merge = {}
         for row in data.get("merge", []):
             row = dict(row)
@@ -237,7 +259,7 @@ class TileTable:
                 logger.warning("ignoring stale merge tiles for rank %d: %s", rank, row)
                 continue
             merge[rank] = MergeConfig(**row)
-        return cls(data["device"], entries, merge, timings)
+        return cls(data["device"], entries, merge, timings, routed)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 """Offline tile tuning: profile ATMM and merge tiles over a grid of shapes on this GPU and write its table.
 
-For every shape the shrink candidates are timed alone, then the expand candidates on the winner's output; the
-best pair is the entry. Candidates come from two fixed pools (so the number of distinct compiled kernels stays
-small) filtered by shape: row tiles no taller than twice the rows per segment, rank tiles no wider than the
-rank, and K splits only while the K range per split still holds a tile. Timing: CUDA-graph replay, L2 flushed.
+For every shape and K-split count the shrink candidates are timed alone, then the expand candidates on the winner's
+output; the best pair over the split counts is the entry (the expand's cost grows with the partials it sums).
+Candidates come from two fixed pools (so the number of distinct compiled kernels stays small) filtered by shape:
+row tiles no taller than twice the rows per segment, rank tiles no wider than the rank, and K splits only while
+the K range per split still holds a tile. Timing: CUDA-graph replay, L2 flushed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ EXPAND_POOL = [ExpandConfig(*c) for c in (
     (64, 128, 32, 4, 3, 4), (64, 64, 32, 4, 3, 8), (64, 256, 32, 8, 3, 4), (64, 128, 32, 4, 4, 8),
     (128, 128, 32, 8, 3, 4), (128, 64, 32, 4, 3, 8), (128, 256, 32, 8, 2, 2),
 )]
+# Extra expand tiles for the routed operator: wider rank chunks (fewer steps of its term walk), and narrow output
+# tiles (more programs: every program walks all live experts, so few rows leave the GPU short of parallel work).
+ROUTED_EXPAND_EXTRA = [ExpandConfig(*c) for c in (
+    (16, 64, 64, 4, 3, 1), (16, 128, 64, 4, 3, 2), (16, 256, 64, 8, 3, 1), (32, 128, 64, 4, 3, 2),
+    (16, 64, 32, 4, 3, 2), (16, 32, 64, 4, 3, 1), (16, 32, 32, 4, 2, 1), (16, 16, 64, 4, 3, 1),
+)]
 # (block_m, block_n, num_warps, num_stages, group_n)
 MERGE_POOL = [MergeConfig(*c) for c in (
     (64, 128, 4, 3, 8), (64, 128, 4, 3, 4), (32, 256, 4, 3, 4), (64, 256, 8, 3, 4), (128, 128, 8, 3, 4),
@@ -57,6 +64,9 @@ DIMS = ((3584, 3584), (3584, 512), (3584, 18944), (18944, 3584))  # Qwen2.5-VL-7
 TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
 SEGMENTS = (1, 8, 32)
 RANKS = (16, 64, 128)
+# The routed operator (MoE-LoRA groups of a 7B as one fused projection each: q/k/v, o, gate/up, down)
+ROUTED_DIMS = ((3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584))
+ROUTED_ROWS = (1, 4, 16, 64, 256, 1024)
 
 
 def default_grid(quick: bool = False) -> list[ShapeKey]:
@@ -67,19 +77,28 @@ def default_grid(quick: bool = False) -> list[ShapeKey]:
     return [ShapeKey(s, t, i, o, r) for (i, o) in dims for r in ranks for t in tokens for s in SEGMENTS if s <= t]
 
 
-def shrink_candidates(key: ShapeKey) -> list[ShrinkConfig]:
-    rows = max(1, key.tokens // key.segments)
+def routed_grid(quick: bool = False, experts: int = 8, top_k: int = 2) -> list[ShapeKey]:
+    """The routed operator's shapes: 7B groups x max rank x routed rows, keyed as routed_add looks them up."""
+    rows = (1, 16, 256) if quick else ROUTED_ROWS
+    ranks = (64,) if quick else (16, 64)
+    return [ShapeKey(experts, t * top_k, i, o, r) for (i, o) in ROUTED_DIMS for r in ranks for t in rows]
+
+
+def shrink_candidates(key: ShapeKey, rows: int | None = None) -> list[ShrinkConfig]:
+    """Shrink tiles worth timing for ``key``; ``rows``: rows per segment (default tokens / segments)."""
+    rows = rows or max(1, key.tokens // key.segments)
     out = [c for c in SHRINK_POOL
            if c.block_m <= max(16, 2 * next_power_of_2(rows)) and c.block_r <= max(16, next_power_of_2(key.max_rank))
            and key.in_dim // c.split_k >= c.block_k]
     return out or SHRINK_POOL[:1]
 
 
-def expand_candidates(key: ShapeKey) -> list[ExpandConfig]:
-    rows = max(1, key.tokens // key.segments)
-    out = [c for c in EXPAND_POOL
+def expand_candidates(key: ShapeKey, rows: int | None = None, pool: list[ExpandConfig] = EXPAND_POOL
+                      ) -> list[ExpandConfig]:
+    rows = rows or max(1, key.tokens // key.segments)
+    out = [c for c in pool
            if c.block_m <= max(16, 2 * next_power_of_2(rows)) and c.block_r <= max(16, next_power_of_2(key.max_rank))]
-    return out or EXPAND_POOL[:1]
+    return out or pool[:1]
 
 
 def synthetic_problem(key: ShapeKey, device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16):
@@ -95,6 +114,26 @@ def synthetic_problem(key: ShapeKey, device: torch.device | str = "cuda", dtype:
     x = torch.randn(key.tokens, key.in_dim, device=device, dtype=dtype)
     y = torch.randn(key.tokens, key.out_dim, device=device, dtype=dtype)
     return x, y, weights, batch
+
+
+def routed_problem(key: ShapeKey, top_k: int = 2, device: torch.device | str = "cuda",
+                   dtype: torch.dtype = torch.bfloat16):
+    """x, y, weights and a Routing of ``key``'s shape: key.segments experts at max rank, tokens / top_k rows, each
+    row's top-k drawn from random router logits."""
+    from kernels.lora_batch import LoRAWeights
+    from kernels.routing import Routing
+
+    experts, rank, rows = key.segments, key.max_rank, max(1, key.tokens // top_k)
+    a = torch.randn(experts, 1, rank, key.in_dim, device=device, dtype=dtype) / key.in_dim**0.5
+    b = torch.randn(experts, key.out_dim, rank, device=device, dtype=dtype) / rank**0.5
+    weights = LoRAWeights(a, b, (0, key.out_dim))
+    routing = Routing.from_router_logits(
+        torch.randn(rows, experts, device=device), min(top_k, experts),
+        torch.arange(experts, dtype=torch.int32, device=device),
+        torch.full((experts,), rank, dtype=torch.int32, device=device), torch.ones(experts, device=device), rank)
+    x = torch.randn(rows, key.in_dim, device=device, dtype=dtype)
+    y = torch.randn(rows, key.out_dim, device=device, dtype=dtype)
+    return x, y, weights, routing
 
 
 TRACE: list[dict] = []  # every candidate's time, for `valora kernels tune --trace`
@@ -118,10 +157,28 @@ def _best(timer, candidates: Iterable, run: Callable, label: str = "") -> tuple[
 
 def profile_shape(timer, key: ShapeKey) -> tuple[AtmmConfig, float]:
     """The fastest shrink, then the fastest expand after it, for one shape; returns the pair and its total us."""
-    from kernels.atmm import RowPlan, launch_expand, launch_shrink, workspace_shape
+    from kernels.atmm import RowPlan
 
     x, y, weights, batch = synthetic_problem(key, timer.device)
-    plan = RowPlan.from_batch(batch)
+    return _profile_pair(timer, x, y, weights, RowPlan.from_batch(batch), shrink_candidates(key),
+                         expand_candidates(key), repr(key))
+
+
+def profile_routed_shape(timer, key: ShapeKey, top_k: int = 2) -> tuple[AtmmConfig, float]:
+    """``profile_shape`` for the routed operator (kernels/routed.py): one segment of tokens / top_k rows whose terms
+    are the key's experts; the expand pool adds wider rank chunks."""
+    from kernels.routed import routed_plan
+
+    x, y, weights, routing = routed_problem(key, top_k, timer.device)
+    rows = routing.num_tokens
+    return _profile_pair(timer, x, y, weights, routed_plan(routing), shrink_candidates(key, rows),
+                         expand_candidates(key, rows, EXPAND_POOL + ROUTED_EXPAND_EXTRA), f"routed {key!r}")
+
+
+def _profile_pair(timer, x, y, weights, plan, shrinks: list[ShrinkConfig], expands: list[ExpandConfig],
+                  label: str) -> tuple[AtmmConfig, float]:
+    from kernels.atmm import launch_expand, launch_shrink, workspace_shape
+
     tmps: dict[int, torch.Tensor] = {}
 
     def tmp_for(split: int) -> torch.Tensor:
@@ -130,13 +187,18 @@ def profile_shape(timer, key: ShapeKey) -> tuple[AtmmConfig, float]:
             tmps[split] = torch.zeros(workspace_shape(plan, weights, probe), device=timer.device)
         return tmps[split]
 
-    shrink, shrink_us = _best(timer, shrink_candidates(key),
-                              lambda c: launch_shrink(x, weights, plan, tmp_for(c.split_k), c), repr(key))
-    tmp = tmp_for(shrink.split_k)
-    launch_shrink(x, weights, plan, tmp, shrink)
-    expand, expand_us = _best(timer, expand_candidates(key), lambda c: launch_expand(y, weights, plan, tmp, c),
-                              repr(key))
-    return AtmmConfig(shrink, expand), shrink_us + expand_us
+    # The expand reads every K-split partial of the shrink, so the split is chosen for the pair: per split count,
+    # the fastest shrink, then the fastest expand after it; the best total wins.
+    best: tuple[AtmmConfig, float] | None = None
+    for split in sorted({c.split_k for c in shrinks}):
+        tmp = tmp_for(split)
+        shrink, shrink_us = _best(timer, [c for c in shrinks if c.split_k == split],
+                                  lambda c, tmp=tmp: launch_shrink(x, weights, plan, tmp, c), label)
+        launch_shrink(x, weights, plan, tmp, shrink)
+        expand, expand_us = _best(timer, expands, lambda c, tmp=tmp: launch_expand(y, weights, plan, tmp, c), label)
+        if best is None or shrink_us + expand_us < best[1]:
+            best = AtmmConfig(shrink, expand), shrink_us + expand_us
+    return best
 
 
 def profile_merge(timer, rank: int, targets: int = 8, dim: int = 3584) -> tuple[MergeConfig, float]:
@@ -147,40 +209,50 @@ def profile_merge(timer, rank: int, targets: int = 8, dim: int = 3584) -> tuple[
     return _best(timer, _merge_pool(rank), lambda c: swift_merge(plan, add=terms, config=c), f"merge rank {rank}")
 
 
-def _warm_worker(job: tuple[list[ShrinkConfig], list[ExpandConfig], list[MergeConfig]]) -> int:
-    """Compile (by running once on a tiny problem) the given configs; the disk cache then serves the parent."""
+def _warm_worker(job: tuple[list[ShrinkConfig], list[ExpandConfig], list[MergeConfig], bool]) -> int:
+    """Compile (by running once on a tiny problem) the given configs; the disk cache then serves the parent.
+    With ``routed`` set, the ATMM configs compile in the routed operator's variants."""
     from kernels.atmm import RowPlan, launch_expand, launch_shrink, workspace_shape
+    from kernels.routed import routed_plan
     from kernels.swift_merge import swift_merge
 
-    shrinks, expands, merges = job
+    shrinks, expands, merges, routed = job
     # The same argument specialisation as the 7B shapes: dims and strides divisible by 16.
-    x, y, weights, batch = synthetic_problem(ShapeKey(2, 4, 3584, 512, 16))
-    plan = RowPlan.from_batch(batch)
+    if routed:
+        x, y, weights, routing = routed_problem(ShapeKey(8, 4, 3584, 512, 16))
+        plan = routed_plan(routing)
+    else:
+        x, y, weights, batch = synthetic_problem(ShapeKey(2, 4, 3584, 512, 16))
+        plan = RowPlan.from_batch(batch)
+    launches = []
     for cfg in shrinks:
         tmp = torch.zeros(workspace_shape(plan, weights, AtmmConfig(cfg, EXPAND_POOL[0])), device="cuda")
-        launch_shrink(x, weights, plan, tmp, cfg)
-    tmp1 = torch.zeros(workspace_shape(plan, weights, AtmmConfig(SHRINK_POOL[0], EXPAND_POOL[0])), device="cuda")
-    tmp2 = torch.zeros((2, *tmp1.shape[1:]), device="cuda")
-    for cfg in expands:  # one K split and several: the expand compiles both variants
-        launch_expand(y, weights, plan, tmp1, cfg)
-        launch_expand(y, weights, plan, tmp2, cfg)
-    for cfg in merges:
-        plan_m, terms = _merge_problem(16, targets=1, dim=512)
-        swift_merge(plan_m, add=terms, config=cfg)
+        launches.append((cfg, lambda cfg=cfg, tmp=tmp: launch_shrink(x, weights, plan, tmp, cfg)))
+    tmps = [torch.zeros(workspace_shape(plan, weights, AtmmConfig(ShrinkConfig(16, 16, 64, split, 4, 2),
+                                                                  EXPAND_POOL[0])), device="cuda")
+            for split in sorted({c.split_k for c in SHRINK_POOL})]
+    for cfg in expands:  # the expand compiles one variant per K-split count of the shrinks it may follow
+        launches += [(cfg, lambda cfg=cfg, tmp=tmp: launch_expand(y, weights, plan, tmp, cfg)) for tmp in tmps]
+    plan_m, terms = _merge_problem(16, targets=1, dim=512)
+    launches += [(cfg, lambda cfg=cfg: swift_merge(plan_m, add=terms, config=cfg)) for cfg in merges]
+    for cfg, launch in launches:
+        try:
+            launch()
+        except Exception as exc:  # a tile that does not fit this GPU: _best skips it too
+            logger.debug("skip %s: %s", cfg, exc)
     torch.cuda.synchronize()
     return len(shrinks) + len(expands) + len(merges)
 
 
-def warm_cache(extra: Iterable[AtmmConfig] = (), processes: int = 8) -> None:
-    """Compile every pool config in parallel worker processes (Triton's disk cache is shared)."""
+def warm_cache(extra: Iterable[AtmmConfig] = (), processes: int = 8, routed: bool = False) -> None:
+    """Compile every pool config in parallel worker processes (Triton's disk cache is shared); ``routed``: the
+    routed operator's variants (and its extra expand tiles), no merge tiles."""
     import multiprocessing
 
     shrinks = list(dict.fromkeys(SHRINK_POOL + [c.shrink for c in extra]))
-    expands = list(dict.fromkeys(EXPAND_POOL + [c.expand for c in extra]))
-    merges = list(dict.fromkeys(_merge_pool(r) for r in RANKS))
-    merges = [c for group in merges for c in group]
-    jobs = [(shrinks[i::processes], expands[i::processes], list(dict.fromkeys(merges))[i::processes])
-            for i in range(processes)]
+    expands = list(dict.fromkeys(EXPAND_POOL + (ROUTED_EXPAND_EXTRA if routed else []) + [c.expand for c in extra]))
+    merges = [] if routed else list(dict.fromkeys(c for r in RANKS for c in _merge_pool(r)))
+    jobs = [(shrinks[i::processes], expands[i::processes], merges[i::processes], routed) for i in range(processes)]
     started = time.monotonic()
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         done = sum(pool.map(_warm_worker, jobs))
@@ -211,11 +283,13 @@ def tune(
     merge_ranks: Iterable[int] = RANKS,
     trace_path: Path | None = None,
     merge_only: bool = False,
+    routed_only: bool = False,
 ) -> Path:
     """Profile ``grid`` (default: ``default_grid()``) on the current GPU and write the device's table.
 
     Shapes past ``budget_s`` seconds are left out (lookups fall back to the nearest profiled shape).
-    ``merge_only`` keeps the table's ATMM entries and profiles the merge tiles again.
+    ``merge_only`` keeps the table's ATMM entries and profiles the merge tiles again; ``routed_only`` keeps the
+    ATMM and merge entries and profiles the routed operator's entries (default grid: ``routed_grid()``).
     """
     from kernels.timing import Timer
 
@@ -223,14 +297,20 @@ def tune(
     if slug is None:
         raise ValueError("tuning needs a CUDA GPU (kernels are timed on the device whose table is written)")
     out_path = out_path or table_path(slug)
-    grid = grid if grid is not None else default_grid()
     from kernels.tile_config import FIXED_CONFIG
 
-    if merge_only:
+    if merge_only or routed_only:
         table = TileTable.load(out_path) if out_path.is_file() else TileTable(slug)
+    if merge_only:
         table.merge.clear()
         grid = []
+    elif routed_only:
+        table.routed = TileTable(slug)
+        grid = grid if grid is not None else routed_grid()
+        merge_ranks = ()
+        warm_cache(routed=True)
     else:
+        grid = grid if grid is not None else default_grid()
         warm_cache(extra=[FIXED_CONFIG])
         table = TileTable(slug)
     timer = Timer()
@@ -242,8 +322,12 @@ def tune(
         if budget_s is not None and time.monotonic() - started > budget_s:
             logger.warning("time budget spent: %d of %d shapes profiled", i, len(grid))
             break
-        config, us = profile_shape(timer, key)
-        table.add(key, config, us)
+        if routed_only:
+            config, us = profile_routed_shape(timer, key)
+            table.routed.add(key, config, us)
+        else:
+            config, us = profile_shape(timer, key)
+            table.add(key, config, us)
         logger.info("[%d/%d] %s: %.1f us %s", i + 1, len(grid), key, us, config)
         table.save(out_path)  # keep what is done if the run is cut short
     table.save(out_path)

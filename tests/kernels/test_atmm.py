@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.atmm import RowPlan, atmm_add, workspace_shape
+from kernels.atmm import RowPlan, atmm_add, expand_meta, pdl_enabled, shrink_meta, workspace_shape
 from kernels.lora_batch import LoRABatch
-from kernels.tile_config import FIXED_CONFIG, ShapeKey, device_table
+from kernels.tile_config import FIXED_CONFIG, AtmmConfig, ExpandConfig, ShapeKey, ShrinkConfig, device_table
 from tests.kernels.sweep import (
     ADAPTERS,
     CONFIGS,
@@ -89,3 +89,29 @@ def test_rejects_mismatched_shapes():
         atmm_add(problem.y0, problem.x.double(), problem.weights, problem.batch)
     with pytest.raises(ValueError, match="rows"):
         atmm_add(problem.y0[:-1], problem.x[:-1], problem.weights, problem.batch)
+
+
+WIDE = AtmmConfig(ShrinkConfig(16, 32, 64, 4, 4, 2), ExpandConfig(128, 32, 32, 4, 2, 2))  # K split 4, tall expand
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_term_walk_expand_with_split_partials(interpreted, mode):
+    """Two wide-rank terms in 128-row tiles do not fit the preloaded path: the expand walks (live term, rank chunk)
+    and sums the shrink's four K-split partials; no-adapter rows and mixed ranks included."""
+    problem = make_problem(128, 3, 7, DIMS[2], mode, torch.float32, seed=11)
+    plan = RowPlan.from_batch(problem.batch)
+    assert expand_meta(plan, problem.weights.n_slices, WIDE.expand, WIDE.shrink.split_k, True)["PRELOAD_TERMS"] == 0
+    workspace = torch.full(workspace_shape(plan, problem.weights, WIDE), float("nan"))
+    y = problem.y0.clone()
+    atmm_add(y, problem.x, problem.weights, problem.batch, WIDE, workspace=workspace)
+    assert_matches(y, problem.expected, problem.y0, problem.touched)
+
+
+def test_programmatic_dependent_launch_is_opt_in_and_cuda_only(monkeypatch):
+    plan = RowPlan.from_batch(make_problem(8, 1, 3, DIMS[0], "plain", torch.float32).batch)
+    monkeypatch.setenv("VALORA_PDL", "1")
+    assert not pdl_enabled(torch.device("cpu"))
+    meta = expand_meta(plan, 1, WIDE.expand, 1, False, pdl=True)
+    assert meta["USE_PDL"] and meta["launch_pdl"]
+    assert "launch_pdl" not in expand_meta(plan, 1, WIDE.expand, 1, False) and not shrink_meta(plan, 1, WIDE.shrink,
+                                                                                              False)["USE_PDL"]

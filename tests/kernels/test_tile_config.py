@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from kernels.tile_config import (
     CONFIG_DIR,
@@ -17,7 +18,7 @@ from kernels.tile_config import (
     device_slug,
     heuristic_config,
 )
-from kernels.tuning import default_grid, expand_candidates, shrink_candidates
+from kernels.tuning import default_grid, expand_candidates, routed_grid, routed_problem, shrink_candidates
 
 A = AtmmConfig(ShrinkConfig(16, 16, 128, 4, 4, 3), ExpandConfig(16, 128, 16, 4, 2))
 B = AtmmConfig(ShrinkConfig(64, 64, 64, 1, 8, 3), ExpandConfig(64, 128, 64, 8, 2))
@@ -42,6 +43,35 @@ def test_json_round_trip(tmp_path):
     loaded = TileTable.load(path)
     assert loaded.entries == table.entries and loaded.timings_us == {DECODE: 12.5}
     assert loaded.merge == table.merge
+    assert loaded.routed is None and "routed" not in table.to_json()
+
+
+ROUTED_KEY = ShapeKey(8, 32, 3584, 37888, 64)  # 16 rows x top-2 over 8 experts
+
+
+def test_routed_entries_round_trip_and_fall_back_to_segmented_entries(tmp_path):
+    table = TileTable("test", {DECODE: A, PREFILL: B})
+    assert table.lookup_routed(ROUTED_KEY) == table.lookup(ROUTED_KEY)  # no routed entries yet
+    assert table.lookup_many_routed([ROUTED_KEY]) == [table.lookup(ROUTED_KEY)[0]]
+    table.routed = TileTable("test", {ROUTED_KEY: B}, timings_us={ROUTED_KEY: 40.0})
+    assert table.lookup_routed(ROUTED_KEY) == (B, "exact")
+    assert table.lookup_routed(ShapeKey(8, 2, 3584, 37888, 64)) == (B, "nearest")  # its own entries only
+    assert table.lookup(ROUTED_KEY)[0] == A  # segmented lookups ignore them
+    path = tmp_path / "t.json"
+    table.save(path)
+    loaded = TileTable.load(path)
+    assert loaded.routed.entries == {ROUTED_KEY: B} and loaded.routed.timings_us == {ROUTED_KEY: 40.0}
+    assert loaded.entries == table.entries
+    assert loaded.lookup_many_routed([ROUTED_KEY, DECODE]) == [B, B]
+
+
+def test_routed_problem_matches_its_key():
+    for key in routed_grid(quick=True):
+        x, y, weights, routing = routed_problem(key, top_k=2, device="cpu", dtype=torch.float32)
+        assert routing.num_experts == key.segments and routing.num_tokens * routing.top_k == key.tokens
+        assert (weights.in_dim, weights.out_dim, weights.pool_rank) == (key.in_dim, key.out_dim, key.max_rank)
+        assert x.shape == (routing.num_tokens, key.in_dim) and y.shape == (routing.num_tokens, key.out_dim)
+        assert routing.topk_ids.min() >= 0 and routing.topk_ids.max() < key.segments
 
 
 def test_heuristic_splits_k_for_decode_not_prefill():
@@ -79,6 +109,7 @@ def test_cli_registers_kernels_tune():
     parser = argparse.ArgumentParser(prog="valora")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["kernels", "tune", "--quick", "--budget-s", "60"])
-    assert args.quick and args.budget_s == 60 and callable(args.handler)
+    assert args.quick and args.budget_s == 60 and callable(args.handler) and not args.routed
+    assert parser.parse_args(["kernels", "tune", "--routed"]).routed
     with pytest.raises(SystemExit):
         parser.parse_args(["kernels", "tune", "--help"])

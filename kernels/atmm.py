@@ -390,7 +390,7 @@ def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
     """Semantics: tmp[split, p, k, i, :r] = partial over K split of x[row(p)] @ a[slot(p,k), i, :r].T (* gate).
 
     x: [T, in_dim]; tmp: workspace_shape(...) fp32, written where a term is live and r < its rank.
-    pdl: the next launch (the expand) is a programmatic dependent of this one (``pdl_enabled``).
+    pdl: the next launch (the expand) is a programmatic dependent of this one (``pdl_supported``).
     """
     r_blocks = cdiv(plan.max_rank, cfg.block_r)
     inner = plan.n_terms * weights.n_slices * r_blocks * cfg.split_k
@@ -456,10 +456,10 @@ def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
 
 
 def launch_pair(y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor,
-                config: AtmmConfig) -> None:
-    """The shrink then the expand; chained by programmatic dependent launch when ``pdl_enabled`` and the batch is
-    decode-sized."""
-    pdl = plan.num_positions <= PDL_MAX_ROWS and pdl_enabled(x.device)
+                config: AtmmConfig, pdl: bool = False) -> None:
+    """The shrink then the expand; with ``pdl``, chained by programmatic dependent launch where ``pdl_supported``
+    and the batch is decode-sized."""
+    pdl = pdl and plan.num_positions <= PDL_MAX_ROWS and pdl_supported(x.device)
     launch_shrink(x, weights, plan, tmp, config.shrink, pdl)
     launch_expand(y, weights, plan, tmp, config.expand, pdl)
 
@@ -468,16 +468,15 @@ _PDL: dict[torch.device, bool] = {}
 PDL_MAX_ROWS = 512
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether shrink -> expand pairs on ``device`` use programmatic dependent launch: opt-in with ``VALORA_PDL=1``
-    (read at each call, so a benchmark can compare both in one process), on a CUDA device of compute capability
-    9.0+ with a Triton that has grid-dependency control, never in the CPU interpreter.
+def pdl_supported(device: torch.device) -> bool:
+    """Whether ``device`` can chain launches by programmatic dependent launch: a CUDA device of compute capability
+    9.0+ with a Triton that has grid-dependency control, not the CPU interpreter.
 
-    Off by default because it measured mixed on an H200 (bench/RESULTS.md, Kernels, sixth session): ~1 us saved per
-    pair on small decode batches, 8% lost on 2048-row prefills, and the routed operator at 16 rows ran up to 2x
-    slower with it.
+    Callers opt in (``pdl=True``); off by default because it measured mixed on an H200 (bench/RESULTS.md, Kernels,
+    sixth session): ~1 us saved per pair on small decode batches, 8% lost on 2048-row prefills, and the routed
+    operator at 16 rows ran up to 2x slower with it.
     """
-    if device.type != "cuda" or os.environ.get("VALORA_PDL", "0") != "1":
+    if device.type != "cuda":
         return False
     if device not in _PDL:
         gdc = getattr(getattr(tl, "extra", None), "cuda", None)
@@ -519,6 +518,7 @@ def atmm_add(
     config: AtmmConfig | None = None,
     *,
     workspace: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> None:
     """Add every segment's LoRA update into the base layer's output, in place, in one shrink + expand launch pair.
 
@@ -534,6 +534,7 @@ def atmm_add(
         batch: the iteration's segments (1 term, or 2 in mixture mode).
         config: tiles; by default looked up in the current device's table by shape (exact, nearest, heuristic).
         workspace: optional fp32 tensor of ``workspace_shape`` (static buffers for CUDA graphs, or tests).
+        pdl: chain the pair by programmatic dependent launch (``launch_pair``); off by default.
     """
     check_operands(y, x, weights, batch.num_tokens)
     if batch.num_segments == 0 or batch.max_rank == 0 or batch.num_lora_tokens == 0:
@@ -543,7 +544,7 @@ def atmm_add(
     config = config or device_table().lookup(shape_key(batch, weights))[0]
     plan = RowPlan.from_batch(batch)
     tmp = _workspace(plan, weights, config, workspace, x.device)
-    launch_pair(y, x, weights, plan, tmp, config)
+    launch_pair(y, x, weights, plan, tmp, config, pdl)
 
 
 def _workspace(

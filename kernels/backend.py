@@ -103,16 +103,17 @@ class TritonBackend(LoRABackend):
 
     atmm_config: AtmmConfig | None = None  # None: look up per call
     merge_config: MergeConfig | None = None
+    pdl: bool = False  # chain shrink -> expand by programmatic dependent launch (kernels.atmm.launch_pair)
 
     def add_lora(self, y, x, weights, batch):
         from kernels.atmm import atmm_add
 
-        atmm_add(y, x, weights, batch, self.atmm_config)
+        atmm_add(y, x, weights, batch, self.atmm_config, pdl=self.pdl)
 
     def add_routed(self, y, x, weights, routing):
         from kernels.routed import routed_add
 
-        routed_add(y, x, weights, routing, self.atmm_config)
+        routed_add(y, x, weights, routing, self.atmm_config, pdl=self.pdl)
 
     def swift_merge(self, plan, add=None, sub=None):
         from kernels.swift_merge import swift_merge

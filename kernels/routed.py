@@ -35,6 +35,7 @@ def routed_add(
     config: AtmmConfig | None = None,
     *,
     workspace: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> None:
     """Add each token's top-k expert updates into the base layer's output, in place.
 
@@ -48,6 +49,7 @@ def routed_add(
         routing: the step's Routing (shared by every layer).
         config: tiles; default from the device table's routed entries, keyed as E segments of T * k rows.
         workspace: optional fp32 [split_k, T, E, n_slices, max_rank] shrink buffer.
+        pdl: chain the pair by programmatic dependent launch (``kernels.atmm.launch_pair``); off by default.
     """
     routing.check()
     check_operands(y, x, weights, routing.num_tokens)
@@ -67,4 +69,4 @@ def routed_add(
         workspace = torch.empty(shape, dtype=torch.float32, device=x.device)
     elif tuple(workspace.shape) != shape or workspace.dtype != torch.float32 or not workspace.is_contiguous():
         raise ValueError(f"workspace must be a contiguous fp32 tensor of shape {shape}")
-    launch_pair(y, x, weights, plan, workspace, config)
+    launch_pair(y, x, weights, plan, workspace, config, pdl)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.atmm import RowPlan, atmm_add, expand_meta, pdl_enabled, shrink_meta, workspace_shape
+from kernels.atmm import RowPlan, atmm_add, expand_meta, pdl_supported, shrink_meta, workspace_shape
 from kernels.lora_batch import LoRABatch
 from kernels.tile_config import FIXED_CONFIG, AtmmConfig, ExpandConfig, ShapeKey, ShrinkConfig, device_table
 from tests.kernels.sweep import (
@@ -107,10 +107,9 @@ def test_term_walk_expand_with_split_partials(interpreted, mode):
     assert_matches(y, problem.expected, problem.y0, problem.touched)
 
 
-def test_programmatic_dependent_launch_is_opt_in_and_cuda_only(monkeypatch):
+def test_programmatic_dependent_launch_is_opt_in_and_cuda_only():
     plan = RowPlan.from_batch(make_problem(8, 1, 3, DIMS[0], "plain", torch.float32).batch)
-    monkeypatch.setenv("VALORA_PDL", "1")
-    assert not pdl_enabled(torch.device("cpu"))
+    assert not pdl_supported(torch.device("cpu"))
     meta = expand_meta(plan, 1, WIDE.expand, 1, False, pdl=True)
     assert meta["USE_PDL"] and meta["launch_pdl"]
     assert "launch_pdl" not in expand_meta(plan, 1, WIDE.expand, 1, False) and not shrink_meta(plan, 1, WIDE.shrink,

@@ -10,9 +10,13 @@ Work layout (both kernels use a flat 1-D grid):
   ints, so it is data-independent under CUDA graphs; extra programs exit at once.
 - shrink: each row block is split over (term, slice, rank block, K split); programs of one row block are adjacent
   in launch order so that the x tile they share is read from DRAM once. Rank blocks past a term's true rank exit.
-- expand: each row block is split over output blocks; slices (q/k/v, gate/up) own whole output blocks. The rank
-  loop stops at each term's true rank, the K-split partials of the shrink are summed on load, and y is updated with
-  one read-modify-write of fp32 ``y + sum_terms`` per tile, so several terms of a row never race.
+- expand: each row block is split over output blocks; slices (q/k/v, gate/up) own whole output blocks. One or two
+  terms whose ranks fit a register tile are preloaded once; more terms (routed experts, wide mixtures) are walked as
+  a flat, branch-free loop over (live term, rank chunk), 64 terms' tables in registers at a time. Either way the
+  rank loop stops at each term's true rank, the K-split partials of the shrink are summed on load, and y is updated
+  with one read-modify-write of fp32 ``y + sum_terms`` per tile, so several terms of a row never race.
+- launches: ``launch_pair`` runs the shrink then the expand; on request (``pdl``) the expand is a programmatic
+  dependent of the shrink (Hopper+), whose prologue overlaps the shrink's tail.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from kernels.tile_config import AtmmConfig, ExpandConfig, ShapeKey, ShrinkConfig
 
 MAX_SLICES = 4
 PRELOAD_ELEMENTS = 64 * 128  # the expand keeps [BM, terms x rank] of shrink output in registers up to this
+MAX_TERMS_BLOCK = 64  # terms whose tables the expand's term walk holds in registers at once
 
 
 @triton.jit
@@ -196,7 +201,7 @@ def _expand_kernel(
     stride_y_row, stride_b_slot, stride_b_row, stride_t_split, stride_t_pos, stride_t_slice, stride_t_term,
     # meta
     N_SLICES: tl.constexpr, SEG_POW2: tl.constexpr, ROUTED: tl.constexpr, N_SPLITS: tl.constexpr,
-    TOP_K_POW2: tl.constexpr, TERMS_POW2: tl.constexpr, IEEE: tl.constexpr, PRELOAD_TERMS: tl.constexpr,
+    TOP_K_POW2: tl.constexpr, TERMS_BLOCK: tl.constexpr, IEEE: tl.constexpr, PRELOAD_TERMS: tl.constexpr,
     R_PAD: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -272,29 +277,23 @@ def _expand_kernel(
                 acc += _dot(t1, b_tile1, IEEE)
             tl.store(y_rows + offs_n[None, :], (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
     else:
-        # Any number of terms (mixtures of wide ranks, routed experts). The terms' slots, ranks and scales sit in
-        # registers; per output block one flat loop walks (live term, rank chunk) with no branch, so the compiler
-        # pipelines its B loads. Dead terms (no slot, rank 0, or -- routed -- picked by no row of the block) are
-        # left out of the walk.
-        offs_e = tl.arange(0, TERMS_POW2)
-        e_mask = offs_e < n_terms
-        slots = tl.load(slot_ptr + seg * n_terms + offs_e, mask=e_mask, other=-1)
-        ranks = tl.load(rank_ptr + seg * n_terms + offs_e, mask=e_mask, other=0)
-        scales = tl.load(scale_ptr + seg * n_terms + offs_e, mask=e_mask, other=0.0)
-        live = (slots >= 0) & (ranks > 0)
+        # Any number of terms (mixtures of wide ranks, routed experts), TERMS_BLOCK at a time: a chunk's slots,
+        # ranks and scales sit in registers and one flat loop walks its (live term, rank chunk) pairs with no
+        # branch, so the compiler pipelines the B loads. Dead terms (no slot, rank 0, or -- routed -- picked by no
+        # row of the block) are left out of the walk; a block with none leaves y untouched.
+        offs_c = tl.arange(0, TERMS_BLOCK)
         if ROUTED:
             offs_j = tl.arange(0, TOP_K_POW2)
             id_mask = mask_m[:, None] & (offs_j[None, :] < top_k)
             ids = tl.load(route_id_ptr + offs_m[:, None] * top_k + offs_j[None, :], mask=id_mask, other=-1)
-            picked = tl.zeros((TERMS_POW2,), dtype=tl.int32)
-            for j in tl.static_range(TOP_K_POW2):
-                col = tl.sum(tl.where(offs_j[None, :] == j, ids, 0), axis=1)  # [BM] expert of pair j per row
-                picked = tl.maximum(picked, tl.max((col[:, None] == offs_e[None, :]).to(tl.int32), axis=0))
-            live = live & (picked > 0)
-        n_live = tl.sum(live.to(tl.int32), axis=0)
-        if n_live == 0:  # leave y untouched when no term is live
+        else:
+            ids = tl.full((BLOCK_M, TOP_K_POW2), -1, dtype=tl.int32)
+        hits = 0
+        for e0 in range(0, n_terms, TERMS_BLOCK):
+            hits += tl.sum(_live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED,
+                                       TOP_K_POW2).to(tl.int32), axis=0)
+        if hits == 0:
             return
-        order = tl.where(live, tl.cumsum(live.to(tl.int32), axis=0) - 1, -1)  # rank of each live term among them
         offs_k = tl.arange(0, BLOCK_R)
         for nb in range(nb_lo, nb_hi):
             offs_n = n_lo + nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -302,17 +301,41 @@ def _expand_kernel(
             y_mask = mask_m[:, None] & mask_n[None, :]
             y_tile = tl.load(y_rows + offs_n[None, :], mask=y_mask, other=0.0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for it in range(0, n_live * r_blocks):  # live terms only; chunks past a term's rank are masked
-                term = _pick(order, it // r_blocks, offs_e)
-                offs_r = (it % r_blocks) * BLOCK_R + offs_k
-                slot = _pick(offs_e, term, slots)
-                rank = _pick(offs_e, term, ranks)
-                t = _split_sum(tmp_ptr + term * stride_t_term + t_slice_off, offs_m, mask_m, offs_r, rank,
-                               stride_t_split, stride_t_pos, N_SPLITS) * _pick(offs_e, term, scales)
-                b_tile = tl.load(b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[None, :] * stride_b_row
-                                 + offs_r[:, None], mask=(offs_r < rank)[:, None] & mask_n[None, :], other=0.0)
-                acc += _dot(t.to(dtype), b_tile, IEEE)
+            for e0 in range(0, n_terms, TERMS_BLOCK):
+                live = _live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED, TOP_K_POW2)
+                slots = tl.load(slot_ptr + seg * n_terms + e0 + offs_c, mask=live, other=-1)
+                ranks = tl.load(rank_ptr + seg * n_terms + e0 + offs_c, mask=live, other=0)
+                scales = tl.load(scale_ptr + seg * n_terms + e0 + offs_c, mask=live, other=0.0)
+                order = tl.where(live, tl.cumsum(live.to(tl.int32), axis=0) - 1, -1)  # place among the live
+                for it in range(0, tl.sum(live.to(tl.int32), axis=0) * r_blocks):
+                    local = _pick(order, it // r_blocks, offs_c)
+                    offs_r = (it % r_blocks) * BLOCK_R + offs_k
+                    slot = _pick(offs_c, local, slots)
+                    rank = _pick(offs_c, local, ranks)
+                    t = _split_sum(tmp_ptr + (e0 + local) * stride_t_term + t_slice_off, offs_m, mask_m, offs_r, rank,
+                                   stride_t_split, stride_t_pos, N_SPLITS) * _pick(offs_c, local, scales)
+                    b_tile = tl.load(b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[None, :] * stride_b_row
+                                     + offs_r[:, None], mask=(offs_r < rank)[:, None] & mask_n[None, :], other=0.0)
+                    acc += _dot(t.to(dtype), b_tile, IEEE)
             tl.store(y_rows + offs_n[None, :], (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED: tl.constexpr, TOP_K_POW2: tl.constexpr):
+    """[TERMS_BLOCK] bool: which of terms e0 + offs_c of segment ``seg`` have a slot and a rank and (routed) are
+    picked by some row of the block (``ids``: [BLOCK_M, TOP_K_POW2] expert per row and pair, -1 for none)."""
+    terms = e0 + offs_c
+    in_range = terms < n_terms
+    live = (tl.load(slot_ptr + seg * n_terms + terms, mask=in_range, other=-1) >= 0) \
+        & (tl.load(rank_ptr + seg * n_terms + terms, mask=in_range, other=0) > 0)
+    if ROUTED:
+        offs_j = tl.arange(0, TOP_K_POW2)
+        picked = tl.zeros(offs_c.shape, dtype=tl.int32)
+        for j in tl.static_range(TOP_K_POW2):
+            col = tl.sum(tl.where(offs_j[None, :] == j, ids, 0), axis=1)  # [BM] expert of pair j per row
+            picked = tl.maximum(picked, tl.max((col[:, None] == terms[None, :]).to(tl.int32), axis=0))
+        live = live & (picked > 0)
+    return live
 
 
 @dataclass(frozen=True)
@@ -418,11 +441,11 @@ def expand_meta(plan: RowPlan, n_slices: int, cfg: ExpandConfig, n_splits: int, 
     r_pad = _pow2(plan.max_rank, 16)
     preload = plan.n_terms if (not plan.routed and plan.n_terms <= 2
                                and r_pad * cfg.block_m * plan.n_terms <= PRELOAD_ELEMENTS) else 0
+    terms_block = 1 if preload else min(_pow2(plan.n_terms), MAX_TERMS_BLOCK)
     meta = dict(N_SLICES=n_slices, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed, N_SPLITS=n_splits,
-                TOP_K_POW2=_pow2(plan.top_k), TERMS_POW2=_pow2(plan.n_terms) if not preload else 1, IEEE=ieee,
-                PRELOAD_TERMS=preload, R_PAD=r_pad if preload else 16, USE_PDL=pdl, BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, GROUP_N=cfg.group_n, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                TOP_K_POW2=_pow2(plan.top_k), TERMS_BLOCK=terms_block, IEEE=ieee, PRELOAD_TERMS=preload,
+                R_PAD=r_pad if preload else 16, USE_PDL=pdl, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_R=cfg.block_r, GROUP_N=cfg.group_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if pdl:
         meta["launch_pdl"] = True
     return meta

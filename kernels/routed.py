@@ -4,7 +4,8 @@ It runs the ATMM kernels in routed mode: all T rows form one segment whose terms
 adapter; each row's gate for expert e is read from the routing table inside the kernels. A row block skips an
 expert no row of it picked, so every expert's weights are read once per row block that uses it, and the per-row
 sum over the k experts happens in fp32 registers before one rounding into y (deterministic, no atomics). Grids
-depend only on T, E and the host max rank, so a CUDA graph can capture the call.
+depend only on T, E and the host max rank, so a CUDA graph can capture the call. Tiles come from the device table's
+routed entries (``valora kernels tune --routed``), keyed as E segments of T * k rows.
 """
 
 from __future__ import annotations

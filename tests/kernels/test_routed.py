@@ -68,3 +68,19 @@ def test_routed_rejects_bad_routing():
         routed_add(p.y0, p.x, p.weights, replace(p.routing, topk_ids=p.routing.topk_ids.long()))
     with pytest.raises(ValueError, match="rows"):
         routed_add(p.y0[:-1], p.x[:-1], p.weights, p.routing)
+
+
+def test_more_experts_than_one_register_block(interpreted):
+    """70 experts (an expert pool of several MoE-LoRA slots): the expand walks its terms in blocks of
+    MAX_TERMS_BLOCK, so experts past the first block, picked or not, are handled."""
+    from kernels.atmm import MAX_TERMS_BLOCK
+
+    p = make_routed_problem(8, 70, 2, 9, DIMS[0], torch.float32, seed=5)
+    r = p.routing
+    assert r.num_experts > MAX_TERMS_BLOCK and (r.topk_ids >= MAX_TERMS_BLOCK).any()  # the seed picks some
+    config = heuristic_config(ShapeKey(r.num_experts, r.num_tokens * r.top_k, p.weights.in_dim, p.weights.out_dim,
+                                       r.max_rank))
+    workspace = torch.full(workspace_shape(routed_plan(p.routing), p.weights, config), float("nan"))
+    y = p.y0.clone()
+    routed_add(y, p.x, p.weights, p.routing, config, workspace=workspace)
+    assert_matches(y, p.expected, p.y0, p.touched)

@@ -290,8 +290,8 @@ def _expand_kernel(
             ids = tl.full((BLOCK_M, TOP_K_POW2), -1, dtype=tl.int32)
         hits = 0
         for e0 in range(0, n_terms, TERMS_BLOCK):
-            hits += tl.sum(_live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED,
-                                       TOP_K_POW2).to(tl.int32), axis=0)
+            hits += tl.sum(_live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED, TOP_K_POW2,
+                                       TERMS_BLOCK).to(tl.int32), axis=0)
         if hits == 0:
             return
         offs_k = tl.arange(0, BLOCK_R)
@@ -302,7 +302,8 @@ def _expand_kernel(
             y_tile = tl.load(y_rows + offs_n[None, :], mask=y_mask, other=0.0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for e0 in range(0, n_terms, TERMS_BLOCK):
-                live = _live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED, TOP_K_POW2)
+                live = _live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED, TOP_K_POW2,
+                                   TERMS_BLOCK)
                 slots = tl.load(slot_ptr + seg * n_terms + e0 + offs_c, mask=live, other=-1)
                 ranks = tl.load(rank_ptr + seg * n_terms + e0 + offs_c, mask=live, other=0)
                 scales = tl.load(scale_ptr + seg * n_terms + e0 + offs_c, mask=live, other=0.0)
@@ -321,7 +322,8 @@ def _expand_kernel(
 
 
 @triton.jit
-def _live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED: tl.constexpr, TOP_K_POW2: tl.constexpr):
+def _live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED: tl.constexpr, TOP_K_POW2: tl.constexpr,
+                TERMS_BLOCK: tl.constexpr):
     """[TERMS_BLOCK] bool: which of terms e0 + offs_c of segment ``seg`` have a slot and a rank and (routed) are
     picked by some row of the block (``ids``: [BLOCK_M, TOP_K_POW2] expert per row and pair, -1 for none)."""
     terms = e0 + offs_c
@@ -330,7 +332,7 @@ def _live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED: tl.co
         & (tl.load(rank_ptr + seg * n_terms + terms, mask=in_range, other=0) > 0)
     if ROUTED:
         offs_j = tl.arange(0, TOP_K_POW2)
-        picked = tl.zeros(offs_c.shape, dtype=tl.int32)
+        picked = tl.zeros((TERMS_BLOCK,), dtype=tl.int32)
         for j in tl.static_range(TOP_K_POW2):
             col = tl.sum(tl.where(offs_j[None, :] == j, ids, 0), axis=1)  # [BM] expert of pair j per row
             picked = tl.maximum(picked, tl.max((col[:, None] == terms[None, :]).to(tl.int32), axis=0))

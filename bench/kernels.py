@@ -1,6 +1,6 @@
 """Kernel benchmark: ATMM against three baselines and the physical floor, plus swift merge and the fused switch.
 
-Usage: python bench/kernels.py [--quick] [--json PATH]   (needs a CUDA GPU; bf16)
+Usage: python bench/kernels.py [--quick] [--only atmm|routed|merge] [--json PATH]   (needs a CUDA GPU; bf16)
 
 Every time is the median device time of a CUDA-graph replay with the L2 flushed before it (kernels/timing.py),
 shrink + expand together. Methods, all on the same inputs in the same run:
@@ -11,6 +11,12 @@ shrink + expand together. Methods, all on the same inputs in the same run:
   atmm    the ATMM kernels with the tuned table of this GPU
 floor = max(fewest bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate); fewest bytes = x read once,
 y read and written once, each adapter's A and B at its true rank read once.
+
+The routed (LoRA-Switch) operator runs on the 7B's MoE-LoRA groups (q/k/v, o, gate/up, down; 8 experts of rank 64,
+top-2), against: dense  every expert for every row in torch, gated (graph-safe, no routing metadata);
+segmented  the same kernels with the segmented table's tiles (what the routed op used before its own entries);
+routed  its own table entries; routed+pdl  the same with programmatic dependent launch. Its floor counts the
+experts some row picked.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from kernels.atmm import atmm_add  # noqa: E402
 from kernels.lora_batch import LoRABatch, LoRAWeights  # noqa: E402
 from kernels.merge_plan import DeltaTerms, MergePlan, MergeTarget  # noqa: E402
+from kernels.routed import routed_add  # noqa: E402
+from kernels.routing import Routing  # noqa: E402
 from kernels.swift_merge import swift_merge  # noqa: E402
 from kernels.switch import fused_switch, selection_terms  # noqa: E402
-from kernels.tile_config import FIXED_CONFIG  # noqa: E402
+from kernels.tile_config import FIXED_CONFIG, ShapeKey, device_table  # noqa: E402
 from kernels.timing import Timer, copy_bandwidth, matmul_rate  # noqa: E402
 
 HIDDEN = 3584
@@ -155,6 +163,103 @@ def grid(quick: bool) -> list[Case]:
     return [Case(t, a, r, o) for o in OUTS for r in RANK_SPECS for a in ADAPTERS for t in TOKENS]
 
 
+# The 7B's MoE-LoRA projection groups: (in_dim, slice widths)
+ROUTED_GROUPS = {"qkv": (3584, (3584, 512, 512)), "o": (3584, (3584,)), "gate_up": (3584, (18944, 18944)),
+                 "down": (18944, (3584,))}
+
+
+@dataclass
+class RoutedCase:
+    group: str
+    rows: int
+    experts: int = 8
+    rank: int = 64
+    top_k: int = 2
+    floor_us: float = 0.0
+    us: dict[str, float] = field(default_factory=dict)
+    max_rel_err: float = 0.0
+
+
+def build_routed(case: RoutedCase, dev: str = "cuda"):
+    """Expert pool of one group, random router logits' top-k per row (gates softmax over the k), x and y."""
+    in_dim, widths = ROUTED_GROUPS[case.group]
+    bounds = [0]
+    for width in widths:
+        bounds.append(bounds[-1] + width)
+    gen = torch.Generator().manual_seed(case.rows * 31 + in_dim + bounds[-1])
+    e, r, dt = case.experts, case.rank, torch.bfloat16
+    weights = LoRAWeights((torch.randn(e, len(widths), r, in_dim, generator=gen) / in_dim**0.5).to(dev, dt),
+                          (torch.randn(e, bounds[-1], r, generator=gen) / r**0.5).to(dev, dt), tuple(bounds))
+    routing = Routing.from_router_logits(torch.randn(case.rows, e, generator=gen).to(dev), case.top_k,
+                                         torch.arange(e, dtype=torch.int32, device=dev),
+                                         torch.full((e,), r, dtype=torch.int32, device=dev),
+                                         torch.full((e,), 2.0, device=dev), r)
+    x = torch.randn(case.rows, in_dim, generator=gen).to(dev, dt)
+    y = torch.randn(case.rows, bounds[-1], generator=gen).to(dev, dt)
+    return weights, routing, x, y
+
+
+def dense_routed(y, x, weights: LoRAWeights, routing: Routing):
+    """Every expert on every row, gated: y[t] += sum_e g[t, e] * s_e * (x[t] @ A_e.T) @ B_e.T (no host reads)."""
+    e_ids = torch.arange(routing.num_experts, device=x.device)
+    bounds = weights.slice_bounds
+
+    def run():
+        gate = ((routing.topk_ids[:, :, None] == e_ids) * routing.topk_gates[:, :, None]).sum(1)  # [T, E]
+        gate = (gate * routing.expert_scales).to(x.dtype)
+        for e in range(routing.num_experts):
+            for i in range(weights.n_slices):
+                h = x @ weights.a[e, i].T  # [T, R]
+                y[:, bounds[i]:bounds[i + 1]] += gate[:, e:e + 1] * (h @ weights.b[e, bounds[i]:bounds[i + 1]].T)
+
+    return run
+
+
+def routed_floor_us(case: RoutedCase, weights: LoRAWeights, routing: Routing, bw: float, rate: float) -> float:
+    picked = len({int(i) for i in routing.topk_ids.flatten().tolist() if i >= 0})
+    in_dim, out = weights.in_dim, weights.out_dim
+    nbytes = 2 * (case.rows * in_dim + 2 * case.rows * out + picked * case.rank * (weights.n_slices * in_dim + out))
+    flops = 2 * case.rows * case.top_k * case.rank * (weights.n_slices * in_dim + out)
+    return max(nbytes / bw, flops / rate) * 1e6
+
+
+def run_routed_case(timer: Timer, case: RoutedCase, bw: float, rate: float) -> RoutedCase:
+    weights, routing, x, y = build_routed(case)
+    case.floor_us = routed_floor_us(case, weights, routing, bw, rate)
+    y0 = y.clone()
+    expected = y.float().clone()
+    dense_routed(expected, x.float(), LoRAWeights(weights.a.float(), weights.b.float(), weights.slice_bounds),
+                 routing)()
+    routed_add(y, x, weights, routing)
+    case.max_rel_err = ((y.float() - expected).norm() / (expected - y0.float()).norm()).item()
+    key = ShapeKey(case.experts, case.rows * case.top_k, weights.in_dim, weights.out_dim, case.rank)
+    segmented = device_table().lookup(key)[0]
+    methods = {
+        "dense": dense_routed(y, x, weights, routing),
+        "segmented": lambda: routed_add(y, x, weights, routing, segmented),
+        "routed": lambda: routed_add(y, x, weights, routing),
+        "routed+pdl": lambda: routed_add(y, x, weights, routing, pdl=True),
+    }
+    for name, fn in methods.items():
+        case.us[name] = timer.graph_time_us(fn)
+    return case
+
+
+def routed_grid(quick: bool) -> list[RoutedCase]:
+    return [RoutedCase(g, rows) for g in ROUTED_GROUPS for rows in ((1, 16) if quick else (1, 4, 16, 64, 256))]
+
+
+def print_routed(cases: list[RoutedCase]) -> None:
+    head = (f"{'group':>8} {'rows':>5} | {'floor':>7} {'dense':>8} {'segm.':>8} {'routed':>8} {'+pdl':>8} | "
+            f"{'rt/floor':>8} {'segm/rt':>7} {'err':>7}")
+    print(head)
+    print("-" * len(head))
+    for c in cases:
+        print(f"{c.group:>8} {c.rows:>5} | {c.floor_us:7.1f} {c.us['dense']:8.1f} {c.us['segmented']:8.1f} "
+              f"{c.us['routed']:8.1f} {c.us['routed+pdl']:8.1f} | {c.us['routed'] / c.floor_us:8.2f} "
+              f"{c.us['segmented'] / c.us['routed']:7.2f} {c.max_rel_err:7.1e}")
+
+
 def qwen7b_targets(dev: str, slots: int, rank: int, with_base: bool = False) -> list[MergeTarget]:
     """All 28 layers x fused qkv / o / fused gate_up / down of Qwen2.5-7B, bf16, one pool per projection."""
     h, i, q, kv = QWEN7B["hidden"], QWEN7B["inter"], QWEN7B["q"], QWEN7B["kv"]
@@ -226,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="A few cases (the issue's reference points) only.")
     parser.add_argument("--json", type=Path, default=None, help="Write all numbers here.")
-    parser.add_argument("--only", choices=["all", "atmm", "merge"], default="all",
-                        help="Run only the ATMM grid, or only the 7B swift merge and fused switch (13 GB).")
+    parser.add_argument("--only", choices=["all", "atmm", "routed", "merge"], default="all",
+                        help="Run only the ATMM grid, the routed operator's 7B groups, or the 7B swift merge and "
+                        "fused switch (13 GB).")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -240,13 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; "
           f"a graph of 1 / 2 trivial kernels: {empty_us:.1f} / {two_us:.1f} us "
           f"(times in us, CUDA-graph replay, L2 flushed)")
-    cases = [run_case(timer, c, bw, rate) for c in grid(args.quick)] if args.only != "merge" else []
+    cases = [run_case(timer, c, bw, rate) for c in grid(args.quick)] if args.only in ("all", "atmm") else []
     if cases:
         print_cases(cases)
+    routed = ([run_routed_case(timer, c, bw, rate) for c in routed_grid(args.quick)]
+              if args.only in ("all", "routed") else [])
+    if routed:
+        print_routed(routed)
     result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "bf16_flops_per_s": rate,
               "trivial_graph_us": [empty_us, two_us],
-              "cases": [asdict(c) for c in cases]}
-    if args.only != "atmm":
+              "cases": [asdict(c) for c in cases], "routed": [asdict(c) for c in routed]}
+    if args.only in ("all", "merge"):
         result["merge"] = bench_merge(timer, bw)
         m = result["merge"]
         print(f"# swift merge rank {m['rank']} into 7B q/k/v/o/gate/up/down ({m['weights_gb']:.1f} GB): "

@@ -1,0 +1,33 @@
+"""bench/kernels.py's routed section on CPU: its dense torch baseline computes the routed operator's semantics (the
+pure-torch reference), and its floor counts only the experts some row picked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import kernels as bench
+from kernels import reference
+from kernels.lora_batch import LoRAWeights
+
+
+@pytest.mark.parametrize("group", sorted(bench.ROUTED_GROUPS))
+def test_dense_baseline_matches_the_reference(group):
+    case = bench.RoutedCase(group, rows=5, rank=8)
+    weights, routing, x, y = bench.build_routed(case, dev="cpu")
+    weights = LoRAWeights(weights.a.float(), weights.b.float(), weights.slice_bounds)
+    x, y = x.float(), y.float()
+    ours, ref = y.clone(), y.clone()
+    bench.dense_routed(ours, x, weights, routing)()
+    reference.add_routed(ref, x, weights, routing)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(ref, y)
+
+
+def test_floor_counts_picked_experts():
+    case = bench.RoutedCase("o", rows=1)
+    weights, routing, _, _ = bench.build_routed(case, dev="cpu")
+    one = bench.routed_floor_us(case, weights, routing, bw=1e12, rate=1e30)
+    expert_bytes = 2 * case.rank * (weights.in_dim + weights.out_dim)
+    io_bytes = 2 * (weights.in_dim + 2 * weights.out_dim)
+    assert one == pytest.approx((io_bytes + case.top_k * expert_bytes) / 1e12 * 1e6)

@@ -568,13 +568,14 @@ def atmm_add(
         raise ValueError(f"batch max_rank {batch.max_rank} exceeds the pool's rank {weights.pool_rank}")
     config = config or device_table().lookup(shape_key(batch, weights))[0]
     plan = RowPlan.from_batch(batch)
-    tmp = _workspace(plan, weights, config, workspace, x.device)
+    tmp = workspace_for(plan, weights, config, workspace, x.device)
     launch_pair(y, x, weights, plan, tmp, config, pdl)
 
 
-def _workspace(
+def workspace_for(
     plan: RowPlan, weights: LoRAWeights, config: AtmmConfig, workspace: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
+    """The shrink's fp32 buffer: ``workspace`` once checked against ``workspace_shape``, or a new one."""
     shape = workspace_shape(plan, weights, config)
     if workspace is None:
         return torch.empty(shape, dtype=torch.float32, device=device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.atmm import RowPlan, check_operands, launch_pair, workspace_shape
+from kernels.atmm import RowPlan, check_operands, launch_pair, workspace_for
 from kernels.lora_batch import LoRAWeights
 from kernels.routing import Routing
 from kernels.tile_config import AtmmConfig, ShapeKey, device_table
@@ -65,9 +65,4 @@ def routed_add(
         key = ShapeKey(segments=routing.num_experts, tokens=routing.num_tokens * routing.top_k,
                        in_dim=weights.in_dim, out_dim=weights.out_dim, max_rank=routing.max_rank)
         config = device_table().lookup_routed(key)[0]
-    shape = workspace_shape(plan, weights, config)
-    if workspace is None:
-        workspace = torch.empty(shape, dtype=torch.float32, device=x.device)
-    elif tuple(workspace.shape) != shape or workspace.dtype != torch.float32 or not workspace.is_contiguous():
-        raise ValueError(f"workspace must be a contiguous fp32 tensor of shape {shape}")
-    launch_pair(y, x, weights, plan, workspace, config, pdl)
+    launch_pair(y, x, weights, plan, workspace_for(plan, weights, config, workspace, x.device), config, pdl)

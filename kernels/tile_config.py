@@ -207,12 +207,13 @@ class TileTable:
     def lookup_routed(self, key: ShapeKey) -> tuple[AtmmConfig, str]:
         """The routed operator's config for ``key`` (segments = experts, tokens = rows x top-k): its own entries,
         else what ``lookup`` gives a segmented batch of that shape."""
-        return self.routed.lookup(key) if self.routed is not None and self.routed.entries else self.lookup(key)
+        return self._routed_or_self().lookup(key)
 
     def lookup_many_routed(self, keys: Sequence[ShapeKey]) -> list[AtmmConfig]:
-        if self.routed is not None and self.routed.entries:
-            return self.routed.lookup_many(keys)
-        return self.lookup_many(keys)
+        return self._routed_or_self().lookup_many(keys)
+
+    def _routed_or_self(self) -> TileTable:
+        return self.routed if self.routed is not None and self.routed.entries else self
 
     def lookup_merge(self, max_rank: int) -> MergeConfig:
         if not self.merge:

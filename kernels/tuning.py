@@ -156,7 +156,8 @@ def _best(timer, candidates: Iterable, run: Callable, label: str = "") -> tuple[
 
 
 def profile_shape(timer, key: ShapeKey) -> tuple[AtmmConfig, float]:
-    """The fastest shrink, then the fastest expand after it, for one shape; returns the pair and its total us."""
+    """Per K-split count the fastest shrink, then the fastest expand after it, for one shape; returns the fastest
+    pair and its total us."""
     from kernels.atmm import RowPlan
 
     x, y, weights, batch = synthetic_problem(key, timer.device)
@@ -233,8 +234,9 @@ def _warm_worker(job: tuple[list[ShrinkConfig], list[ExpandConfig], list[MergeCo
             for split in sorted({c.split_k for c in SHRINK_POOL})]
     for cfg in expands:  # the expand compiles one variant per K-split count of the shrinks it may follow
         launches += [(cfg, lambda cfg=cfg, tmp=tmp: launch_expand(y, weights, plan, tmp, cfg)) for tmp in tmps]
-    plan_m, terms = _merge_problem(16, targets=1, dim=512)
-    launches += [(cfg, lambda cfg=cfg: swift_merge(plan_m, add=terms, config=cfg)) for cfg in merges]
+    if merges:
+        plan_m, terms = _merge_problem(16, targets=1, dim=512)
+        launches += [(cfg, lambda cfg=cfg: swift_merge(plan_m, add=terms, config=cfg)) for cfg in merges]
     for cfg, launch in launches:
         try:
             launch()

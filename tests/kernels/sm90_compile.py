@@ -18,6 +18,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench.kernels import ROUTED_GROUPS  # noqa: E402  (the 7B's projection groups)
 from kernels import atmm  # noqa: E402
 from kernels.lora_batch import LoRAWeights  # noqa: E402
 from kernels.precompile import plan_routed_variants, plan_variants  # noqa: E402
@@ -26,7 +27,6 @@ from kernels.tile_config import device_table  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tmp_ptr": "*fp32",
                  "scale_ptr": "*fp32", "route_gate_ptr": "*fp32"}
-LAYOUTS = ((3584, (3584, 512, 512)), (3584, (3584,)), (3584, (18944, 18944)), (18944, (3584,)))  # Qwen2.5-VL-7B
 
 
 def pool(in_dim: int, widths: tuple[int, ...], slots: int, rank: int = 64) -> LoRAWeights:
@@ -52,7 +52,7 @@ def compile_variant(kernel, meta: dict) -> int:
 def main() -> int:
     table = device_table("nvidia_h200")
     metas: dict[tuple, tuple] = {}
-    for in_dim, widths in LAYOUTS:
+    for in_dim, widths in ROUTED_GROUPS.values():
         for (shrink, expand) in [*plan_variants(pool(in_dim, widths, 33), max_tokens=1024, max_segments=32,
                                                 table=table),
                                  *plan_routed_variants(pool(in_dim, widths, 16), max_tokens=1024, experts=16, top_k=2,

@@ -9,17 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import triton
-
 H200_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may opt in to on an H200 (sm_90)
 
 
-def ptxas() -> Path:
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-
-
-@pytest.mark.skipif(not ptxas().is_file(), reason="this Triton build ships no ptxas")
 def test_h200_variants_compile_and_fit_shared_memory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")

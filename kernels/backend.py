@@ -26,6 +26,7 @@ class LoRABackend(ABC):
     """The multi-LoRA operators the engine calls; see each op's module for semantics and shapes."""
 
     name: str = ""
+    fused_rows: int = 0  # most rows ``routed_linear`` takes; 0: not offered (callers run F.linear + add_routed)
 
     @abstractmethod
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None:
@@ -34,6 +35,12 @@ class LoRABackend(ABC):
     @abstractmethod
     def add_routed(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, routing: Routing) -> None:
         """y[t] += sum_j gate[t, j] * scale[e] * (x[t] @ A[e].T) @ B[e].T (kernels/routed.py)."""
+
+    def routed_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weights: LoRAWeights,
+                      routing: Routing) -> torch.Tensor:
+        """x @ W.T + b with add_routed's update, one launch for the pair's expand and the matmul
+        (kernels/fused_linear.py); only for x of at most ``fused_rows`` rows."""
+        raise NotImplementedError(f"the {self.name!r} backend has no fused routed linear")
 
     @abstractmethod
     def swift_merge(
@@ -90,6 +97,9 @@ class TorchBackend(LoRABackend):
     def add_routed(self, y, x, weights, routing):
         reference.add_routed(y, x, weights, routing)
 
+    def routed_linear(self, x, weight, bias, weights, routing):
+        return reference.routed_linear(x, weight, bias, weights, routing)
+
     def swift_merge(self, plan, add=None, sub=None):
         reference.swift_merge(plan, add, sub)
 
@@ -104,6 +114,9 @@ class TritonBackend(LoRABackend):
     atmm_config: AtmmConfig | None = None  # None: look up per call
     merge_config: MergeConfig | None = None
     pdl: bool = False  # chain shrink -> expand by programmatic dependent launch (kernels.atmm.launch_pair)
+    # Rows up to which routed projections run as kernels/fused_linear.py (all of its MAX_ROWS): faster than F.linear
+    # + the routed pair at batch 1 and 16 on an H200 (bench/RESULTS.md, LoRA-Switch, seventh session).
+    fused_rows = 16
 
     def add_lora(self, y, x, weights, batch):
         from kernels.atmm import atmm_add
@@ -114,6 +127,11 @@ class TritonBackend(LoRABackend):
         from kernels.routed import routed_add
 
         routed_add(y, x, weights, routing, self.atmm_config, pdl=self.pdl)
+
+    def routed_linear(self, x, weight, bias, weights, routing):
+        from kernels.fused_linear import routed_linear
+
+        return routed_linear(x, weight, bias, weights, routing)
 
     def swift_merge(self, plan, add=None, sub=None):
         from kernels.swift_merge import swift_merge

@@ -71,6 +71,18 @@ def add_routed(y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, routing: 
     y.copy_((y.float() + delta).to(y.dtype))
 
 
+def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  weights: LoRAWeights | None = None, routing: Routing | None = None) -> torch.Tensor:
+    """Semantics: y = x @ weight.T + bias (+ add_routed's update), summed in fp32 and rounded once.
+
+    x: [T, in_dim]; weight: [out_total, in_dim]; bias: [out_total] or None -> [T, out_total] in x's dtype.
+    """
+    y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    if weights is not None and routing is not None:
+        add_routed(y, x, weights, routing)
+    return y.to(x.dtype)
+
+
 def target_delta(target: MergeTarget, slot: int, rank: int) -> torch.Tensor:
     """Semantics: D[out_i, :] = b[slot, out_i, :r] @ a[slot, i, :r], in fp32 -> [out_total, in_dim]."""
     lora = target.lora

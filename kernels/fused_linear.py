@@ -1,0 +1,253 @@
+"""Fused decode linear: a few rows' base matmul and the routed experts' expand in one launch.
+
+Public op: ``routed_linear(x, weight, bias, weights, routing)`` -> y, the base layer's output with LoRA-Switch's
+routed update already in it (what ``F.linear`` then ``routed_add`` compute, with one launch and one rounding fewer).
+
+Why: at decode sizes (1-16 rows) a projection's time is its weight stream plus launch latency. ``routed_add`` after
+``F.linear`` costs three launches per projection (matmul, shrink, expand), and the expand re-reads and re-writes y.
+Here the shrink runs first (``kernels/atmm.py``'s routed shrink, unchanged), then one kernel streams W for every row
+and, before its single store, walks the experts some row picked, reading their shrink partials and B.
+
+Work layout: a 1-D grid over output blocks; slices (q/k/v, gate/up) own whole blocks, so a block reads one slice's
+shrink output. Each program holds all T rows (T <= MAX_ROWS): for one row the product is an fp32 multiply-reduce
+over [BLOCK_N, BLOCK_K] tiles (no tensor-core padding of a 1-row operand); for more rows it is ``tl.dot`` on
+[16, BLOCK_K] x [BLOCK_K, BLOCK_N]. The grid depends only on the output width, so CUDA graphs can capture it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.atmm import (
+    MAX_SLICES,
+    MAX_TERMS_BLOCK,
+    _dot,
+    _live_terms,
+    _pick,
+    _pow2,
+    _split_sum,
+    check_operands,
+    launch_shrink,
+    workspace_for,
+)
+from kernels.intmath import cdiv
+from kernels.lora_batch import LoRAWeights
+from kernels.routed import routed_plan
+from kernels.routing import Routing
+from kernels.tile_config import ShapeKey, device_table
+
+MAX_ROWS = 16  # rows one program holds: a decode batch's worth; larger batches take F.linear + routed_add
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Tiles of the fused linear: output columns and K chunk per step, warps, software-pipeline stages."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def linear_config(rows: int, out_dim: int, in_dim: int, lora: bool = False) -> LinearConfig:
+    """Tiles by shape, from sweeps on an H200 over the 7B's projections (bench/RESULTS.md, Kernels, seventh session).
+
+    One row: ~500-900 programs of 4-8 output rows stream W in 1-2 KB chunks (a bandwidth-bound GEMV wants many
+    programs with many loads in flight); with the experts' epilogue, 512-wide chunks and 4 warps measured best for
+    every group. More rows: 32-column dot tiles.
+    """
+    if rows > 1:
+        return LinearConfig(32, 256, 4, 4)
+    block_n = 8 if out_dim > 4096 else 4
+    if lora:
+        return LinearConfig(block_n, 512, 4, 2)
+    wide = max(out_dim, in_dim) >= 8192
+    return LinearConfig(block_n, 1024 if in_dim >= 8192 else 512, 4 if wide else 8, 2)
+
+
+@triton.jit(do_not_specialize=["num_rows", "n_terms", "top_k", "r_blocks", "first1", "first2", "first3"])
+def _linear_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, y_ptr, tmp_ptr, b_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr,
+    # sizes
+    num_rows, in_dim, n_terms, top_k, r_blocks, out_total, bound1, bound2, bound3, first1, first2, first3,
+    # strides
+    stride_x_row, stride_w_row, stride_y_row, stride_b_slot, stride_b_row,
+    stride_t_split, stride_t_pos, stride_t_slice, stride_t_term,
+    # meta
+    N_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr, N_SPLITS: tl.constexpr,
+    TOP_K_POW2: tl.constexpr, TERMS_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if N_SLICES == 1:
+        slice_id = 0
+        n_lo = 0
+        n_hi = out_total
+        g0 = 0
+    else:
+        slice_id = (pid >= first1).to(tl.int32) + (pid >= first2).to(tl.int32) + (pid >= first3)
+        n_lo = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, bound1, tl.where(slice_id == 2, bound2, bound3)))
+        n_hi = tl.where(slice_id == 0, bound1,
+                        tl.where(slice_id == 1, bound2, tl.where(slice_id == 2, bound3, out_total)))
+        g0 = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, first1, tl.where(slice_id == 2, first2, first3)))
+    offs_n = n_lo + (pid - g0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_hi
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < num_rows
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w_row + offs_k[None, :]  # [BN, BK]
+    dtype = w_ptr.dtype.element_ty
+    if BLOCK_M == 1:
+        # One row: elementwise products summed once at the end (the row would fill 1/16 of a tensor-core tile).
+        part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k in range(0, in_dim, BLOCK_K):
+            if EVEN_K:
+                x_row = tl.load(x_ptr + k + offs_k)
+                w_tile = tl.load(w_ptrs + k, mask=mask_n[:, None], other=0.0)
+            else:
+                k_mask = (k + offs_k) < in_dim
+                x_row = tl.load(x_ptr + k + offs_k, mask=k_mask, other=0.0)
+                w_tile = tl.load(w_ptrs + k, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
+            part += w_tile.to(tl.float32) * x_row.to(tl.float32)[None, :]
+        acc = tl.sum(part, axis=1)[None, :]  # [1, BN]
+    else:
+        x_ptrs = x_ptr + offs_m[:, None] * stride_x_row + offs_k[None, :]  # [BM, BK]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, in_dim, BLOCK_K):
+            k_mask = (k + offs_k) < in_dim
+            x_tile = tl.load(x_ptrs + k, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+            w_tile = tl.load(w_ptrs + k, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
+            acc += _dot(x_tile, tl.trans(w_tile), IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if LORA:
+        # The experts some row picked (their shrink output already carries each row's gate; rows that did not
+        # pick an expert hold zeros there), walked as (live expert, rank chunk) pairs, TERMS_BLOCK at a time.
+        offs_c = tl.arange(0, TERMS_BLOCK)
+        offs_j = tl.arange(0, TOP_K_POW2)
+        ids = tl.load(route_id_ptr + offs_m[:, None] * top_k + offs_j[None, :],
+                      mask=mask_m[:, None] & (offs_j[None, :] < top_k), other=-1)  # [BM, K]
+        offs_rb = tl.arange(0, BLOCK_R)
+        t_slice = tmp_ptr + slice_id * stride_t_slice
+        for e0 in range(0, n_terms, TERMS_BLOCK):
+            live = _live_terms(slot_ptr, rank_ptr, 0, n_terms, e0, offs_c, ids, True, TOP_K_POW2, TERMS_BLOCK)
+            slots = tl.load(slot_ptr + e0 + offs_c, mask=live, other=-1)
+            ranks = tl.load(rank_ptr + e0 + offs_c, mask=live, other=0)
+            scales = tl.load(scale_ptr + e0 + offs_c, mask=live, other=0.0)
+            order = tl.where(live, tl.cumsum(live.to(tl.int32), axis=0) - 1, -1)  # place among the live
+            for it in range(0, tl.sum(live.to(tl.int32), axis=0) * r_blocks):
+                local = _pick(order, it // r_blocks, offs_c)
+                offs_r = (it % r_blocks) * BLOCK_R + offs_rb
+                slot = _pick(offs_c, local, slots)
+                rank = _pick(offs_c, local, ranks)
+                t = _split_sum(t_slice + (e0 + local) * stride_t_term, offs_m, mask_m, offs_r, rank,
+                               stride_t_split, stride_t_pos, N_SPLITS) * _pick(offs_c, local, scales)  # [BM, BR]
+                b_tile = tl.load(b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[:, None] * stride_b_row
+                                 + offs_r[None, :], mask=mask_n[:, None] & (offs_r < rank)[None, :], other=0.0)
+                t = t.to(dtype)
+                if BLOCK_M == 1:
+                    acc += tl.sum(b_tile.to(tl.float32) * t.to(tl.float32), axis=1)[None, :]
+                else:
+                    acc += _dot(t, tl.trans(b_tile), IEEE)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_y_row + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _slice_blocks(bounds: list[int], n_slices: int, block_n: int) -> tuple[list[int], int]:
+    """(first program of slices 1-3, program count): each slice owns cdiv(width, block_n) whole programs."""
+    firsts, programs = [], 0
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=False):
+        firsts.append(programs)
+        programs += cdiv(hi - lo, block_n)
+    return [f if i < n_slices else programs for i, f in enumerate(firsts)], programs
+
+
+def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise ValueError unless x [T <= MAX_ROWS, in] and weight [out, in] (bias [out]) fit the fused linear."""
+    if weight.dim() != 2 or x.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be [T, in] and [out, in]")
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"the fused linear takes 1 to {MAX_ROWS} rows, got {x.shape[0]}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError(f"x {x.dtype}, weight {weight.dtype} and bias must share a dtype")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x and weight must have unit stride along the input dim")
+    if x.device != weight.device:
+        raise ValueError("x and weight must be on one device")
+
+
+def routed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weights: LoRAWeights | None = None,
+    routing: Routing | None = None,
+    config: LinearConfig | None = None,
+    *,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The base linear of a few rows with each row's top-k expert updates, in one fp32 sum and one rounding.
+
+    Semantics: y[t] = x[t] @ weight.T + bias + sum_j topk_gates[t, j] * expert_scales[e]
+        * (x[t] @ a[slot_e, i, :r_e].T) @ b[slot_e, out_i, :r_e].T, e = topk_ids[t, j] (skipped if -1).
+
+    Args:
+        x: [T, in_dim] layer input, 1 <= T <= MAX_ROWS.
+        weight: [out_total, in_dim] base weight (its dtype is x's); bias: [out_total] or None.
+        weights, routing: the projection's expert pool and the step's Routing (``kernels/routed.py``); both None
+            for the base linear alone.
+        config: tiles; default ``linear_config`` by shape. The shrink's tiles come from the device table's routed
+            entries, as for ``routed_add``.
+        workspace: optional fp32 shrink buffer (``kernels.atmm.workspace_shape`` of the routed plan).
+    Returns:
+        y: [T, out_total] in x's dtype.
+    """
+    check_linear(x, weight, bias)
+    rows, out_total = x.shape[0], weight.shape[0]
+    y = torch.empty((rows, out_total), dtype=x.dtype, device=x.device)
+    lora = weights is not None and routing is not None and routing.num_experts > 0 and routing.max_rank > 0
+    config = config or linear_config(rows, out_total, x.shape[1], lora)
+    if lora:
+        routing.check()
+        check_operands(y, x, weights, rows)
+        if routing.num_tokens != rows or routing.topk_ids.device != x.device:
+            raise ValueError(f"the routing must hold the {rows} rows of x, on x's device")
+        if routing.max_rank > weights.pool_rank:
+            raise ValueError(f"routing max_rank {routing.max_rank} exceeds the pool's rank {weights.pool_rank}")
+        plan = routed_plan(routing)
+        key = ShapeKey(segments=routing.num_experts, tokens=rows * routing.top_k, in_dim=weights.in_dim,
+                       out_dim=weights.out_dim, max_rank=routing.max_rank)
+        pair = device_table().lookup_routed(key)[0]  # the routed operator's tiles; only its shrink runs here
+        tmp = workspace_for(plan, weights, pair, workspace, x.device)
+        launch_shrink(x, weights, plan, tmp, pair.shrink)
+        bounds = list(weights.slice_bounds) + [out_total] * (MAX_SLICES + 1 - len(weights.slice_bounds))
+        n_slices, block_r = weights.n_slices, min(64, _pow2(routing.max_rank, 16))
+        tables = (tmp, weights.b, routing.expert_slots, routing.expert_ranks, routing.expert_scales,
+                  routing.topk_ids)
+        sizes = (routing.num_experts, routing.top_k, cdiv(routing.max_rank, block_r))
+        strides = (weights.b.stride(0), weights.b.stride(1), tmp.stride(0), tmp.stride(1), tmp.stride(2),
+                   tmp.stride(3))
+        lora_meta = dict(N_SPLITS=tmp.shape[0], TOP_K_POW2=_pow2(routing.top_k),
+                         TERMS_BLOCK=min(_pow2(routing.num_experts), MAX_TERMS_BLOCK), BLOCK_R=block_r)
+    else:
+        bounds, n_slices = [0, out_total, out_total, out_total, out_total], 1
+        tables, sizes, strides = (y,) * 6, (0, 1, 1), (0,) * 6
+        lora_meta = dict(N_SPLITS=1, TOP_K_POW2=1, TERMS_BLOCK=1, BLOCK_R=16)
+    firsts, programs = _slice_blocks(bounds, n_slices, config.block_n)
+    block_m = 1 if rows == 1 else 16
+    _linear_kernel[(programs,)](
+        x, weight, bias if bias is not None else weight, y, *tables,
+        rows, x.shape[1], *sizes, out_total, bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
+        x.stride(0), weight.stride(0), y.stride(0), *strides,
+        N_SLICES=n_slices, HAS_BIAS=bias is not None, LORA=lora, EVEN_K=x.shape[1] % config.block_k == 0,
+        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages, **lora_meta,
+    )
+    return y

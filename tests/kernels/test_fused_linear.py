@@ -1,0 +1,132 @@
+"""The fused decode linear (base matmul + routed expand in one launch) against the float64 oracle and the torch
+reference, under the interpreter: a pairwise sweep of rank x experts x top-k x rows x dims x dtype x bias x tiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels.fused_linear import MAX_ROWS, LinearConfig, linear_config, routed_linear
+from tests.kernels.sweep import DIMS, TOLERANCE, covering_rows, make_routed_problem
+
+AXES = {"rank": (1, 8, 16, 64, 128), "experts": (1, 3, 8), "top_k": (1, 2), "rows": (1, 7, 16), "dims": DIMS,
+        "dtype": (torch.float16, torch.float32), "bias": (False, True), "tiles": ("default", "small")}
+SMALL = LinearConfig(block_n=8, block_k=32, num_warps=4, num_stages=1)  # several programs per slice, ragged K
+CASES = covering_rows(AXES, seed=3, allowed=lambda c: c["rank"] * c["experts"] <= 128 * 8)
+
+
+def base_problem(case: dict, seed: int):
+    """A routed problem plus a base weight and bias, and the float64 expectation of the whole fused output."""
+    p = make_routed_problem(case["rank"], case["experts"], case["top_k"], case["rows"], case["dims"], case["dtype"],
+                            seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    out_dim, in_dim = p.weights.out_dim, p.weights.in_dim
+    weight = (torch.randn(out_dim, in_dim, generator=gen) / in_dim ** 0.5).to(case["dtype"])
+    bias = torch.randn(out_dim, generator=gen).to(case["dtype"]) if case["bias"] else None
+    update = p.expected - p.y0.double()  # the oracle's routed update alone
+    want = p.x.double() @ weight.double().T + update
+    if bias is not None:
+        want += bias.double()
+    return p, weight, bias, want, update
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, update: torch.Tensor) -> None:
+    rtol, atol = TOLERANCE[got.dtype]
+    scale = max(update.abs().max().item(), want.abs().max().item() * 0.1, 1e-6)
+    excess = ((got.double() - want).abs() - (rtol * want.abs() + atol * scale)).max().item()
+    assert torch.isfinite(got).all() and excess <= 0, f"max excess error {excess:.3g} ({got.dtype})"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v if not isinstance(v, tuple) else v[0])
+                                                               for v in c.values()))
+def test_fused_linear_sweep(interpreted, case):
+    p, weight, bias, want, update = base_problem(case, seed=len(str(case)))
+    config = SMALL if case["tiles"] == "small" else None
+    got = routed_linear(p.x, weight, bias, p.weights, p.routing, config)
+    assert got.shape == want.shape and got.dtype == p.x.dtype
+    assert_close(got, want, update)
+    ref = reference.routed_linear(p.x, weight, bias, p.weights, p.routing)
+    assert_close(ref, want, update)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_base_linear_alone(interpreted, rows):
+    """Without a pool and routing it is x Wᵀ + b, the linear of the base model."""
+    gen = torch.Generator().manual_seed(rows)
+    x, weight, bias = torch.randn(rows, 129, generator=gen), torch.randn(70, 129, generator=gen), torch.randn(70)
+    got = routed_linear(x, weight, bias)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_many_experts_past_one_term_block(interpreted):
+    """70 experts: the epilogue walks them in blocks of MAX_TERMS_BLOCK, picked ones past the first included."""
+    case = dict(rank=8, experts=70, top_k=2, rows=9, dims=DIMS[0], dtype=torch.float32, bias=True)
+    p, weight, bias, want, update = base_problem(case, seed=5)
+    assert (p.routing.topk_ids >= 64).any()
+    assert_close(routed_linear(p.x, weight, bias, p.weights, p.routing), want, update)
+
+
+def test_rejects_bad_input():
+    case = dict(rank=8, experts=3, top_k=2, rows=4, dims=DIMS[0], dtype=torch.float32, bias=False)
+    p, weight, _, _, _ = base_problem(case, seed=2)
+    too_many = torch.zeros(MAX_ROWS + 1, p.x.shape[1])
+    with pytest.raises(ValueError, match="rows"):
+        routed_linear(too_many, weight, None)
+    with pytest.raises(ValueError, match="must be"):
+        routed_linear(p.x, weight[:, :-1], None)
+    with pytest.raises(ValueError, match="dtype"):
+        routed_linear(p.x.half(), weight, None)
+    with pytest.raises(ValueError, match="bias"):
+        routed_linear(p.x, weight, torch.zeros(3))
+    with pytest.raises(ValueError, match="routing"):
+        routed_linear(p.x[:2], weight, None, p.weights, p.routing)
+
+
+def test_config_by_shape():
+    """The H200 sweep's picks for the 7B's groups: one row streams W in many narrow programs, 4 or 8 output rows
+    each (512-wide chunks with the experts' epilogue); decode batches use 32-column dot tiles."""
+    assert linear_config(1, 4608, 3584) == LinearConfig(8, 512, 8, 2)
+    assert linear_config(1, 3584, 3584) == LinearConfig(4, 512, 8, 2)
+    assert linear_config(1, 37888, 3584) == LinearConfig(8, 512, 4, 2)
+    assert linear_config(1, 3584, 18944) == LinearConfig(4, 1024, 4, 2)
+    assert linear_config(1, 3584, 18944, lora=True) == LinearConfig(4, 512, 4, 2)
+    assert linear_config(16, 3584, 3584).block_n == 32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [dict(rank=r, experts=e, top_k=k, rows=t, dims=d, dtype=torch.bfloat16, bias=b)
+                                  for r in (1, 64, 128) for e in (1, 8) for k in (2,) for t in (1, 7, 16)
+                                  for d in DIMS for b in (False, True)],
+                         ids=str)
+def test_fused_linear_bf16(case):
+    p, weight, bias, want, update = base_problem(case, seed=case["rank"] + case["rows"])
+    dev = "cuda"
+    routing = p.routing.to(dev)
+    weights = type(p.weights)(p.weights.a.to(dev), p.weights.b.to(dev), p.weights.slice_bounds)
+    got = routed_linear(p.x.to(dev), weight.to(dev), None if bias is None else bias.to(dev), weights, routing)
+    assert_close(got.cpu(), want, update)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("group", [("qkv", 3584, (3584, 512, 512)), ("o", 3584, (3584,)),
+                                   ("gate_up", 3584, (18944, 18944)), ("down", 18944, (3584,))], ids=lambda g: g[0])
+def test_fused_linear_7b_shapes_and_graph(group, rows):
+    """The 7B's projection groups (8 experts of rank 64, top-2) against the torch reference, then as a CUDA graph
+    replayed with another routing: bit-identical to an eager call with that routing."""
+    _, in_dim, widths = group
+    p = make_routed_problem(64, 8, 2, rows, (in_dim, widths), torch.bfloat16, device="cuda", seed=rows)
+    q = make_routed_problem(64, 8, 2, rows, (in_dim, widths), torch.bfloat16, device="cuda", seed=rows + 1)
+    weight = torch.randn(sum(widths), in_dim, device="cuda", dtype=torch.bfloat16) / in_dim ** 0.5
+    bias = torch.randn(sum(widths), device="cuda", dtype=torch.bfloat16) if group[0] == "qkv" else None
+    got = routed_linear(p.x, weight, bias, p.weights, p.routing)
+    want = reference.routed_linear(p.x, weight, bias, p.weights, p.routing)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    graph, routing = torch.cuda.CUDAGraph(), p.routing
+    with torch.cuda.graph(graph):
+        out = routed_linear(p.x, weight, bias, p.weights, routing)
+    routing.topk_ids.copy_(q.routing.topk_ids)
+    routing.topk_gates.copy_(q.routing.topk_gates)
+    graph.replay()
+    assert torch.equal(out, routed_linear(p.x, weight, bias, p.weights, routing))

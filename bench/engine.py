@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/valora-bench"))
     p.add_argument("--overlap-ab", action="store_true",
                    help="only compare decode ms/token with overlapped decode off and on (no adapters, batches 1/8/32)")
+    p.add_argument("--row-linear-ab", action="store_true",
+                   help="only compare batch-1 decode ms/token with one-row projections on cuBLAS and on the Triton "
+                        "GEMV (EngineConfig.row_linear off and on; no adapters)")
     p.add_argument("--prefill-ab", action="store_true",
                    help="only compare prefill iterations run eagerly and as piecewise CUDA graphs, in one engine "
                         "(batches 1/4/8 of --prompt-tokens, with and without adapters)")
@@ -160,13 +163,16 @@ def bench_ours(args, adapters: list[tuple[str, int]], texts: list[str], new_toke
     return out
 
 
-def bench_overlap(args, texts: list[str], batches=(1, 8, 32), new_tokens: int = 64) -> dict[str, float]:
-    """Decode ms/token (median over requests of 3 runs) with ``overlap_decode`` off, then on, in one process."""
+def bench_decode_ab(args, texts: list[str], option: str, batches=(1, 8, 32),
+                    new_tokens: int = 64) -> dict[str, float]:
+    """Decode ms/token (median over requests of 3 runs) with the boolean EngineConfig field ``option`` off, then on,
+    in one process (no adapters, policy slora). Each engine takes under half the GPU's memory: the first one's is not
+    all returned before the second starts."""
     out: dict[str, float] = {}
-    for overlap in (False, True):
+    for on in (False, True):
         engine = create_engine(EngineConfig(model=args.model, max_num_seqs=max(batches), max_num_batched_tokens=8192,
                                             max_model_len=args.prompt_tokens + new_tokens + 64, seed=0,
-                                            policy="slora", overlap_decode=overlap))
+                                            policy="slora", gpu_memory_fraction=0.4, **{option: on}))
         for batch in batches:
             def reqs(tokens: int, batch: int = batch) -> list[EngineRequest]:
                 return [EngineRequest(prompt=texts[i], sampling=SamplingParams(max_tokens=tokens))
@@ -176,9 +182,9 @@ def bench_overlap(args, texts: list[str], batches=(1, 8, 32), new_tokens: int = 
                 engine.generate(reqs(8))
             per = [r.timings.decode_ms / (r.output_tokens - 1)
                    for _ in range(3) for r in engine.generate(reqs(new_tokens))]
-            key = f"decode_ms_b{batch}_{'overlap' if overlap else 'sync'}"
+            key = f"decode_ms_b{batch}_{option}_{'on' if on else 'off'}"
             out[key] = statistics.median(per)
-            print(f"overlap_decode={overlap} batch {batch}: {out[key]:.3f} ms/token", flush=True)
+            print(f"{option}={on} batch {batch}: {out[key]:.3f} ms/token", flush=True)
         engine.close()
         gc.collect()
         if torch.cuda.is_available():
@@ -372,10 +378,11 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: copy {bandwidth / 1e12:.2f} "
           f"TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; model {args.model}; {new_tokens} new tokens", flush=True)
     texts, ids = prompt_texts(checkpoint.tokenizer, max(*args.batches, 32), args.prompt_tokens, seed=1)
-    if args.overlap_ab:
-        result = bench_overlap(args, texts)
+    if args.overlap_ab or args.row_linear_ab:
+        option, batches = ("overlap_decode", (1, 8, 32)) if args.overlap_ab else ("row_linear", (1,))
+        result = bench_decode_ab(args, texts, option, batches)
         if args.json:
-            args.json.write_text(json.dumps({"model": args.model, "overlap_ab": result}, indent=1))
+            args.json.write_text(json.dumps({"model": args.model, f"{option}_ab": result}, indent=1))
         return
     adapters = write_adapters(args.workdir / "adapters", spec, args.adapters, device)
     if args.prefill_ab:

@@ -7,7 +7,9 @@ sampled tokens (LM head and argmax included, the host waits for them as the engi
     backbone                no adapter
     per-layer MoE (eager)   MoLA-style: a router in every projection group, routed operator, no graphs (baseline)
     per-layer MoE (graphs)  the same under CUDA graphs
-    pre-gated, routed       LoRA-Switch routing (one router at layer 0), routed unmerged operator, CUDA graphs
+    pre-gated, routed       LoRA-Switch routing (one router at layer 0), routed unmerged operator, CUDA graphs;
+                            up to 16 rows each projection's matmul and expand are one launch (kernels/fused_linear.py)
+    pre-gated, routed, unfused   the same with F.linear then the routed shrink/expand pair (the A/B of that fusion)
     pre-gated, merge-switch batch 1: experts merged into the weights, fused switch per token, CUDA graphs
 
 Also: bytes and time of one fused switch, switch frequency, peak memory per path, and the logit drift of the
@@ -75,6 +77,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--switches", type=int, default=2000, help="token switches before the drift is measured")
     p.add_argument("--drift-layers", type=int, help="layers of the drift model (default: all; quick: 4)")
     p.add_argument("--compile", action="store_true", help="torch.compile the element-wise ops (as the engine)")
+    p.add_argument("--no-row-linear", action="store_true",
+                   help="one-row projections on cuBLAS instead of the Triton GEMV (the engine's row_linear off)")
+    p.add_argument("--fused-rows", type=int, help="rows up to which routed projections use the fused linear "
+                   "(default: the backend's, 16)")
     return p.parse_args()
 
 
@@ -98,7 +104,8 @@ def build(spec: ModelSpec, args, device: torch.device, dtype: torch.dtype, max_b
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Qwen2LM(spec, FusedOps(args.compile and device.type == "cuda")).eval()
+            ops = FusedOps(args.compile and device.type == "cuda", device.type == "cuda" and not args.no_row_linear)
+            model = Qwen2LM(spec, ops).eval()
     finally:
         torch.set_default_dtype(default)
     model.requires_grad_(False)
@@ -108,6 +115,8 @@ def build(spec: ModelSpec, args, device: torch.device, dtype: torch.dtype, max_b
     pool = MoEPool(layout, config, spec.hidden_size, device, dtype)
     pool.acquire("bench", random_adapter(spec, layout, args, device, dtype))
     op = get_backend("triton" if device.type == "cuda" else "torch")
+    if args.fused_rows is not None:
+        op.fused_rows = args.fused_rows
     switch = MergeSwitch(pool, model.adapted_linears(), op)
     blocks_per_seq = -(-(args.context + 128) // 16)
     kv = torch.zeros(2, spec.num_layers, max_batch * blocks_per_seq + 1, 16, spec.num_kv_heads, spec.head_dim,
@@ -253,6 +262,8 @@ def paths(setup: Setup, batch_size: int) -> list[Config]:
         out.append(Config("per-layer MoE-LoRA, CUDA graphs",
                          lambda b: [RoutedMoEDelta(pool, op, "per_layer", b.row_slot)], True))
     out.append(Config("pre-gated, routed", lambda b: [RoutedMoEDelta(pool, op, "pregated", b.row_slot)], graphs))
+    out.append(Config("pre-gated, routed, unfused",
+                      lambda b: [RoutedMoEDelta(pool, op, "pregated", b.row_slot, fuse=False)], graphs))
     if batch_size == 1:
         out.append(Config("pre-gated, merge-switch", switched, graphs))
     return out

@@ -89,7 +89,7 @@ class ValoraEngine(EngineBackend):
         self.checkpoint = Checkpoint(self.config.model)
         compiled = self.device.type == "cuda" and self.config.compile_ops
         self.model, self.vision = build_model(self.checkpoint, self.device, self.dtype, self.config.seed, compiled,
-                                              self.config.cuda_graphs)
+                                              self.config.cuda_graphs, self.config.row_linear)
         self.model.layers[0].mlp.ops.check(self.device, self.dtype)
 
     def _init_lora(self) -> None:

@@ -54,16 +54,18 @@ class Launch:
 
 
 def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, seed: int,
-                compiled: bool, graphs: bool = True) -> tuple[Qwen2LM, VisionTower | None]:
+                compiled: bool, graphs: bool = True,
+                row_linear: bool = False) -> tuple[Qwen2LM, VisionTower | None]:
     """Our decoder (and transformers' vision tower) with the checkpoint's weights, or seeded random ones.
 
-    ``graphs``: the vision tower replays CUDA graphs of its encodes (GPU only)."""
+    ``graphs``: the vision tower replays CUDA graphs of its encodes (GPU only). ``row_linear``: one-row projections
+    take the Triton GEMV (``FusedOps.linear``; GPU only)."""
     spec = checkpoint.spec
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            lm = Qwen2LM(spec, FusedOps(compiled)).eval()
+            lm = Qwen2LM(spec, FusedOps(compiled, row_linear and device.type == "cuda")).eval()
     finally:
         torch.set_default_dtype(default_dtype)
     lm.requires_grad_(False)

@@ -35,10 +35,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 class FusedOps:
-    """The element-wise ops of a layer, optionally torch.compile'd on GPU (fused kernels, fewer launches)."""
+    """The element-wise ops of a layer, optionally torch.compile'd on GPU (fused kernels, fewer launches), and the
+    base matmul of the adapted linears (``linear``)."""
 
-    def __init__(self, compiled: bool) -> None:
-        self.compiled = compiled
+    def __init__(self, compiled: bool, row_linear: bool = False) -> None:
+        self.compiled, self.row_linear = compiled, row_linear
         self.rms_norm, self.add_rms_norm, self.silu_and_mul = rms_norm, add_rms_norm, silu_and_mul
         self.apply_rope = apply_rope
         if compiled:
@@ -47,6 +48,14 @@ class FusedOps:
             self.silu_and_mul = torch.compile(silu_and_mul, dynamic=True)
             self.apply_rope = torch.compile(apply_rope, dynamic=True)
 
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: [tokens, in] -> x Wᵀ + b; with ``row_linear``, a single bf16/fp16 CUDA row takes the Triton GEMV."""
+        if self.row_linear and x.shape[0] == 1 and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            from kernels.fused_linear import routed_linear
+
+            return routed_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     @torch.inference_mode()
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -63,7 +72,7 @@ class FusedOps:
             self.apply_rope(q, q, x[:, :32], x[:, :32])
         except (RuntimeError, ImportError, OSError) as exc:  # inductor's failures are RuntimeError subclasses
             logger.warning("torch.compile of the element-wise ops failed (%s); running them eagerly", exc)
-            self.__init__(compiled=False)
+            self.__init__(compiled=False, row_linear=self.row_linear)
 
 
 class RMSNorm(nn.Module):
@@ -86,8 +95,10 @@ class AdaptedLinear(nn.Module):
     ``slice_bounds`` are the output column offsets of the fused parts; LoRA pools use the same slicing.
     """
 
-    def __init__(self, in_dim: int, out_dims: Sequence[int], bias: bool, key: LayerKey) -> None:
+    def __init__(self, in_dim: int, out_dims: Sequence[int], bias: bool, key: LayerKey,
+                 ops: FusedOps | None = None) -> None:
         super().__init__()
+        self.ops = ops or FusedOps(compiled=False)
         self.in_dim = in_dim
         self.out_dims = tuple(out_dims)
         self.slice_bounds = tuple(int(b) for b in torch.tensor([0, *out_dims]).cumsum(0).tolist())
@@ -97,7 +108,11 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, deltas: Sequence[LayerDelta] = ()) -> torch.Tensor:
         """x: [tokens, in] -> [tokens, out_total]: x Wᵀ + b, plus each delta's update."""
-        y = F.linear(x, self.weight, self.bias)
+        if len(deltas) == 1:  # a lone delta may fuse its update into the matmul (kernels/fused_linear.py)
+            y = deltas[0].linear(self.key, x, self.weight, self.bias)
+            if y is not None:
+                return y
+        y = self.ops.linear(x, self.weight, self.bias)
         for delta in deltas:
             delta.apply(self.key, x, y)
         return y

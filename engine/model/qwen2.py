@@ -29,8 +29,8 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.scale = spec.head_dim ** -0.5
         self.qkv_proj = AdaptedLinear(spec.hidden_size, (spec.q_size, spec.kv_size, spec.kv_size), True,
-                                      (layer, "qkv"))
-        self.o_proj = AdaptedLinear(spec.q_size, (spec.hidden_size,), False, (layer, "o"))
+                                      (layer, "qkv"), ops)
+        self.o_proj = AdaptedLinear(spec.q_size, (spec.hidden_size,), False, (layer, "o"), ops)
         self.k_cache = torch.empty(0)  # [blocks, block_size, kv_heads, dim], bound by the runner
         self.v_cache = torch.empty(0)
 
@@ -65,8 +65,8 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int, ops: FusedOps) -> None:
         super().__init__()
         inter = spec.intermediate_size
-        self.gate_up_proj = AdaptedLinear(spec.hidden_size, (inter, inter), False, (layer, "gate_up"))
-        self.down_proj = AdaptedLinear(inter, (spec.hidden_size,), False, (layer, "down"))
+        self.gate_up_proj = AdaptedLinear(spec.hidden_size, (inter, inter), False, (layer, "gate_up"), ops)
+        self.down_proj = AdaptedLinear(inter, (spec.hidden_size,), False, (layer, "down"), ops)
         self.ops = ops
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

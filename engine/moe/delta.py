@@ -23,21 +23,39 @@ FIRST_KEY: LayerKey = (0, GROUPS[0])  # the first adapted projection of a forwar
 
 
 class RoutedMoEDelta(LayerDelta):
-    """Each routed row adds its top-k experts' updates through the routed multi-LoRA operator (one launch pair
-    per projection); the routing is computed once per step (pre-gated) or once per router site (baselines)."""
+    """Each routed row adds its top-k experts' updates through the routed multi-LoRA operator; the routing is
+    computed once per step (pre-gated) or once per router site (baselines).
 
-    def __init__(self, pool: MoEPool, op: LoRABackend, routing: str, row_slot: torch.Tensor) -> None:
-        self.pool, self.op, self.scheme = pool, op, routing
+    Up to the op's ``fused_rows`` rows (decode batches) and with ``fuse``, the projection's matmul and the experts'
+    expand run as one launch after the shrink (``linear``); otherwise ``apply`` adds the update after the matmul
+    (one launch pair per projection).
+    """
+
+    def __init__(self, pool: MoEPool, op: LoRABackend, routing: str, row_slot: torch.Tensor,
+                 fuse: bool = True) -> None:
+        self.pool, self.op, self.scheme, self.fuse = pool, op, routing, fuse
         self.router = Router(pool, row_slot)
         self.routes: dict[LayerKey, Routing] = {}  # per router site (baselines)
         self.layer_routes: list[Routing] = []  # per layer (pre-gated)
 
+    def linear(self, key: LayerKey, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor | None:
+        if not (self.fuse and 0 < x.shape[0] <= self.op.fused_rows):
+            return None
+        routing = self._step_routing(key, x)
+        if routing is None:  # a group this scheme does not adapt (block-wise: attention)
+            return None
+        return self.op.routed_linear(x, weight, bias, self.pool.weights(key), routing)
+
     def apply(self, key: LayerKey, x: torch.Tensor, y: torch.Tensor) -> None:
-        if key == FIRST_KEY:
-            self.router.refresh()
-        routing = self._routing(key, x)
+        routing = self._step_routing(key, x)
         if routing is not None:
             self.op.add_routed(y, x, self.pool.weights(key), routing)
+
+    def _step_routing(self, key: LayerKey, x: torch.Tensor) -> Routing | None:
+        if key == FIRST_KEY:
+            self.router.refresh()
+        return self._routing(key, x)
 
     def _routing(self, key: LayerKey, x: torch.Tensor) -> Routing | None:
         layer, group = key

@@ -8,6 +8,7 @@ import torch
 from engine.adapter_store import AdapterError
 from engine.moe.config import MoEConfig
 from engine.moe.switch import empty_terms
+from kernels.fused_linear import MAX_ROWS
 from kernels.merge_plan import DeltaTerms
 from tests.engine.moe_fixtures import OneSequence, reference_greedy, reference_model, save_moe_adapters
 
@@ -199,5 +200,27 @@ def test_triton_kernels_serve_both_paths(tiny_checkpoint, moe_root):
     runner.acquire("moe_pre")
     got, got_logits = runner.greedy("moe_pre", short, 3)
     assert runner.paths == ["routed", "switch", "switch"] and got == want
+    for a, b in zip(got_logits, want_logits, strict=True):
+        assert rel(a, b) < 1e-5
+
+
+def test_fused_routed_linear_serves_prefill_and_decode(tiny_checkpoint, moe_root):
+    """The routed path through the fused linear (kernels/fused_linear.py, Triton interpreted on CPU): a 6-row
+    prefill (dot tiles) and 1-row decode steps give the torch backend's tokens and logits, and every adapted
+    projection of those steps went through it."""
+    short, config = PROMPT[:6], CONFIG.model_copy(update={"merge_switch": False})
+    reference = OneSequence(tiny_checkpoint / "base", moe_root, config)
+    reference.acquire("moe_pre")
+    want, want_logits = reference.greedy("moe_pre", short, 3)
+    runner = OneSequence(tiny_checkpoint / "base", moe_root, config, backend="triton")
+    op, calls = runner.moe.op, []
+    assert op.fused_rows == MAX_ROWS  # the prefill's 6 rows too
+    fused = op.routed_linear
+    op.routed_linear = lambda x, *args: calls.append(x.shape[0]) or fused(x, *args)
+    runner.acquire("moe_pre")
+    got, got_logits = runner.greedy("moe_pre", short, 3)
+    assert runner.paths == ["routed"] * 3 and got == want
+    per_step = 4 * len(runner.model.layers)
+    assert calls == [len(short)] * per_step + [1] * (2 * per_step)
     for a, b in zip(got_logits, want_logits, strict=True):
         assert rel(a, b) < 1e-5

@@ -177,6 +177,19 @@ def _split_sum(t_base, offs_m, mask_m, offs_r, rank, stride_t_split, stride_t_po
 
 
 @triton.jit
+def _slice_of(group, out_total, bound1, bound2, bound3, first1, first2, first3, N_SLICES: tl.constexpr):
+    """Output group ``group`` -> (its slice, the slice's first and end column, the slice's first group), where
+    slice i owns columns [bound_i, bound_{i+1}) and groups [first_i, first_{i+1})."""
+    if N_SLICES == 1:
+        return 0, 0, out_total, 0
+    slice_id = (group >= first1).to(tl.int32) + (group >= first2).to(tl.int32) + (group >= first3)
+    n_lo = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, bound1, tl.where(slice_id == 2, bound2, bound3)))
+    n_hi = tl.where(slice_id == 0, bound1, tl.where(slice_id == 1, bound2, tl.where(slice_id == 2, bound3, out_total)))
+    g0 = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, first1, tl.where(slice_id == 2, first2, first3)))
+    return slice_id, n_lo, n_hi, g0
+
+
+@triton.jit
 def _pick(offs, index, values):
     """values[index] of a register vector (a masked sum: no memory access)."""
     return tl.sum(tl.where(offs == index, values, 0), axis=0)
@@ -218,17 +231,7 @@ def _expand_kernel(
         if seg >= num_segments:
             return
     # Groups of GROUP_N output blocks never straddle slices: slice i owns groups [first_i, first_{i+1}).
-    if N_SLICES == 1:
-        slice_id = 0
-        n_lo = 0
-        n_hi = out_total
-        g0 = 0
-    else:
-        slice_id = (group >= first1).to(tl.int32) + (group >= first2).to(tl.int32) + (group >= first3)
-        n_lo = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, bound1, tl.where(slice_id == 2, bound2, bound3)))
-        n_hi = tl.where(slice_id == 0, bound1,
-                        tl.where(slice_id == 1, bound2, tl.where(slice_id == 2, bound3, out_total)))
-        g0 = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, first1, tl.where(slice_id == 2, first2, first3)))
+    slice_id, n_lo, n_hi, g0 = _slice_of(group, out_total, bound1, bound2, bound3, first1, first2, first3, N_SLICES)
     nb_lo = (group - g0) * GROUP_N
     nb_hi = tl.minimum(nb_lo + GROUP_N, tl.cdiv(n_hi - n_lo, BLOCK_N))
     offs_m = m_lo + tl.arange(0, BLOCK_M)

@@ -29,6 +29,7 @@ from kernels.atmm import (
     _live_terms,
     _pick,
     _pow2,
+    _slice_of,
     _split_sum,
     check_operands,
     launch_shrink,
@@ -84,17 +85,7 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    if N_SLICES == 1:
-        slice_id = 0
-        n_lo = 0
-        n_hi = out_total
-        g0 = 0
-    else:
-        slice_id = (pid >= first1).to(tl.int32) + (pid >= first2).to(tl.int32) + (pid >= first3)
-        n_lo = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, bound1, tl.where(slice_id == 2, bound2, bound3)))
-        n_hi = tl.where(slice_id == 0, bound1,
-                        tl.where(slice_id == 1, bound2, tl.where(slice_id == 2, bound3, out_total)))
-        g0 = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, first1, tl.where(slice_id == 2, first2, first3)))
+    slice_id, n_lo, n_hi, g0 = _slice_of(pid, out_total, bound1, bound2, bound3, first1, first2, first3, N_SLICES)
     offs_n = n_lo + (pid - g0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_hi
     offs_m = tl.arange(0, BLOCK_M)
@@ -167,6 +158,18 @@ def _slice_blocks(bounds: list[int], n_slices: int, block_n: int) -> tuple[list[
     return [f if i < n_slices else programs for i, f in enumerate(firsts)], programs
 
 
+def linear_meta(rows: int, in_dim: int, config: LinearConfig, bias: bool, ieee: bool, n_slices: int = 1,
+                splits: int = 0, top_k: int = 1, experts: int = 1, block_r: int = 16) -> dict:
+    """The kernel's compile-time arguments: one Triton variant per distinct dict. ``splits`` > 0: the experts'
+    epilogue over a shrink of that many K-split partials (``n_slices`` slices, ``experts`` terms)."""
+    lora = splits > 0
+    return dict(N_SLICES=n_slices if lora else 1, HAS_BIAS=bias, LORA=lora, N_SPLITS=max(splits, 1),
+                TOP_K_POW2=_pow2(top_k) if lora else 1, TERMS_BLOCK=min(_pow2(experts), MAX_TERMS_BLOCK) if lora else 1,
+                EVEN_K=in_dim % config.block_k == 0, IEEE=ieee, BLOCK_M=1 if rows == 1 else 16,
+                BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_R=block_r if lora else 16,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Raise ValueError unless x [T <= MAX_ROWS, in] and weight [out, in] (bias [out]) fit the fused linear."""
     if weight.dim() != 2 or x.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -234,20 +237,16 @@ def routed_linear(
         sizes = (routing.num_experts, routing.top_k, cdiv(routing.max_rank, block_r))
         strides = (weights.b.stride(0), weights.b.stride(1), tmp.stride(0), tmp.stride(1), tmp.stride(2),
                    tmp.stride(3))
-        lora_meta = dict(N_SPLITS=tmp.shape[0], TOP_K_POW2=_pow2(routing.top_k),
-                         TERMS_BLOCK=min(_pow2(routing.num_experts), MAX_TERMS_BLOCK), BLOCK_R=block_r)
+        meta = linear_meta(rows, x.shape[1], config, bias is not None, x.dtype == torch.float32, n_slices,
+                           tmp.shape[0], routing.top_k, routing.num_experts, block_r)
     else:
         bounds, n_slices = [0, out_total, out_total, out_total, out_total], 1
         tables, sizes, strides = (y,) * 6, (0, 1, 1), (0,) * 6
-        lora_meta = dict(N_SPLITS=1, TOP_K_POW2=1, TERMS_BLOCK=1, BLOCK_R=16)
+        meta = linear_meta(rows, x.shape[1], config, bias is not None, x.dtype == torch.float32)
     firsts, programs = _slice_blocks(bounds, n_slices, config.block_n)
-    block_m = 1 if rows == 1 else 16
     _linear_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, y, *tables,
         rows, x.shape[1], *sizes, out_total, bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
-        x.stride(0), weight.stride(0), y.stride(0), *strides,
-        N_SLICES=n_slices, HAS_BIAS=bias is not None, LORA=lora, EVEN_K=x.shape[1] % config.block_k == 0,
-        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **lora_meta,
+        x.stride(0), weight.stride(0), y.stride(0), *strides, **meta,
     )
     return y

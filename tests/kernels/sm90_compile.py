@@ -1,5 +1,6 @@
 """Compile, for an NVIDIA H200 (sm_90), every ATMM kernel variant a 7B server precompiles with the shipped H200 tile
-table, with Triton's bundled ptxas and no GPU; print one JSON line per variant (kernel, shared memory, error).
+table and the fused decode linear's variants for the 7B's groups, with Triton's bundled ptxas and no GPU; print one
+JSON line per variant (kernel, shared memory, error).
 
 Run by test_sm90_compile.py in a subprocess: kernels must be built without TRITON_INTERPRET to be compiled.
 """
@@ -19,14 +20,14 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.kernels import ROUTED_GROUPS  # noqa: E402  (the 7B's projection groups)
-from kernels import atmm  # noqa: E402
+from kernels import atmm, fused_linear  # noqa: E402
 from kernels.lora_batch import LoRAWeights  # noqa: E402
 from kernels.precompile import plan_routed_variants, plan_variants  # noqa: E402
-from kernels.tile_config import device_table  # noqa: E402
+from kernels.tile_config import ShapeKey, device_table  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tmp_ptr": "*fp32",
-                 "scale_ptr": "*fp32", "route_gate_ptr": "*fp32"}
+                 "scale_ptr": "*fp32", "route_gate_ptr": "*fp32", "w_ptr": "*bf16", "bias_ptr": "*bf16"}
 
 
 def pool(in_dim: int, widths: tuple[int, ...], slots: int, rank: int = 64) -> LoRAWeights:
@@ -59,6 +60,17 @@ def main() -> int:
                                                        max_rank=64, table=table)]:
             metas[("shrink", shrink)] = (atmm._shrink_kernel, dict(shrink))
             metas[("expand", expand)] = (atmm._expand_kernel, dict(expand))
+    for in_dim, widths in ROUTED_GROUPS.values():  # the fused decode linear: GEMV, routed at 1 and 16 rows
+        out_dim, bias = sum(widths), len(widths) == 3
+        for rows in (1, 16):
+            key = ShapeKey(segments=8, tokens=rows * 2, in_dim=in_dim, out_dim=out_dim, max_rank=64)
+            splits = table.lookup_routed(key)[0].shrink.split_k
+            routed = fused_linear.linear_config(rows, out_dim, in_dim, lora=True)
+            meta = fused_linear.linear_meta(rows, in_dim, routed, bias, False, len(widths), splits, 2, 8, 64)
+            metas[("linear", tuple(sorted(meta.items())))] = (fused_linear._linear_kernel, meta)
+        plain = fused_linear.linear_config(1, out_dim, in_dim)
+        meta = fused_linear.linear_meta(1, in_dim, plain, bias, False)
+        metas[("linear", tuple(sorted(meta.items())))] = (fused_linear._linear_kernel, meta)
     for (name, key), (kernel, meta) in list(metas.items())[:2]:  # programmatic dependent launch lowers too
         metas[(name + "+pdl", key)] = (kernel, {**meta, "USE_PDL": True})
     for (name, _), (kernel, meta) in metas.items():

@@ -1,4 +1,5 @@
-"""Every ATMM variant a 7B server precompiles with the shipped H200 table compiles for sm_90 (Triton's bundled
+"""Every ATMM variant a 7B server precompiles with the shipped H200 table, and the fused decode linear's variants
+for the 7B's groups, compile for sm_90 (Triton's bundled
 ptxas, no GPU) and fits the H200's shared memory per block: GPU-only code paths checked on every CI run."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def test_h200_variants_compile_and_fit_shared_memory(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     kernels = {row["kernel"] for row in rows}
-    assert {"shrink", "expand", "shrink+pdl", "expand+pdl"} <= kernels
+    assert {"shrink", "expand", "shrink+pdl", "expand+pdl", "linear"} <= kernels
     assert any(row["meta"].get("ROUTED") for row in rows) and any(not row["meta"].get("ROUTED") for row in rows)
     failed = [row for row in rows if "error" in row]
     assert not failed, failed[:3]

@@ -305,13 +305,9 @@ def _expand_kernel(
             y_tile = tl.load(y_rows + offs_n[None, :], mask=y_mask, other=0.0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for e0 in range(0, n_terms, TERMS_BLOCK):
-                live = _live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED, TOP_K_POW2,
-                                   TERMS_BLOCK)
-                slots = tl.load(slot_ptr + seg * n_terms + e0 + offs_c, mask=live, other=-1)
-                ranks = tl.load(rank_ptr + seg * n_terms + e0 + offs_c, mask=live, other=0)
-                scales = tl.load(scale_ptr + seg * n_terms + e0 + offs_c, mask=live, other=0.0)
-                order = tl.where(live, tl.cumsum(live.to(tl.int32), axis=0) - 1, -1)  # place among the live
-                for it in range(0, tl.sum(live.to(tl.int32), axis=0) * r_blocks):
+                slots, ranks, scales, order, count = _term_tables(slot_ptr, rank_ptr, scale_ptr, seg, n_terms, e0,
+                                                                  offs_c, ids, ROUTED, TOP_K_POW2, TERMS_BLOCK)
+                for it in range(0, count * r_blocks):
                     local = _pick(order, it // r_blocks, offs_c)
                     offs_r = (it % r_blocks) * BLOCK_R + offs_k
                     slot = _pick(offs_c, local, slots)
@@ -322,6 +318,19 @@ def _expand_kernel(
                                      + offs_r[:, None], mask=(offs_r < rank)[:, None] & mask_n[None, :], other=0.0)
                     acc += _dot(t.to(dtype), b_tile, IEEE)
             tl.store(y_rows + offs_n[None, :], (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _term_tables(slot_ptr, rank_ptr, scale_ptr, seg, n_terms, e0, offs_c, ids, ROUTED: tl.constexpr,
+                 TOP_K_POW2: tl.constexpr, TERMS_BLOCK: tl.constexpr):
+    """Terms e0 + offs_c of segment ``seg`` for a term walk: (slots, ranks, scales, each live term's place among the
+    live ones (-1 if dead), live count); see ``_live_terms``."""
+    live = _live_terms(slot_ptr, rank_ptr, seg, n_terms, e0, offs_c, ids, ROUTED, TOP_K_POW2, TERMS_BLOCK)
+    slots = tl.load(slot_ptr + seg * n_terms + e0 + offs_c, mask=live, other=-1)
+    ranks = tl.load(rank_ptr + seg * n_terms + e0 + offs_c, mask=live, other=0)
+    scales = tl.load(scale_ptr + seg * n_terms + e0 + offs_c, mask=live, other=0.0)
+    order = tl.where(live, tl.cumsum(live.to(tl.int32), axis=0) - 1, -1)
+    return slots, ranks, scales, order, tl.sum(live.to(tl.int32), axis=0)
 
 
 @triton.jit

@@ -26,11 +26,11 @@ from kernels.atmm import (
     MAX_SLICES,
     MAX_TERMS_BLOCK,
     _dot,
-    _live_terms,
     _pick,
     _pow2,
     _slice_of,
     _split_sum,
+    _term_tables,
     check_operands,
     launch_shrink,
     workspace_for,
@@ -126,12 +126,9 @@ def _linear_kernel(
         offs_rb = tl.arange(0, BLOCK_R)
         t_slice = tmp_ptr + slice_id * stride_t_slice
         for e0 in range(0, n_terms, TERMS_BLOCK):
-            live = _live_terms(slot_ptr, rank_ptr, 0, n_terms, e0, offs_c, ids, True, TOP_K_POW2, TERMS_BLOCK)
-            slots = tl.load(slot_ptr + e0 + offs_c, mask=live, other=-1)
-            ranks = tl.load(rank_ptr + e0 + offs_c, mask=live, other=0)
-            scales = tl.load(scale_ptr + e0 + offs_c, mask=live, other=0.0)
-            order = tl.where(live, tl.cumsum(live.to(tl.int32), axis=0) - 1, -1)  # place among the live
-            for it in range(0, tl.sum(live.to(tl.int32), axis=0) * r_blocks):
+            slots, ranks, scales, order, count = _term_tables(slot_ptr, rank_ptr, scale_ptr, 0, n_terms, e0, offs_c,
+                                                              ids, True, TOP_K_POW2, TERMS_BLOCK)
+            for it in range(0, count * r_blocks):
                 local = _pick(order, it // r_blocks, offs_c)
                 offs_r = (it % r_blocks) * BLOCK_R + offs_rb
                 slot = _pick(offs_c, local, slots)

@@ -75,7 +75,13 @@ class ValoraEngine(EngineBackend):
         routed = self.lora.op.precompile_routed(
             experts.all_weights(), max_tokens=cfg.max_num_batched_tokens, experts=experts.num_slots * experts.experts,
             top_k=experts.top_k, max_rank=experts.max_rank)
-        self.precompiled = (plain[0] + routed[0], plain[1] + routed[1])
+        # the fused decode linear: the one-row GEMV (row_linear) and routed MoE projections of up to fused_rows rows
+        op, base = self.lora.op, self.model.layers[0].mlp.ops.row_linear
+        linears = [(m.weight, m.bias, experts.weights(key) if experts.allocated and op.fused_rows else None)
+                   for key, m in self.model.adapted_linears().items() if key[0] == 0 and (base or experts.allocated)]
+        fused = op.precompile_linears(linears, rows=op.fused_rows, experts=experts.num_slots * experts.experts,
+                                      top_k=experts.top_k, max_rank=experts.max_rank)
+        self.precompiled = (plain[0] + routed[0] + fused[0], plain[1] + routed[1] + fused[1])
         logger.info("engine %s: %d multi-LoRA kernel variants ready in %.1f s", self.engine_id, *self.precompiled)
         prefill = self.runner.prefill_graphs
         if prefill is not None:

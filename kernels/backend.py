@@ -61,6 +61,11 @@ class LoRABackend(ABC):
         """The same for ``add_routed`` over MoE expert pools (``plan_routed_variants``' arguments)."""
         return 0, 0.0
 
+    def precompile_linears(self, linears: Sequence[tuple[torch.Tensor, torch.Tensor | None, LoRAWeights | None]],
+                           **shape) -> tuple[int, float]:
+        """The same for the fused decode linear (``kernels.precompile.precompile_linears``' arguments)."""
+        return 0, 0.0
+
 
 _REGISTRY: dict[str, Callable[[], LoRABackend]] = {}
 
@@ -152,6 +157,11 @@ class TritonBackend(LoRABackend):
         from kernels.precompile import precompile_routed_pools
 
         return precompile_routed_pools(pools, config=self.atmm_config, **shape)
+
+    def precompile_linears(self, linears, **shape):
+        from kernels.precompile import precompile_linears
+
+        return precompile_linears(linears, **shape)
 
 
 @register_backend("punica")

@@ -18,10 +18,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 
 from kernels.atmm import RowPlan, atmm_add, expand_meta, segment_scan_width, shrink_meta
+from kernels.fused_linear import routed_linear
 from kernels.lora_batch import LoRABatch, LoRAWeights
 from kernels.routed import routed_add, routed_plan
 from kernels.routing import Routing
@@ -177,4 +179,37 @@ def _prepare(pools: Sequence[LoRAWeights], plan, label: str) -> tuple[int, float
     launched = sum(_launch(w, variants) for w, variants in plans)
     if launched:
         torch.cuda.synchronize(plans[0][0].a.device)
+    return launched, time.perf_counter() - started
+
+
+def precompile_linears(linears: Sequence[tuple[torch.Tensor, torch.Tensor | None, LoRAWeights | None]], *,
+                       rows: int = 0, experts: int = 0, top_k: int = 1, max_rank: int = 0) -> tuple[int, float]:
+    """The fused decode linear's variants (kernels/fused_linear.py) for projections given as (weight, bias, expert
+    pool or None): the one-row GEMV of each, and where a pool is given (and ``experts``), its routed form for 1 to
+    ``rows`` rows. Each distinct layout is launched once per process, into scratch, with zero gates; returns
+    (launches, seconds). Nothing off CUDA."""
+    started, launched, device = time.perf_counter(), 0, None
+    for weight, bias, pool in linears:
+        if weight.device.type != "cuda":
+            continue
+        device = weight.device
+        layout = ("linear", str(device), weight.dtype, tuple(weight.shape), bias is not None)
+        if (layout, 0) not in _done:
+            routed_linear(torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=device), weight, bias)
+            _done.add((layout, 0))
+            launched += 1
+        if pool is None or experts == 0 or max_rank == 0:
+            continue
+        probe = _routed_probe(pool, experts, top_k, max_rank).to(device)
+        for n in range(1, rows + 1):
+            if (layout, _layout(pool), n) in _done:
+                continue
+            routing = replace(probe, topk_ids=probe.topk_ids.expand(n, -1).contiguous(),
+                              topk_gates=torch.zeros(n, top_k, device=device))
+            routed_linear(torch.zeros(n, weight.shape[1], dtype=weight.dtype, device=device), weight, bias, pool,
+                          routing)
+            _done.add((layout, _layout(pool), n))
+            launched += 1
+    if launched:
+        torch.cuda.synchronize(device)
     return launched, time.perf_counter() - started

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from kernels.atmm import atmm_add, shape_key
+from kernels.fused_linear import routed_linear
 from kernels.lora_batch import LoRABatch, LoRAWeights
 from kernels.precompile import (
     plan_routed_variants,
     plan_variants,
     precompile,
+    precompile_linears,
     precompile_routed_pools,
     variant_key,
 )
@@ -111,12 +113,15 @@ def test_lookup_many_answers_as_lookup():
 
 def test_precompile_does_nothing_off_cuda():
     assert precompile(pool(64, [32, 16], device="cpu", dtype=torch.float32), max_tokens=64, max_segments=4) == 0
+    weights = pool(64, [32, 16], device="cpu", dtype=torch.float32)
+    linear = (torch.zeros(48, 64), torch.zeros(48), weights)
+    assert precompile_linears([linear], rows=4, experts=4, top_k=2, max_rank=POOL_RANK)[0] == 0
 
 
 def _variants() -> int:
-    from kernels import atmm
+    from kernels import atmm, fused_linear
 
-    return sum(len(cache[0]) for kernel in (atmm._shrink_kernel, atmm._expand_kernel)
+    return sum(len(cache[0]) for kernel in (atmm._shrink_kernel, atmm._expand_kernel, fused_linear._linear_kernel)
                for cache in kernel.device_caches.values())
 
 
@@ -151,3 +156,26 @@ def test_nothing_compiles_after_routed_precompile():
         routed_add(y, x, weights, random_routing(rng, rows, "cuda"))
     torch.cuda.synchronize()
     assert _variants() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["qkv", "down"])
+def test_nothing_compiles_after_linear_precompile(layout):
+    """After precompile_linears, the fused decode linear runs on compiled variants only: the one-row GEMV, and the
+    routed form for any row count up to the backend's fused rows."""
+    weights = pool(*LAYOUTS[layout], device="cuda", slots=EXPERTS)
+    weight = torch.randn(weights.out_dim, weights.in_dim, dtype=torch.bfloat16, device="cuda")
+    bias = torch.randn(weights.out_dim, dtype=torch.bfloat16, device="cuda") if layout == "qkv" else None
+    launched, _ = precompile_linears([(weight, bias, weights)], rows=16, experts=EXPERTS, top_k=TOP_K,
+                                     max_rank=POOL_RANK)
+    before = _variants()
+    assert launched == 17
+    rng = random.Random(5)
+    routed_linear(torch.randn(1, weights.in_dim, dtype=torch.bfloat16, device="cuda"), weight, bias)
+    for rows in [1, 3, 9, 16]:
+        x = torch.randn(rows, weights.in_dim, dtype=torch.bfloat16, device="cuda")
+        routed_linear(x, weight, bias, weights, random_routing(rng, rows, "cuda"))
+    torch.cuda.synchronize()
+    assert _variants() == before
+    assert precompile_linears([(weight, bias, weights)], rows=16, experts=EXPERTS, top_k=TOP_K,
+                              max_rank=POOL_RANK)[0] == 0

@@ -1,6 +1,6 @@
 """Kernel benchmark: ATMM against three baselines and the physical floor, plus swift merge and the fused switch.
 
-Usage: python bench/kernels.py [--quick] [--only atmm|routed|merge] [--json PATH]   (needs a CUDA GPU; bf16)
+Usage: python bench/kernels.py [--quick] [--only atmm|routed|linear|merge] [--json PATH]   (needs a CUDA GPU; bf16)
 
 Every time is the median device time of a CUDA-graph replay with the L2 flushed before it (kernels/timing.py),
 shrink + expand together. Methods, all on the same inputs in the same run:
@@ -17,6 +17,10 @@ top-2), against: dense  every expert for every row in torch, gated (graph-safe, 
 segmented  the same kernels with the segmented table's tiles (what the routed op used before its own entries);
 routed  its own table entries; routed+pdl  the same with programmatic dependent launch. Its floor counts the
 experts some row picked.
+
+The fused decode linear (kernels/fused_linear.py) runs on the same groups with a random base weight (and q/k/v's
+bias): cublas  F.linear alone (the base projection); gemv  the fused linear without experts; unfused  F.linear then
+the routed operator; fused  the fused linear with the experts. Its floor adds the base weight's bytes.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from kernels import reference  # noqa: E402
 from kernels.atmm import atmm_add  # noqa: E402
+from kernels.fused_linear import MAX_ROWS, routed_linear  # noqa: E402
 from kernels.lora_batch import LoRABatch, LoRAWeights  # noqa: E402
 from kernels.merge_plan import DeltaTerms, MergePlan, MergeTarget  # noqa: E402
 from kernels.routed import routed_add  # noqa: E402
@@ -249,6 +255,47 @@ def routed_grid(quick: bool) -> list[RoutedCase]:
     return [RoutedCase(g, rows) for g in ROUTED_GROUPS for rows in ((1, 16) if quick else (1, 4, 16, 64, 256))]
 
 
+def linear_floor_us(case: RoutedCase, weights: LoRAWeights, routing: Routing, bw: float, rate: float) -> float:
+    """The routed operator's floor plus the base weight (and bias) read once, and its FLOPs."""
+    out, in_dim = weights.out_dim, weights.in_dim
+    base_bytes = 2 * out * (in_dim + (1 if case.group == "qkv" else 0))
+    routed = routed_floor_us(case, weights, routing, bw, rate) * 1e-6
+    return max(routed + base_bytes / bw, 2 * case.rows * out * in_dim / rate) * 1e6
+
+
+def run_linear_case(timer: Timer, case: RoutedCase, bw: float, rate: float) -> RoutedCase:
+    weights, routing, x, _ = build_routed(case)
+    gen = torch.Generator(device="cuda").manual_seed(case.rows)
+    weight = torch.randn(weights.out_dim, weights.in_dim, generator=gen, device="cuda").to(torch.bfloat16) * 0.02
+    bias = torch.randn(weights.out_dim, device="cuda").to(torch.bfloat16) if case.group == "qkv" else None
+    case.floor_us = linear_floor_us(case, weights, routing, bw, rate)
+    want = reference.routed_linear(x, weight, bias, weights, routing).float()
+    got = routed_linear(x, weight, bias, weights, routing).float()
+    case.max_rel_err = ((got - want).norm() / want.norm()).item()
+
+    def unfused():
+        y = torch.nn.functional.linear(x, weight, bias)
+        routed_add(y, x, weights, routing)
+
+    methods = {"cublas": lambda: torch.nn.functional.linear(x, weight, bias),
+               "gemv": lambda: routed_linear(x, weight, bias), "unfused": unfused,
+               "fused": lambda: routed_linear(x, weight, bias, weights, routing)}
+    for name, fn in methods.items():
+        case.us[name] = timer.graph_time_us(fn)
+    return case
+
+
+def print_linear(cases: list[RoutedCase]) -> None:
+    head = (f"{'group':>8} {'rows':>5} | {'floor':>7} {'cublas':>8} {'gemv':>8} {'unfused':>8} {'fused':>8} | "
+            f"{'fu/floor':>8} {'unf/fu':>7} {'err':>7}")
+    print(head)
+    print("-" * len(head))
+    for c in cases:
+        print(f"{c.group:>8} {c.rows:>5} | {c.floor_us:7.1f} {c.us['cublas']:8.1f} {c.us['gemv']:8.1f} "
+              f"{c.us['unfused']:8.1f} {c.us['fused']:8.1f} | {c.us['fused'] / c.floor_us:8.2f} "
+              f"{c.us['unfused'] / c.us['fused']:7.2f} {c.max_rel_err:7.1e}")
+
+
 def print_routed(cases: list[RoutedCase]) -> None:
     head = (f"{'group':>8} {'rows':>5} | {'floor':>7} {'dense':>8} {'segm.':>8} {'routed':>8} {'+pdl':>8} | "
             f"{'rt/floor':>8} {'segm/rt':>7} {'err':>7}")
@@ -331,9 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="A few cases (the issue's reference points) only.")
     parser.add_argument("--json", type=Path, default=None, help="Write all numbers here.")
-    parser.add_argument("--only", choices=["all", "atmm", "routed", "merge"], default="all",
-                        help="Run only the ATMM grid, the routed operator's 7B groups, or the 7B swift merge and "
-                        "fused switch (13 GB).")
+    parser.add_argument("--only", choices=["all", "atmm", "routed", "linear", "merge"], default="all",
+                        help="Run only the ATMM grid, the routed operator's 7B groups, the fused decode linear on "
+                        "them, or the 7B swift merge and fused switch (13 GB).")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -353,9 +400,13 @@ def main(argv: list[str] | None = None) -> int:
               if args.only in ("all", "routed") else [])
     if routed:
         print_routed(routed)
+    linear = ([run_linear_case(timer, c, bw, rate) for c in routed_grid(args.quick) if c.rows <= MAX_ROWS]
+              if args.only in ("all", "linear") else [])
+    if linear:
+        print_linear(linear)
     result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "bf16_flops_per_s": rate,
-              "trivial_graph_us": [empty_us, two_us],
-              "cases": [asdict(c) for c in cases], "routed": [asdict(c) for c in routed]}
+              "trivial_graph_us": [empty_us, two_us], "cases": [asdict(c) for c in cases],
+              "routed": [asdict(c) for c in routed], "linear": [asdict(c) for c in linear]}
     if args.only in ("all", "merge"):
         result["merge"] = bench_merge(timer, bw)
         m = result["merge"]

@@ -31,3 +31,13 @@ def test_floor_counts_picked_experts():
     expert_bytes = 2 * case.rank * (weights.in_dim + weights.out_dim)
     io_bytes = 2 * (weights.in_dim + 2 * weights.out_dim)
     assert one == pytest.approx((io_bytes + case.top_k * expert_bytes) / 1e12 * 1e6)
+
+
+def test_linear_floor_adds_the_base_weight():
+    """The fused linear's floor: the routed operator's bytes plus the base weight (and q/k/v's bias) read once."""
+    for group in ("qkv", "down"):
+        case = bench.RoutedCase(group, rows=1)
+        weights, routing, _, _ = bench.build_routed(case, dev="cpu")
+        routed = bench.routed_floor_us(case, weights, routing, bw=1e12, rate=1e30)
+        base = 2 * weights.out_dim * (weights.in_dim + (group == "qkv")) / 1e12 * 1e6
+        assert bench.linear_floor_us(case, weights, routing, bw=1e12, rate=1e30) == pytest.approx(routed + base)

@@ -285,26 +285,17 @@ def run_linear_case(timer: Timer, case: RoutedCase, bw: float, rate: float) -> R
     return case
 
 
-def print_linear(cases: list[RoutedCase]) -> None:
-    head = (f"{'group':>8} {'rows':>5} | {'floor':>7} {'cublas':>8} {'gemv':>8} {'unfused':>8} {'fused':>8} | "
-            f"{'fu/floor':>8} {'unf/fu':>7} {'err':>7}")
+def print_groups(cases: list[RoutedCase], methods: dict[str, str], ours: str, versus: str) -> None:
+    """One row per (group, rows): the floor, each method's time (``methods``: key -> column label), ours / floor
+    and versus / ours."""
+    head = (f"{'group':>8} {'rows':>5} | {'floor':>7} " + " ".join(f"{label:>8}" for label in methods.values())
+            + f" | {'/floor':>8} {versus[:4] + '/' + ours[:3]:>8} {'err':>7}")
     print(head)
     print("-" * len(head))
     for c in cases:
-        print(f"{c.group:>8} {c.rows:>5} | {c.floor_us:7.1f} {c.us['cublas']:8.1f} {c.us['gemv']:8.1f} "
-              f"{c.us['unfused']:8.1f} {c.us['fused']:8.1f} | {c.us['fused'] / c.floor_us:8.2f} "
-              f"{c.us['unfused'] / c.us['fused']:7.2f} {c.max_rel_err:7.1e}")
-
-
-def print_routed(cases: list[RoutedCase]) -> None:
-    head = (f"{'group':>8} {'rows':>5} | {'floor':>7} {'dense':>8} {'segm.':>8} {'routed':>8} {'+pdl':>8} | "
-            f"{'rt/floor':>8} {'segm/rt':>7} {'err':>7}")
-    print(head)
-    print("-" * len(head))
-    for c in cases:
-        print(f"{c.group:>8} {c.rows:>5} | {c.floor_us:7.1f} {c.us['dense']:8.1f} {c.us['segmented']:8.1f} "
-              f"{c.us['routed']:8.1f} {c.us['routed+pdl']:8.1f} | {c.us['routed'] / c.floor_us:8.2f} "
-              f"{c.us['segmented'] / c.us['routed']:7.2f} {c.max_rel_err:7.1e}")
+        times = " ".join(f"{c.us[m]:8.1f}" for m in methods)
+        print(f"{c.group:>8} {c.rows:>5} | {c.floor_us:7.1f} {times} | {c.us[ours] / c.floor_us:8.2f} "
+              f"{c.us[versus] / c.us[ours]:8.2f} {c.max_rel_err:7.1e}")
 
 
 def qwen7b_targets(dev: str, slots: int, rank: int, with_base: bool = False) -> list[MergeTarget]:
@@ -399,11 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     routed = ([run_routed_case(timer, c, bw, rate) for c in routed_grid(args.quick)]
               if args.only in ("all", "routed") else [])
     if routed:
-        print_routed(routed)
+        print_groups(routed, {"dense": "dense", "segmented": "segm.", "routed": "routed", "routed+pdl": "+pdl"},
+                     "routed", "segmented")
     linear = ([run_linear_case(timer, c, bw, rate) for c in routed_grid(args.quick) if c.rows <= MAX_ROWS]
               if args.only in ("all", "linear") else [])
     if linear:
-        print_linear(linear)
+        print_groups(linear, {"cublas": "cublas", "gemv": "gemv", "unfused": "unfused", "fused": "fused"}, "fused",
+                     "unfused")
     result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "bf16_flops_per_s": rate,
               "trivial_graph_us": [empty_us, two_us], "cases": [asdict(c) for c in cases],
               "routed": [asdict(c) for c in routed], "linear": [asdict(c) for c in linear]}

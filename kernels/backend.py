@@ -38,9 +38,9 @@ class LoRABackend(ABC):
 
     def routed_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weights: LoRAWeights,
                       routing: Routing) -> torch.Tensor:
-        """x @ W.T + b with add_routed's update, one launch for the pair's expand and the matmul
-        (kernels/fused_linear.py); only for x of at most ``fused_rows`` rows."""
-        raise NotImplementedError(f"the {self.name!r} backend has no fused routed linear")
+        """x @ W.T + b with add_routed's update in one fp32 sum (kernels/fused_linear.py's semantics); callers use
+        it for x of at most ``fused_rows`` rows. By default the pure-torch reference."""
+        return reference.routed_linear(x, weight, bias, weights, routing)
 
     @abstractmethod
     def swift_merge(
@@ -101,9 +101,6 @@ class TorchBackend(LoRABackend):
 
     def add_routed(self, y, x, weights, routing):
         reference.add_routed(y, x, weights, routing)
-
-    def routed_linear(self, x, weight, bias, weights, routing):
-        return reference.routed_linear(x, weight, bias, weights, routing)
 
     def swift_merge(self, plan, add=None, sub=None):
         reference.swift_merge(plan, add, sub)

@@ -40,12 +40,9 @@ class RoutedMoEDelta(LayerDelta):
 
     def linear(self, key: LayerKey, x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor | None:
-        if not (self.fuse and 0 < x.shape[0] <= self.op.fused_rows):
-            return None
-        routing = self._step_routing(key, x)
-        if routing is None:  # a group this scheme does not adapt (block-wise: attention)
-            return None
-        return self.op.routed_linear(x, weight, bias, self.pool.weights(key), routing)
+        if not (self.fuse and 0 < x.shape[0] <= self.op.fused_rows and self._adapts(key[1])):
+            return None  # ``apply`` runs instead (and refreshes the router where this would have)
+        return self.op.routed_linear(x, weight, bias, self.pool.weights(key), self._step_routing(key, x))
 
     def apply(self, key: LayerKey, x: torch.Tensor, y: torch.Tensor) -> None:
         routing = self._step_routing(key, x)
@@ -57,6 +54,10 @@ class RoutedMoEDelta(LayerDelta):
             self.router.refresh()
         return self._routing(key, x)
 
+    def _adapts(self, group: str) -> bool:
+        """Whether this scheme adapts ``group`` (block-wise routing leaves attention alone)."""
+        return self.scheme != "block" or group in ("gate_up", "down")
+
     def _routing(self, key: LayerKey, x: torch.Tensor) -> Routing | None:
         layer, group = key
         if self.scheme == "pregated":
@@ -64,7 +65,7 @@ class RoutedMoEDelta(LayerDelta):
                 ids, gates = self.router.pregated(x)  # [layers, T, K]
                 self.layer_routes = [self.router.routing(ids[i], gates[i]) for i in range(ids.shape[0])]
             return self.layer_routes[layer]
-        if self.scheme == "block" and group not in ("gate_up", "down"):
+        if not self._adapts(group):
             return None
         if site_of(self.scheme, group) == group:
             ids, gates = self.router.site(layer, group, x)  # [1, T, K]

@@ -31,6 +31,7 @@ from engine.model.checkpoint import Checkpoint  # noqa: E402
 from engine.model.spec import ModelSpec  # noqa: E402
 from engine.prompt import PromptBuilder  # noqa: E402
 from engine.request import EngineRequest, SamplingParams  # noqa: E402
+from kernels.backend import TritonBackend  # noqa: E402
 
 logger = logging.getLogger("bench.engine")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prefill-ab", action="store_true",
                    help="only compare prefill iterations run eagerly and as piecewise CUDA graphs, in one engine "
                         "(batches 1/4/8 of --prompt-tokens, with and without adapters)")
+    p.add_argument("--fused-lora-rows", type=int,
+                   help="rows of a plain multi-LoRA batch up to which the Triton backend fuses each projection with "
+                        "its LoRA update (kernels/fused_linear.py; default the backend's, 1; 0 = never)")
     return p.parse_args()
 
 
@@ -149,6 +153,9 @@ def bench_ours(args, adapters: list[tuple[str, int]], texts: list[str], new_toke
     run(1, False, 8)
     per_token = [r.timings.decode_ms / max(1, r.output_tokens - 1) for _ in range(3) for r in run(1, False, 128)[1]]
     out["decode_ms_b1"] = statistics.median(per_token)
+    run(1, True, 8)  # loads the adapter
+    per_token = [r.timings.decode_ms / max(1, r.output_tokens - 1) for _ in range(3) for r in run(1, True, 128)[1]]
+    out["decode_ms_b1_lora"] = statistics.median(per_token)
     for batch in args.batches:
         for lora in (False, True):
             # Warm-up, twice: the first loads the adapters (requests wait for theirs, so prefill runs in pieces);
@@ -166,13 +173,15 @@ def bench_ours(args, adapters: list[tuple[str, int]], texts: list[str], new_toke
 def bench_decode_ab(args, texts: list[str], option: str, batches=(1, 8, 32),
                     new_tokens: int = 64) -> dict[str, float]:
     """Decode ms/token (median over requests of 3 runs) with the boolean EngineConfig field ``option`` off, then on,
-    in one process (no adapters, policy slora). Each engine takes under half the GPU's memory: the first one's is not
-    all returned before the second starts."""
+    in one process (no adapters, policy slora). Each engine's KV cache holds exactly its largest batch, so the second
+    engine does not depend on how much of the first one's memory has been returned."""
     out: dict[str, float] = {}
+    max_len = args.prompt_tokens + new_tokens + 64
+    blocks = max(batches) * -(-max_len // EngineConfig().kv_block_size) + 1
     for on in (False, True):
         engine = create_engine(EngineConfig(model=args.model, max_num_seqs=max(batches), max_num_batched_tokens=8192,
-                                            max_model_len=args.prompt_tokens + new_tokens + 64, seed=0,
-                                            policy="slora", gpu_memory_fraction=0.4, **{option: on}))
+                                            max_model_len=max_len, seed=0, policy="slora",
+                                            kv_cache_blocks=blocks, **{option: on}))
         for batch in batches:
             def reqs(tokens: int, batch: int = batch) -> list[EngineRequest]:
                 return [EngineRequest(prompt=texts[i], sampling=SamplingParams(max_tokens=tokens))
@@ -326,6 +335,9 @@ def floors(spec: ModelSpec, adapters, batches, bandwidth: float, flops: float, p
         return max(2 * weights / bandwidth, token_flops / flops)
 
     out = {"weight_bytes": 2.0 * linear, "decode_ms_b1": step(linear, 2 * linear) * 1000}
+    if adapters:  # batch 1 with the first adapter: its A and B read once per step too
+        extra = per_rank * adapters[0][1]
+        out["decode_ms_b1_lora"] = step(linear + extra, 2 * linear + 2 * extra) * 1000
     for b in batches:
         ranks = [adapters[i % len(adapters)][1] for i in range(b)] if adapters else [0] * b
         lora_bytes = per_rank * sum(r for _, r in adapters[:b])  # each adapter in use read once per step
@@ -339,6 +351,9 @@ def floors(spec: ModelSpec, adapters, batches, bandwidth: float, flops: float, p
 def table(ours: dict, base: dict, floor: dict, batches, ours_adapters: int, peft_adapters: int) -> list[dict]:
     rows = [{"metric": "decode ms/token, batch 1 (lower is better)", "baseline": base.get("decode_ms_b1"),
              "ours": ours["decode_ms_b1"], "floor": floor["decode_ms_b1"]}]
+    if "decode_ms_b1_lora" in ours:
+        rows.append({"metric": "decode ms/token, batch 1, one adapter (lower is better)", "baseline": None,
+                     "ours": ours["decode_ms_b1_lora"], "floor": floor["decode_ms_b1_lora"]})
     for b in batches:
         for kind in ("base", "lora"):
             key = f"tps_{kind}_b{b}"
@@ -370,6 +385,8 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args()
+    if args.fused_lora_rows is not None:
+        TritonBackend.fused_lora_rows = args.fused_lora_rows
     new_tokens = args.new_tokens or (32 if args.quick else 128)
     device = resolve_device("auto")
     checkpoint = Checkpoint(args.model)

@@ -1,6 +1,7 @@
 """Kernel benchmark: ATMM against three baselines and the physical floor, plus swift merge and the fused switch.
 
-Usage: python bench/kernels.py [--quick] [--only atmm|routed|linear|merge] [--json PATH]   (needs a CUDA GPU; bf16)
+Usage: python bench/kernels.py [--quick] [--only atmm|routed|linear|lora-linear|merge] [--json PATH]
+(needs a CUDA GPU; bf16)
 
 Every time is the median device time of a CUDA-graph replay with the L2 flushed before it (kernels/timing.py),
 shrink + expand together. Methods, all on the same inputs in the same run:
@@ -20,7 +21,9 @@ experts some row picked.
 
 The fused decode linear (kernels/fused_linear.py) runs on the same groups with a random base weight (and q/k/v's
 bias): cublas  F.linear alone (the base projection); gemv  the fused linear without experts; unfused  F.linear then
-the routed operator; fused  the fused linear with the experts. Its floor adds the base weight's bytes.
+the routed operator; fused  the fused linear with the experts. Its floor adds the base weight's bytes. With plain
+multi-LoRA (``lora-linear``: one adapter per row, as a decode batch of distinct requests) unfused is F.linear then
+ATMM, and fused the fused linear over the batch's rows (the engine's form below ``fused_rows``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from kernels import reference  # noqa: E402
 from kernels.atmm import atmm_add  # noqa: E402
 from kernels.fused_linear import MAX_ROWS, routed_linear  # noqa: E402
+from kernels.intmath import next_power_of_2  # noqa: E402
 from kernels.lora_batch import LoRABatch, LoRAWeights  # noqa: E402
 from kernels.merge_plan import DeltaTerms, MergePlan, MergeTarget  # noqa: E402
 from kernels.routed import routed_add  # noqa: E402
@@ -285,6 +289,60 @@ def run_linear_case(timer: Timer, case: RoutedCase, bw: float, rate: float) -> R
     return case
 
 
+PLAIN_RANKS = (8, 16, 32, 64)  # the engine bench's adapters: ranks cycle through these in a pool of rank 64
+
+
+def build_plain(case: RoutedCase, dev: str = "cuda"):
+    """Plain multi-LoRA at decode size: a 32-slot pool at rank 64, row t served by the adapter in slot t (ranks
+    cycling 8-64); the batch as a LoRABatch and row by row as a Routing (the engine's form, engine/lora/batch.py:
+    terms padded to the next power of two of the rows). Returns weights, batch, routing, x."""
+    in_dim, widths = ROUTED_GROUPS[case.group]
+    bounds = [0]
+    for width in widths:
+        bounds.append(bounds[-1] + width)
+    gen = torch.Generator().manual_seed(case.rows * 17 + in_dim + bounds[-1])
+    slots, r, dt = 32, case.rank, torch.bfloat16
+    weights = LoRAWeights((torch.randn(slots, len(widths), r, in_dim, generator=gen) / in_dim**0.5).to(dev, dt),
+                          (torch.randn(slots, bounds[-1], r, generator=gen) / r**0.5).to(dev, dt), tuple(bounds))
+    ranks = [min(PLAIN_RANKS[i % len(PLAIN_RANKS)], r) for i in range(slots)]
+    batch = LoRABatch.from_token_slots(list(range(case.rows)), ranks, [2.0] * slots, device=dev, max_rank=r)
+    experts = next_power_of_2(case.rows)
+    live = torch.arange(experts) < case.rows
+    routing = Routing(torch.arange(experts, dtype=torch.int32, device=dev),
+                      torch.where(live, torch.tensor(ranks[:experts]), 0).to(dev, torch.int32),
+                      torch.where(live, 2.0, 0.0).to(dev),
+                      torch.arange(case.rows, dtype=torch.int32, device=dev)[:, None],
+                      torch.ones(case.rows, 1, device=dev), r)
+    x = torch.randn(case.rows, in_dim, generator=gen).to(dev, dt)
+    return weights, batch, routing, x
+
+
+def run_plain_linear_case(timer: Timer, case: RoutedCase, bw: float, rate: float) -> RoutedCase:
+    """The projection with plain multi-LoRA: F.linear + ATMM (the engine's path above fused_rows) vs the fused
+    linear over the batch's rows; the floor as for the routed case (each row's adapter at its true rank)."""
+    weights, batch, routing, x = build_plain(case)
+    gen = torch.Generator(device="cuda").manual_seed(case.rows)
+    weight = torch.randn(weights.out_dim, weights.in_dim, generator=gen, device="cuda").to(torch.bfloat16) * 0.02
+    bias = torch.randn(weights.out_dim, device="cuda").to(torch.bfloat16) if case.group == "qkv" else None
+    in_dim, out = weights.in_dim, weights.out_dim
+    adapter_bytes = 2 * sum(int(r) for r in routing.expert_ranks.tolist()) * (weights.n_slices * in_dim + out)
+    nbytes = 2 * (case.rows * in_dim + case.rows * out + out * in_dim) + adapter_bytes
+    case.floor_us = max(nbytes / bw, 2 * case.rows * out * in_dim / rate) * 1e6
+    want = reference.routed_linear(x, weight, bias, weights, routing).float()
+    got = routed_linear(x, weight, bias, weights, routing).float()
+    case.max_rel_err = ((got - want).norm() / want.norm()).item()
+
+    def unfused():
+        y = torch.nn.functional.linear(x, weight, bias)
+        atmm_add(y, x, weights, batch)
+
+    methods = {"cublas": lambda: torch.nn.functional.linear(x, weight, bias), "unfused": unfused,
+               "fused": lambda: routed_linear(x, weight, bias, weights, routing)}
+    for name, fn in methods.items():
+        case.us[name] = timer.graph_time_us(fn)
+    return case
+
+
 def print_groups(cases: list[RoutedCase], methods: dict[str, str], ours: str, versus: str) -> None:
     """One row per (group, rows): the floor, each method's time (``methods``: key -> column label), ours / floor
     and versus / ours."""
@@ -369,9 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="A few cases (the issue's reference points) only.")
     parser.add_argument("--json", type=Path, default=None, help="Write all numbers here.")
-    parser.add_argument("--only", choices=["all", "atmm", "routed", "linear", "merge"], default="all",
+    parser.add_argument("--only", choices=["all", "atmm", "routed", "linear", "lora-linear", "merge"], default="all",
                         help="Run only the ATMM grid, the routed operator's 7B groups, the fused decode linear on "
-                        "them, or the 7B swift merge and fused switch (13 GB).")
+                        "them or with plain multi-LoRA batches, or the 7B swift merge and fused switch (13 GB).")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -397,9 +455,16 @@ def main(argv: list[str] | None = None) -> int:
     if linear:
         print_groups(linear, {"cublas": "cublas", "gemv": "gemv", "unfused": "unfused", "fused": "fused"}, "fused",
                      "unfused")
+    plain = ([run_plain_linear_case(timer, RoutedCase(g, rows, experts=rows, top_k=1), bw, rate)
+              for g in ROUTED_GROUPS for rows in ((1, 2, 4, 8, 16) if args.quick else range(1, MAX_ROWS + 1))]
+             if args.only in ("all", "lora-linear") else [])
+    if plain:
+        print("# plain multi-LoRA, one adapter per row (ranks 8-64): F.linear + ATMM vs the fused linear")
+        print_groups(plain, {"cublas": "cublas", "unfused": "unfused", "fused": "fused"}, "fused", "unfused")
     result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "bf16_flops_per_s": rate,
               "trivial_graph_us": [empty_us, two_us], "cases": [asdict(c) for c in cases],
-              "routed": [asdict(c) for c in routed], "linear": [asdict(c) for c in linear]}
+              "routed": [asdict(c) for c in routed], "linear": [asdict(c) for c in linear],
+              "lora_linear": [asdict(c) for c in plain]}
     if args.only in ("all", "merge"):
         result["merge"] = bench_merge(timer, bw)
         m = result["merge"]

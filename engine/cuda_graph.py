@@ -102,7 +102,8 @@ class GraphRunner:
             cu_query_lens=self.cu_query_lens[:size + 1], context_lens=self.context_lens[:size],
             max_query_len=1, query_lens_host=[1] * size, context_lens_host=[1] * size, use_triton=True,
         )
-        deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, self.static_lora[size, terms].batch)] if terms else []
+        static = self.static_lora.get((size, terms))
+        deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, static.batch, static.routing)] if terms else []
         ctx = ForwardContext(attn, deltas + self.static_moe.deltas(moe, size))
         return capture_graph(lambda: self.model(self.input_ids[:size], self.positions[:, :size], ctx), self.device,
                              self.pool)

@@ -75,12 +75,7 @@ class ValoraEngine(EngineBackend):
         routed = self.lora.op.precompile_routed(
             experts.all_weights(), max_tokens=cfg.max_num_batched_tokens, experts=experts.num_slots * experts.experts,
             top_k=experts.top_k, max_rank=experts.max_rank)
-        # the fused decode linear: the one-row GEMV (row_linear) and routed MoE projections of up to fused_rows rows
-        op, base = self.lora.op, self.model.layers[0].mlp.ops.row_linear
-        linears = [(m.weight, m.bias, experts.weights(key) if experts.allocated and op.fused_rows else None)
-                   for key, m in self.model.adapted_linears().items() if key[0] == 0 and (base or experts.allocated)]
-        fused = op.precompile_linears(linears, rows=op.fused_rows, experts=experts.num_slots * experts.experts,
-                                      top_k=experts.top_k, max_rank=experts.max_rank)
+        fused = self._precompile_linears()
         self.precompiled = (plain[0] + routed[0] + fused[0], plain[1] + routed[1] + fused[1])
         logger.info("engine %s: %d multi-LoRA kernel variants ready in %.1f s", self.engine_id, *self.precompiled)
         prefill = self.runner.prefill_graphs
@@ -90,6 +85,36 @@ class ValoraEngine(EngineBackend):
             count = prefill.capture_all((0, 1, 2) if policy_class(self.config.policy).merges else (0, 1))
             logger.info("engine %s: %d prefill graph pieces captured in %.1f s", self.engine_id, count,
                         time.perf_counter() - start)
+
+    def _precompile_linears(self) -> tuple[int, float]:
+        """The fused decode linear's variants (kernels/fused_linear.py): the one-row GEMV (``row_linear``), the routed
+        MoE projections up to the backend's ``fused_rows`` rows and plain multi-LoRA batches up to its
+        ``fused_lora_rows``."""
+        from engine.lora.batch import routed_segments
+        from kernels.precompile import routed_cases
+
+        op, cfg, experts, graphs = self.lora.op, self.config, self.lora.moe.pool, self.runner.graphs
+        layer0 = [(key, m) for key, m in self.model.adapted_linears().items() if key[0] == 0]
+        runs = []
+        if self.model.layers[0].mlp.ops.row_linear:
+            runs.append(([(m.weight, m.bias, None) for _, m in layer0], []))
+        if op.fused_rows and experts.allocated:
+            runs.append(([(m.weight, m.bias, experts.weights(key)) for key, m in layer0],
+                         routed_cases(op.fused_rows, experts.num_slots * experts.experts, experts.top_k,
+                                      experts.max_rank)))
+        rows = op.fused_lora_rows
+        if rows and cfg.lora_slots:
+            terms = (1, 2) if policy_class(cfg.policy).merges else (1,)
+            static = [(size, size) for size in (graphs.sizes if graphs is not None else ()) if size <= rows]
+            prefill = self.runner.prefill_graphs
+            if prefill is not None:
+                static += [(size, min(size, cfg.max_num_seqs + 1)) for size in prefill.sizes if size <= rows]
+            # eager batches pad their terms (engine/lora/batch.py, routed_segments); graph buckets hold their own
+            shapes = [(n, routed_segments(n)) for n in range(1, rows + 1)] + static
+            cases = sorted({(n, segments * k, k, cfg.max_lora_rank) for n, segments in shapes for k in terms})
+            runs.append(([(m.weight, m.bias, self.lora.pool.weights(key)) for key, m in layer0], cases))
+        done = [op.precompile_linears(linears, cases) for linears, cases in runs]
+        return sum(n for n, _ in done), sum(t for _, t in done)
 
     def _init_model(self) -> None:
         self.checkpoint = Checkpoint(self.config.model)

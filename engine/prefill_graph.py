@@ -138,7 +138,8 @@ class PrefillGraphs:
             cu_query_lens=self.slot_mapping.new_zeros(1, dtype=torch.int32),
             context_lens=self.slot_mapping.new_zeros(0, dtype=torch.int32), max_query_len=0, query_lens_host=[],
             context_lens_host=[], use_triton=self.use_triton)
-        deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, self._lora(size, terms).batch)] if terms else []
+        static = self._lora(size, terms) if terms else None
+        deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, static.batch, static.routing)] if static else []
         ctx = ForwardContext(attn, deltas)
         cos, sin = self.cos[:size], self.sin[:size]
 

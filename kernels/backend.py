@@ -27,6 +27,7 @@ class LoRABackend(ABC):
 
     name: str = ""
     fused_rows: int = 0  # most rows ``routed_linear`` takes; 0: not offered (callers run F.linear + add_routed)
+    fused_lora_rows: int = 0  # most rows of a plain multi-LoRA batch the engine runs through ``routed_linear``
 
     @abstractmethod
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None:
@@ -62,7 +63,7 @@ class LoRABackend(ABC):
         return 0, 0.0
 
     def precompile_linears(self, linears: Sequence[tuple[torch.Tensor, torch.Tensor | None, LoRAWeights | None]],
-                           **shape) -> tuple[int, float]:
+                           cases: Sequence[tuple[int, int, int, int]] = ()) -> tuple[int, float]:
         """The same for the fused decode linear (``kernels.precompile.precompile_linears``' arguments)."""
         return 0, 0.0
 
@@ -119,6 +120,10 @@ class TritonBackend(LoRABackend):
     # Rows up to which routed projections run as kernels/fused_linear.py (all of its MAX_ROWS): faster than F.linear
     # + the routed pair at batch 1 and 16 on an H200 (bench/RESULTS.md, LoRA-Switch, seventh session).
     fused_rows = 16
+    # Plain multi-LoRA gains at one row only: each further adapter in the batch adds a dependent step to the fused
+    # epilogue, and from 2 rows of distinct adapters F.linear + ATMM is as fast or faster (bench/kernels.py --only
+    # lora-linear; bench/RESULTS.md, Kernels, eighth session).
+    fused_lora_rows = 1
 
     def add_lora(self, y, x, weights, batch):
         from kernels.atmm import atmm_add
@@ -155,10 +160,10 @@ class TritonBackend(LoRABackend):
 
         return precompile_routed_pools(pools, config=self.atmm_config, **shape)
 
-    def precompile_linears(self, linears, **shape):
+    def precompile_linears(self, linears, cases=()):
         from kernels.precompile import precompile_linears
 
-        return precompile_linears(linears, **shape)
+        return precompile_linears(linears, cases)
 
 
 @register_backend("punica")
@@ -167,3 +172,4 @@ class PunicaBackend(TritonBackend):
 
     atmm_config = FIXED_CONFIG
     merge_config = FIXED_MERGE_CONFIG
+    fused_rows = fused_lora_rows = 0  # the baseline keeps the separate matmul, shrink and expand at every size

@@ -182,33 +182,42 @@ def _prepare(pools: Sequence[LoRAWeights], plan, label: str) -> tuple[int, float
     return launched, time.perf_counter() - started
 
 
-def precompile_linears(linears: Sequence[tuple[torch.Tensor, torch.Tensor | None, LoRAWeights | None]], *,
-                       rows: int = 0, experts: int = 0, top_k: int = 1, max_rank: int = 0) -> tuple[int, float]:
-    """The fused decode linear's variants (kernels/fused_linear.py) for projections given as (weight, bias, expert
-    pool or None): the one-row GEMV of each, and where a pool is given (and ``experts``), its routed form for 1 to
-    ``rows`` rows. Each distinct layout is launched once per process, into scratch, with zero gates; returns
-    (launches, seconds). Nothing off CUDA."""
+LinearCase = tuple[int, int, int, int]  # (rows, experts, top_k, max_rank) of one fused-linear launch shape
+
+
+def routed_cases(rows: int, experts: int, top_k: int, max_rank: int) -> list[LinearCase]:
+    """Cases of an expert pool's routed projections: every row count from 1 to ``rows``."""
+    return [(n, experts, top_k, max_rank) for n in range(1, rows + 1)] if experts and max_rank else []
+
+
+def precompile_linears(linears: Sequence[tuple[torch.Tensor, torch.Tensor | None, LoRAWeights | None]],
+                       cases: Sequence[LinearCase] = ()) -> tuple[int, float]:
+    """The fused decode linear's variants (kernels/fused_linear.py) for projections given as (weight, bias, pool or
+    None): without a pool the one-row GEMV; with one, its routed form for each case (a routing of ``rows`` rows over
+    ``experts`` experts, ``top_k`` pairs per row, at ``max_rank``). Each distinct (layout, case) is launched once per
+    process, into scratch, with zero gates; returns (launches, seconds). Nothing off CUDA."""
     started, launched, device = time.perf_counter(), 0, None
     for weight, bias, pool in linears:
         if weight.device.type != "cuda":
             continue
         device = weight.device
         layout = ("linear", str(device), weight.dtype, tuple(weight.shape), bias is not None)
-        if (layout, 0) not in _done:
-            routed_linear(torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=device), weight, bias)
-            _done.add((layout, 0))
-            launched += 1
-        if pool is None or experts == 0 or max_rank == 0:
+        if pool is None:
+            if (layout, None) not in _done:
+                routed_linear(torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=device), weight, bias)
+                _done.add((layout, None))
+                launched += 1
             continue
-        probe = _routed_probe(pool, experts, top_k, max_rank).to(device)
-        for n in range(1, rows + 1):
-            if (layout, _layout(pool), n) in _done:
+        for case in cases:
+            if (layout, _layout(pool), case) in _done:
                 continue
-            routing = replace(probe, topk_ids=probe.topk_ids.expand(n, -1).contiguous(),
-                              topk_gates=torch.zeros(n, top_k, device=device))
-            routed_linear(torch.zeros(n, weight.shape[1], dtype=weight.dtype, device=device), weight, bias, pool,
-                          routing)
-            _done.add((layout, _layout(pool), n))
+            rows, experts, top_k, max_rank = case
+            probe = _routed_probe(pool, experts, top_k, max_rank).to(device)
+            routing = replace(probe, topk_ids=probe.topk_ids.expand(rows, -1).contiguous(),
+                              topk_gates=torch.zeros(rows, top_k, device=device))
+            routed_linear(torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=device), weight, bias,
+                          pool, routing)
+            _done.add((layout, _layout(pool), case))
             launched += 1
     if launched:
         torch.cuda.synchronize(device)

@@ -1,4 +1,10 @@
-"""The iteration's LoRABatch (built once, shared by every layer) and the multi-LoRA delta that applies it."""
+"""The iteration's LoRABatch (built once, shared by every layer) and the multi-LoRA delta that applies it.
+
+Up to a backend's ``fused_lora_rows`` rows (batch-1 decode on the Triton backend), the batch is also described row by
+row as a ``Routing``: each row picks its segment's terms (gate 1), so the projection's matmul and its LoRA update
+run as the fused decode linear (``kernels/fused_linear.py``: the shrink, then one launch that streams the weight and
+adds every used adapter's expand before its single store) instead of the matmul, the shrink and the expand.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ import torch
 from engine.lora.delta import LayerDelta, LayerKey
 from engine.lora.ops import AddLoRAOp
 from engine.lora.pool import AdapterPool
+from kernels.intmath import next_power_of_2
 from kernels.lora_batch import LoRABatch
+from kernels.routing import Routing
 
 
 @dataclass(frozen=True)
@@ -68,9 +76,36 @@ def segment_terms(slots: Sequence[int], pool: AdapterPool,
     return arr[..., 0].astype(np.int32), arr[..., 1].astype(np.int32), arr[..., 2].astype(np.float32)
 
 
+def row_terms(indices: np.ndarray, indptr: Sequence[int], seg_slots: np.ndarray, seg_ranks: np.ndarray,
+              num_rows: int) -> np.ndarray:
+    """[num_rows, K] int32: the flat index s * K + k of each active term (slot >= 0, rank > 0) of each row's segment
+    into the [S, K] term tables, -1 for rows in no segment and for inactive terms (K = 1 for 1-D tables)."""
+    k = 1 if seg_slots.ndim == 1 else seg_slots.shape[1]
+    out = np.full((num_rows, k), -1, dtype=np.int32)
+    seg_of = np.repeat(np.arange(len(indptr) - 1), np.diff(np.asarray(indptr)))  # [T_lora]
+    active = (seg_slots.reshape(-1, k) >= 0) & (seg_ranks.reshape(-1, k) > 0)  # [S, K]
+    out[indices] = np.where(active[seg_of], seg_of[:, None] * k + np.arange(k), -1)
+    return out
+
+
+def batch_routing(batch: LoRABatch, rows: torch.Tensor, gates: torch.Tensor, max_rank: int) -> Routing:
+    """``batch`` as a Routing over its terms: expert s * K + k is term k of segment s; ``rows`` [T, K] as from
+    ``row_terms``, ``gates`` [T, K] float32 ones. ``max_rank``: the pool's (a fixed bound, so the fused linear's
+    compiled variant does not depend on which adapters a batch holds)."""
+    slots, ranks, scales = batch.terms()
+    return Routing(slots.reshape(-1), ranks.reshape(-1), scales.reshape(-1), rows, gates, max_rank)
+
+
+def routed_segments(rows: int) -> int:
+    """Segments an eager batch of ``rows`` rows pads its row-wise Routing to (``build_lora_batch``)."""
+    return next_power_of_2(rows)
+
+
 def build_lora_batch(rows: Sequence[LoRARows], pool: AdapterPool, num_tokens: int, device: torch.device,
-                     merged_slot: int | None = None) -> LoRABatch | None:
-    """The batch for ``num_tokens`` input rows; None when no row needs LoRA work.
+                     merged_slot: int | None = None, routed_rows: int = 0) -> tuple[LoRABatch, Routing | None] | None:
+    """The batch for ``num_tokens`` input rows, and when ``num_tokens <= routed_rows`` the same row by row as a
+    Routing over ``routed_segments(num_tokens)`` x K experts (as in ``batch_routing``; else None); None when no row
+    needs LoRA work.
 
     ``merged_slot``: the adapter folded into the base weights (mixture / merged mode), see ``mixture_rows``.
     """
@@ -81,7 +116,7 @@ def build_lora_batch(rows: Sequence[LoRARows], pool: AdapterPool, num_tokens: in
         return None
     indices, indptr, slots = _segments(rows)
     seg_slots, seg_ranks, seg_scales = segment_terms(slots, pool, merged_slot)
-    return LoRABatch(
+    batch = LoRABatch(
         token_indices=torch.from_numpy(indices).to(device),
         seg_indptr=torch.tensor(indptr, dtype=torch.int32).to(device),
         seg_slots=torch.from_numpy(seg_slots).to(device),
@@ -91,6 +126,16 @@ def build_lora_batch(rows: Sequence[LoRARows], pool: AdapterPool, num_tokens: in
         max_rank=int(seg_ranks.max()),
         max_seg_len=int(np.diff(indptr).max()),
     )
+    if num_tokens > routed_rows:
+        return batch, None
+    # Term tables padded (inactive: rank 0) to the next power of two of segments >= the rows, a CUDA-graph bucket's
+    # own count (StaticLoRABatch): the fused linear's variant, and its sums, depend on the row count alone, not on
+    # how many adapters the rows use, and an eager step at a bucket size computes what the bucket's graph does.
+    k, pad = (1 if seg_slots.ndim == 1 else seg_slots.shape[1]), routed_segments(num_tokens) - len(slots)
+    tables = [torch.from_numpy(np.concatenate([a.reshape(-1, k), np.zeros((pad, k), a.dtype)]).reshape(-1)).to(device)
+              for a in (seg_slots, seg_ranks, seg_scales)]
+    ids = torch.from_numpy(row_terms(indices, indptr, seg_slots, seg_ranks, num_tokens)).to(device)
+    return batch, Routing(*tables, ids, torch.ones(ids.shape, device=device), pool.layout.max_rank)
 
 
 class StaticLoRABatch:
@@ -115,6 +160,9 @@ class StaticLoRABatch:
             seg_scales=torch.zeros(shape, dtype=torch.float32, device=device),
             num_tokens=size, max_rank=max_rank, max_seg_len=size,
         )
+        # the same batch row by row (``batch_routing``), for backends that fuse the update into the matmul
+        self.rows = torch.full((size, num_terms), -1, dtype=torch.int32, device=device)
+        self.routing = batch_routing(self.batch, self.rows, torch.ones(size, num_terms, device=device), max_rank)
 
     def fill(self, rows: Sequence[LoRARows], pool: AdapterPool, num_rows: int | None = None,
              merged_slot: int | None = None,
@@ -143,19 +191,32 @@ class StaticLoRABatch:
         seg_scales = np.zeros(shape, dtype=np.float32)
         if n_seg:
             seg_slots[:n_seg], seg_ranks[:n_seg], seg_scales[:n_seg] = segment_terms(slots, pool, merged_slot)
-        arrays = [tok, ptr, seg_slots, seg_ranks, seg_scales]
+        arrays = [tok, ptr, seg_slots, seg_ranks, seg_scales, row_terms(indices, indptr, seg_slots, seg_ranks,
+                                                                         self.size)]
         sources = upload(arrays) if upload is not None else [torch.from_numpy(a) for a in arrays]
         b = self.batch
-        for dst, src in zip((b.token_indices, b.seg_indptr, b.seg_slots, b.seg_ranks, b.seg_scales), sources,
-                            strict=True):
+        for dst, src in zip((b.token_indices, b.seg_indptr, b.seg_slots, b.seg_ranks, b.seg_scales, self.rows),
+                            sources, strict=True):
             dst.copy_(src)
 
 
 class MultiLoRADelta(LayerDelta):
-    """Plain multi-LoRA: every adapted projection adds its slot-pool update for the iteration's segments."""
+    """Plain multi-LoRA: every adapted projection adds its slot-pool update for the iteration's segments.
 
-    def __init__(self, pool: AdapterPool, op: AddLoRAOp, batch: LoRABatch) -> None:
+    With ``routing`` (the batch row by row) and a backend whose ``fused_lora_rows`` covers the rows, each projection
+    is the fused decode linear instead (``linear``): one launch fewer per projection and no read-modify-write of y.
+    """
+
+    def __init__(self, pool: AdapterPool, op: AddLoRAOp, batch: LoRABatch, routing: Routing | None = None) -> None:
         self.pool, self.op, self.batch = pool, op, batch
+        fused = getattr(op, "fused_lora_rows", 0)
+        self.routing = routing if routing is not None and 0 < routing.num_tokens <= fused else None
+
+    def linear(self, key: LayerKey, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor | None:
+        if self.routing is None or x.shape[0] != self.routing.num_tokens:
+            return None
+        return self.op.routed_linear(x, weight, bias, self.pool.weights(key), self.routing)
 
     def apply(self, key: LayerKey, x: torch.Tensor, y: torch.Tensor) -> None:
         self.op.add_lora(y, x, self.pool.weights(key), self.batch)

@@ -82,8 +82,9 @@ class LoRAManager(HostLoader[HostAdapter]):
     def build_delta(self, rows: Sequence[LoRARows], num_tokens: int) -> MultiLoRADelta | None:
         """This iteration's multi-LoRA update (mixture terms while an adapter is merged); None when there is none."""
         self.pool.wait_ready()
-        batch = build_lora_batch(rows, self.pool, num_tokens, self.device, self.merge_state.slot)
-        return None if batch is None else MultiLoRADelta(self.pool, self.op, batch)
+        built = build_lora_batch(rows, self.pool, num_tokens, self.device, self.merge_state.slot,
+                                 routed_rows=getattr(self.op, "fused_lora_rows", 0))
+        return None if built is None else MultiLoRADelta(self.pool, self.op, *built)
 
     def stats(self) -> dict[str, Any]:
         return {"lora_backend": getattr(self.op, "name", type(self.op).__name__), "lora_slots": self.pool.num_slots,

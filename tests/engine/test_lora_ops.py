@@ -1,6 +1,9 @@
-"""The engine's LoRABatch builders, through the torch backend, against a per-token loop."""
+"""The engine's LoRABatch builders, through the torch backend, against a per-token loop; and the same batches row by
+row (their Routing) through the fused decode linear, in torch and in Triton (interpreted on CPU)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +18,9 @@ SLICES = (0, 48, 64, 80)  # q / k / v widths of a GQA projection
 class FakePool:
     """Slot ranks and scales, as AdapterPool exposes them to the batch builders."""
 
-    def __init__(self, ranks, scales):
+    def __init__(self, ranks, scales, max_rank: int = 16):
         self.rank_in, self.scale_in = ranks, scales
+        self.layout = SimpleNamespace(max_rank=max_rank)
 
 
 def weights(slots: int = 4, max_rank: int = 16, in_dim: int = 40, seed: int = 0) -> LoRAWeights:
@@ -39,6 +43,20 @@ def loop_reference(x, w, slot_of_row, ranks, scales):
     return y
 
 
+def check_fused_linear(x, w, routing, update):
+    """The fused decode linear over a batch's row-wise routing gives x Wᵀ + b + ``update`` (the first rows' LoRA
+    update; x's further rows are a static batch's padding, with none), in the torch reference and the Triton kernel."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(SLICES[-1], x.shape[1], generator=gen)
+    bias = torch.randn(SLICES[-1], generator=gen)
+    want = x.double() @ weight.double().T + bias.double()
+    want[:update.shape[0]] += update
+    assert routing.num_tokens == x.shape[0]
+    for name in ("torch", "triton"):
+        got = get_backend(name).routed_linear(x, weight, bias, w, routing)
+        assert torch.allclose(got.double(), want, atol=1e-3), name
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_add_lora_matches_loop(static):
     w = weights()
@@ -51,15 +69,28 @@ def test_add_lora_matches_loop(static):
     if static:
         holder = StaticLoRABatch(16, 16, torch.device("cpu"))
         holder.fill(rows, pool)
-        batch = holder.batch
+        batch, routing = holder.batch, holder.routing
         assert batch.num_segments == 16 and batch.max_seg_len == 16
     else:
-        batch = build_lora_batch(rows, pool, x.shape[0], torch.device("cpu"))
+        batch, routing = build_lora_batch(rows, pool, x.shape[0], torch.device("cpu"), routed_rows=16)
         assert batch.num_segments == 3 and batch.max_rank == 16 and batch.max_seg_len == 8
+        assert build_lora_batch(rows, pool, x.shape[0], torch.device("cpu"), routed_rows=13)[1] is None
     y = torch.full((x.shape[0], SLICES[-1]), 0.5)
     get_backend("torch").add_lora(y, x, w, batch)
-    expected = loop_reference(x, w, slot_of_row, ranks, scales) + 0.5
-    assert torch.allclose(y.double(), expected, atol=1e-4)
+    update = loop_reference(x, w, slot_of_row, ranks, scales)
+    assert torch.allclose(y.double(), update + 0.5, atol=1e-4)
+    padded = torch.cat([x, torch.randn(routing.num_tokens - x.shape[0], x.shape[1])])
+    check_fused_linear(padded, w, routing, update)
+
+
+def test_a_static_batch_refills_its_rows():
+    """Refilling a static batch with fewer segments leaves no row on a stale term."""
+    holder = StaticLoRABatch(8, 16, torch.device("cpu"))
+    pool = FakePool([3, 16, 0, 8], [2.0, 0.5, 1.0, -1.25])
+    holder.fill([LoRARows(1, 0, 2), LoRARows(3, 2, 3), LoRARows(0, 5, 3)], pool)
+    holder.fill([LoRARows(3, 1, 2)], pool)
+    assert holder.rows[:, 0].tolist() == [-1, 0, 0, -1, -1, -1, -1, -1]
+    assert holder.routing.expert_slots[0].item() == 3 and holder.routing.expert_ranks[1:].eq(0).all()
 
 
 def test_no_adapter_rows_build_no_batch():

@@ -61,6 +61,25 @@ def test_mixture_gives_the_unmerged_tokens(make_engine, unmerged, merged):
     assert iterations["mixture decode"]["rows"] <= len(results) * iterations["mixture decode"]["n"]
 
 
+@pytest.mark.parametrize("mode", ["unmerged", "mixture"])
+def test_fused_decode_linear_gives_the_unmerged_tokens(make_engine, unmerged, mode):
+    """The Triton backend (interpreted on CPU) fuses each decode step's projections with their LoRA update
+    (kernels/fused_linear.py, the batch row by row), plain and in mixture mode: the torch backend's tokens. (The
+    backend fuses one-row batches only by default; this runs the mechanism on the whole 6-row decode batch.)"""
+    engine = make_engine(policy="valora" if mode == "mixture" else "slora", lora_backend="triton",
+                         pinned_adapters=list(ADAPTERS))
+    engine.lora.op.fused_lora_rows = engine.lora.op.fused_rows
+    if mode == "mixture":
+        force(engine, "mixture", "ad8")
+    calls, fused = [], engine.lora.op.routed_linear
+    engine.lora.op.routed_linear = lambda x, *args: calls.append(x.shape[0]) or fused(x, *args)
+    results = engine.generate(requests(max_tokens=3))
+    assert [r.token_ids for r in results] == [t[:3] for t in unmerged]
+    assert {r.mode for r in results} == {mode}
+    per_step = 4 * len(engine.model.layers)  # q/k/v, o, gate/up, down
+    assert len(calls) >= 2 * per_step and set(calls) <= set(range(1, engine.lora.op.fused_lora_rows + 1))
+
+
 def test_merged_mode_gives_the_unmerged_tokens(make_engine, unmerged):
     """merged-only serves one group at a time on its merged weights: no multi-LoRA work at all."""
     engine = make_engine(policy="merged-only")

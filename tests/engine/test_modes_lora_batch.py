@@ -7,7 +7,7 @@ import torch
 
 from engine.lora.batch import LoRARows, StaticLoRABatch, build_lora_batch
 from kernels.backend import get_backend
-from tests.engine.test_lora_ops import SLICES, FakePool, loop_reference, weights
+from tests.engine.test_lora_ops import SLICES, FakePool, check_fused_linear, loop_reference, weights
 
 
 def mixture_reference(x, w, slot_of_row, ranks, scales, merged):
@@ -29,23 +29,25 @@ def test_mixture_batch_matches_loop(static, merged):
     if static:
         holder = StaticLoRABatch(16, 16, torch.device("cpu"), num_terms=2)
         holder.fill(rows, pool, len(slot_of_row), merged)
-        batch = holder.batch
+        batch, routing = holder.batch, holder.routing
         assert batch.num_terms == 2 and batch.num_segments == 16
     else:
-        batch = build_lora_batch(rows, pool, x.shape[0], torch.device("cpu"), merged)
+        batch, routing = build_lora_batch(rows, pool, x.shape[0], torch.device("cpu"), merged, routed_rows=16)
         assert batch.num_terms == 2
         covered = batch.num_lora_tokens
         assert covered == len(slot_of_row) - slot_of_row.count(merged), "M's rows must get no segment"
     y = torch.full((x.shape[0], SLICES[-1]), 0.5)
     get_backend("torch").add_lora(y, x, w, batch)
-    expected = mixture_reference(x, w, slot_of_row, ranks, scales, merged) + 0.5
-    assert torch.allclose(y.double(), expected, atol=1e-4)
+    update = mixture_reference(x, w, slot_of_row, ranks, scales, merged)
+    assert torch.allclose(y.double(), update + 0.5, atol=1e-4)
+    padded = torch.cat([x, torch.randn(routing.num_tokens - x.shape[0], x.shape[1])])
+    check_fused_linear(padded, w, routing, update)
 
 
 def test_merged_rows_alone_need_no_batch():
     pool = FakePool([4] * 4, [1.0] * 4)
     assert build_lora_batch([LoRARows(2, 0, 3)], pool, 3, torch.device("cpu"), merged_slot=2) is None
-    assert build_lora_batch([LoRARows(2, 0, 3)], pool, 4, torch.device("cpu"), merged_slot=2).num_lora_tokens == 1
+    assert build_lora_batch([LoRARows(2, 0, 3)], pool, 4, torch.device("cpu"), merged_slot=2)[0].num_lora_tokens == 1
 
 
 def test_a_static_batch_refuses_the_wrong_term_count():

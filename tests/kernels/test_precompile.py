@@ -17,6 +17,7 @@ from kernels.precompile import (
     precompile,
     precompile_linears,
     precompile_routed_pools,
+    routed_cases,
     variant_key,
 )
 from kernels.routed import routed_add
@@ -115,7 +116,7 @@ def test_precompile_does_nothing_off_cuda():
     assert precompile(pool(64, [32, 16], device="cpu", dtype=torch.float32), max_tokens=64, max_segments=4) == 0
     weights = pool(64, [32, 16], device="cpu", dtype=torch.float32)
     linear = (torch.zeros(48, 64), torch.zeros(48), weights)
-    assert precompile_linears([linear], rows=4, experts=4, top_k=2, max_rank=POOL_RANK)[0] == 0
+    assert precompile_linears([linear], routed_cases(4, 4, 2, POOL_RANK))[0] == 0
 
 
 def _variants() -> int:
@@ -166,8 +167,8 @@ def test_nothing_compiles_after_linear_precompile(layout):
     weights = pool(*LAYOUTS[layout], device="cuda", slots=EXPERTS)
     weight = torch.randn(weights.out_dim, weights.in_dim, dtype=torch.bfloat16, device="cuda")
     bias = torch.randn(weights.out_dim, dtype=torch.bfloat16, device="cuda") if layout == "qkv" else None
-    launched, _ = precompile_linears([(weight, bias, weights)], rows=16, experts=EXPERTS, top_k=TOP_K,
-                                     max_rank=POOL_RANK)
+    cases = routed_cases(16, EXPERTS, TOP_K, POOL_RANK)
+    launched = precompile_linears([(weight, bias, None)])[0] + precompile_linears([(weight, bias, weights)], cases)[0]
     before = _variants()
     assert launched == 17
     rng = random.Random(5)
@@ -177,5 +178,4 @@ def test_nothing_compiles_after_linear_precompile(layout):
         routed_linear(x, weight, bias, weights, random_routing(rng, rows, "cuda"))
     torch.cuda.synchronize()
     assert _variants() == before
-    assert precompile_linears([(weight, bias, weights)], rows=16, experts=EXPERTS, top_k=TOP_K,
-                              max_rank=POOL_RANK)[0] == 0
+    assert precompile_linears([(weight, bias, weights)], cases)[0] == 0

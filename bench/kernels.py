@@ -267,26 +267,40 @@ def linear_floor_us(case: RoutedCase, weights: LoRAWeights, routing: Routing, bw
     return max(routed + base_bytes / bw, 2 * case.rows * out * in_dim / rate) * 1e6
 
 
-def run_linear_case(timer: Timer, case: RoutedCase, bw: float, rate: float) -> RoutedCase:
-    weights, routing, x, _ = build_routed(case)
-    gen = torch.Generator(device="cuda").manual_seed(case.rows)
-    weight = torch.randn(weights.out_dim, weights.in_dim, generator=gen, device="cuda").to(torch.bfloat16) * 0.02
-    bias = torch.randn(weights.out_dim, device="cuda").to(torch.bfloat16) if case.group == "qkv" else None
-    case.floor_us = linear_floor_us(case, weights, routing, bw, rate)
+def base_linear(case: RoutedCase, weights: LoRAWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A random base weight for the group's projection, and q/k/v's bias."""
+    dev = weights.a.device
+    gen = torch.Generator(device=dev).manual_seed(case.rows)
+    weight = torch.randn(weights.out_dim, weights.in_dim, generator=gen, device=dev).to(weights.a.dtype) * 0.02
+    bias = torch.randn(weights.out_dim, device=dev).to(weights.a.dtype) if case.group == "qkv" else None
+    return weight, bias
+
+
+def time_linear(timer: Timer, case: RoutedCase, weights: LoRAWeights, routing: Routing, x: torch.Tensor,
+                add_update, gemv: bool) -> RoutedCase:
+    """The fused linear's error against the torch reference, then the times of cuBLAS alone, (``gemv``) the fused
+    linear without experts, unfused (``F.linear`` then ``add_update(y)``) and fused."""
+    weight, bias = base_linear(case, weights)
     want = reference.routed_linear(x, weight, bias, weights, routing).float()
     got = routed_linear(x, weight, bias, weights, routing).float()
     case.max_rel_err = ((got - want).norm() / want.norm()).item()
 
     def unfused():
-        y = torch.nn.functional.linear(x, weight, bias)
-        routed_add(y, x, weights, routing)
+        add_update(torch.nn.functional.linear(x, weight, bias))
 
-    methods = {"cublas": lambda: torch.nn.functional.linear(x, weight, bias),
-               "gemv": lambda: routed_linear(x, weight, bias), "unfused": unfused,
-               "fused": lambda: routed_linear(x, weight, bias, weights, routing)}
+    methods = {"cublas": lambda: torch.nn.functional.linear(x, weight, bias)}
+    if gemv:
+        methods["gemv"] = lambda: routed_linear(x, weight, bias)
+    methods.update(unfused=unfused, fused=lambda: routed_linear(x, weight, bias, weights, routing))
     for name, fn in methods.items():
         case.us[name] = timer.graph_time_us(fn)
     return case
+
+
+def run_linear_case(timer: Timer, case: RoutedCase, bw: float, rate: float) -> RoutedCase:
+    weights, routing, x, _ = build_routed(case)
+    case.floor_us = linear_floor_us(case, weights, routing, bw, rate)
+    return time_linear(timer, case, weights, routing, x, lambda y: routed_add(y, x, weights, routing), gemv=True)
 
 
 PLAIN_RANKS = (8, 16, 32, 64)  # the engine bench's adapters: ranks cycle through these in a pool of rank 64
@@ -318,29 +332,14 @@ def build_plain(case: RoutedCase, dev: str = "cuda"):
 
 
 def run_plain_linear_case(timer: Timer, case: RoutedCase, bw: float, rate: float) -> RoutedCase:
-    """The projection with plain multi-LoRA: F.linear + ATMM (the engine's path above fused_rows) vs the fused
-    linear over the batch's rows; the floor as for the routed case (each row's adapter at its true rank)."""
+    """The projection with plain multi-LoRA: F.linear + ATMM (the engine's path above fused_lora_rows) vs the fused
+    linear over the batch's rows; the floor adds each row's adapter at its true rank to the base weight's bytes."""
     weights, batch, routing, x = build_plain(case)
-    gen = torch.Generator(device="cuda").manual_seed(case.rows)
-    weight = torch.randn(weights.out_dim, weights.in_dim, generator=gen, device="cuda").to(torch.bfloat16) * 0.02
-    bias = torch.randn(weights.out_dim, device="cuda").to(torch.bfloat16) if case.group == "qkv" else None
     in_dim, out = weights.in_dim, weights.out_dim
     adapter_bytes = 2 * sum(int(r) for r in routing.expert_ranks.tolist()) * (weights.n_slices * in_dim + out)
     nbytes = 2 * (case.rows * in_dim + case.rows * out + out * in_dim) + adapter_bytes
     case.floor_us = max(nbytes / bw, 2 * case.rows * out * in_dim / rate) * 1e6
-    want = reference.routed_linear(x, weight, bias, weights, routing).float()
-    got = routed_linear(x, weight, bias, weights, routing).float()
-    case.max_rel_err = ((got - want).norm() / want.norm()).item()
-
-    def unfused():
-        y = torch.nn.functional.linear(x, weight, bias)
-        atmm_add(y, x, weights, batch)
-
-    methods = {"cublas": lambda: torch.nn.functional.linear(x, weight, bias), "unfused": unfused,
-               "fused": lambda: routed_linear(x, weight, bias, weights, routing)}
-    for name, fn in methods.items():
-        case.us[name] = timer.graph_time_us(fn)
-    return case
+    return time_linear(timer, case, weights, routing, x, lambda y: atmm_add(y, x, weights, batch), gemv=False)
 
 
 def print_groups(cases: list[RoutedCase], methods: dict[str, str], ours: str, versus: str) -> None:

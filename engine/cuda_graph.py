@@ -45,7 +45,8 @@ class GraphRunner:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.cu_query_lens = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.static_lora = {(b, k): StaticLoRABatch(b, lora.layout.max_rank, device, k)
+        self.static_lora = {(b, k): StaticLoRABatch(b, lora.layout.max_rank, device, k,
+                                                    routed=b <= lora.op.fused_lora_rows)
                             for b in self.sizes for k in (1, 2)}
         self.static_moe = StaticMoE(lora.moe, self.sizes, device)
         self.lora_filled: dict[tuple[int, int], tuple] = {}  # (bucket, terms) -> what its LoRA buffers hold
@@ -102,8 +103,8 @@ class GraphRunner:
             cu_query_lens=self.cu_query_lens[:size + 1], context_lens=self.context_lens[:size],
             max_query_len=1, query_lens_host=[1] * size, context_lens_host=[1] * size, use_triton=True,
         )
-        static = self.static_lora.get((size, terms))
-        deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, static.batch, static.routing)] if terms else []
+        static = self.static_lora[size, terms] if terms else None
+        deltas = [MultiLoRADelta(self.lora.pool, self.lora.op, static.batch, static.routing)] if static else []
         ctx = ForwardContext(attn, deltas + self.static_moe.deltas(moe, size))
         return capture_graph(lambda: self.model(self.input_ids[:size], self.positions[:, :size], ctx), self.device,
                              self.pool)

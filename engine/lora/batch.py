@@ -144,11 +144,13 @@ class StaticLoRABatch:
     Shapes and host ints never change (``segments`` segments, by default ``size``; max_seg_len = size, max_rank =
     the pool's), so a captured launch replays; unused segments are empty (repeated indptr) with rank 0. A prefill
     bucket of hundreds of rows holds at most one segment per sequence (and mixture's base rows), so its
-    ``segments`` is that bound: the kernels scan the segment table in every program.
+    ``segments`` is that bound: the kernels scan the segment table in every program. With ``routed`` it also holds
+    the batch row by row (``routing``, as ``batch_routing``), for a backend that fuses the update into the matmul at
+    this size; otherwise ``routing`` is None and a fill does no row-wise work.
     """
 
     def __init__(self, size: int, max_rank: int, device: torch.device, num_terms: int = 1,
-                 segments: int | None = None) -> None:
+                 segments: int | None = None, routed: bool = False) -> None:
         self.size, self.num_terms = size, num_terms
         self.segments = size if segments is None else min(size, segments)
         shape = (self.segments,) if num_terms == 1 else (self.segments, num_terms)
@@ -160,9 +162,9 @@ class StaticLoRABatch:
             seg_scales=torch.zeros(shape, dtype=torch.float32, device=device),
             num_tokens=size, max_rank=max_rank, max_seg_len=size,
         )
-        # the same batch row by row (``batch_routing``), for backends that fuse the update into the matmul
-        self.rows = torch.full((size, num_terms), -1, dtype=torch.int32, device=device)
-        self.routing = batch_routing(self.batch, self.rows, torch.ones(size, num_terms, device=device), max_rank)
+        self.rows = torch.full((size, num_terms), -1, dtype=torch.int32, device=device) if routed else None
+        self.routing = None if self.rows is None else batch_routing(
+            self.batch, self.rows, torch.ones(size, num_terms, device=device), max_rank)
 
     def fill(self, rows: Sequence[LoRARows], pool: AdapterPool, num_rows: int | None = None,
              merged_slot: int | None = None,
@@ -191,12 +193,14 @@ class StaticLoRABatch:
         seg_scales = np.zeros(shape, dtype=np.float32)
         if n_seg:
             seg_slots[:n_seg], seg_ranks[:n_seg], seg_scales[:n_seg] = segment_terms(slots, pool, merged_slot)
-        arrays = [tok, ptr, seg_slots, seg_ranks, seg_scales, row_terms(indices, indptr, seg_slots, seg_ranks,
-                                                                         self.size)]
-        sources = upload(arrays) if upload is not None else [torch.from_numpy(a) for a in arrays]
+        arrays = [tok, ptr, seg_slots, seg_ranks, seg_scales]
         b = self.batch
-        for dst, src in zip((b.token_indices, b.seg_indptr, b.seg_slots, b.seg_ranks, b.seg_scales, self.rows),
-                            sources, strict=True):
+        targets = [b.token_indices, b.seg_indptr, b.seg_slots, b.seg_ranks, b.seg_scales]
+        if self.rows is not None:
+            arrays.append(row_terms(indices, indptr, seg_slots, seg_ranks, self.size))
+            targets.append(self.rows)
+        sources = upload(arrays) if upload is not None else [torch.from_numpy(a) for a in arrays]
+        for dst, src in zip(targets, sources, strict=True):
             dst.copy_(src)
 
 

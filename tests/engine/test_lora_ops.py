@@ -67,7 +67,7 @@ def test_add_lora_matches_loop(static):
     slot_of_row = [1] * 5 + [3] + [None] * 3 + [1] * 3 + [0] * 2
     x = torch.randn(len(slot_of_row), 40)
     if static:
-        holder = StaticLoRABatch(16, 16, torch.device("cpu"))
+        holder = StaticLoRABatch(16, 16, torch.device("cpu"), routed=True)
         holder.fill(rows, pool)
         batch, routing = holder.batch, holder.routing
         assert batch.num_segments == 16 and batch.max_seg_len == 16
@@ -85,7 +85,7 @@ def test_add_lora_matches_loop(static):
 
 def test_a_static_batch_refills_its_rows():
     """Refilling a static batch with fewer segments leaves no row on a stale term."""
-    holder = StaticLoRABatch(8, 16, torch.device("cpu"))
+    holder = StaticLoRABatch(8, 16, torch.device("cpu"), routed=True)
     pool = FakePool([3, 16, 0, 8], [2.0, 0.5, 1.0, -1.25])
     holder.fill([LoRARows(1, 0, 2), LoRARows(3, 2, 3), LoRARows(0, 5, 3)], pool)
     holder.fill([LoRARows(3, 1, 2)], pool)

@@ -27,7 +27,7 @@ def test_mixture_batch_matches_loop(static, merged):
     slot_of_row = [1] * 5 + [3] + [None] * 3 + [1] * 3 + [0] * 2 + [None]  # the last row: no adapter, at the end
     x = torch.randn(len(slot_of_row), 40)
     if static:
-        holder = StaticLoRABatch(16, 16, torch.device("cpu"), num_terms=2)
+        holder = StaticLoRABatch(16, 16, torch.device("cpu"), num_terms=2, routed=True)
         holder.fill(rows, pool, len(slot_of_row), merged)
         batch, routing = holder.batch, holder.routing
         assert batch.num_terms == 2 and batch.num_segments == 16

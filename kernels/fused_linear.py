@@ -17,7 +17,7 @@ over [BLOCK_N, BLOCK_K] tiles (no tensor-core padding of a 1-row operand); for m
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -45,6 +45,7 @@ from kernels.tile_config import ShapeKey, ShrinkConfig, device_table
 
 MAX_ROWS = 16  # rows one program holds: a decode batch's worth; larger batches take F.linear + routed_add
 SHRINK_INSIDE = True  # the shrink runs in the same launch as the W stream (module docstring)
+ROW_SHRINK_BLOCK_R = 8  # rank rows of A per one-row shrink item: the [8, BLOCK_K] register tile of the W stream
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,49 @@ def linear_config(rows: int, out_dim: int, in_dim: int, lora: bool = False) -> L
     return LinearConfig(block_n, 1024 if in_dim >= 8192 else 512, 4 if wide else 8, 2)
 
 
+@triton.jit
+def _shrink_row_item(item, x_ptr, a_ptr, tmp_ptr, slot_ptr, rank_ptr, route_id_ptr, route_gate_ptr, in_dim, top_k,
+                     r_blocks, stride_a_slot, stride_a_slice, stride_a_rank, stride_t_term, stride_t_slice,
+                     N_SLICES: tl.constexpr, TOP_K_POW2: tl.constexpr, EVEN_K: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row's shrink item (term, slice, rank block) as a GEMV over the expert's A rows: the W stream's register
+    tiles (no tensor-core operands in shared memory, which would cut the GEMV's resident programs).
+
+    tmp[0, 0, slice, term, r] = gate(term) * x[0] @ a[slot, slice, r].T for r in the block (zeros if not picked).
+    """
+    r_block = item % r_blocks
+    rest = item // r_blocks
+    slice_id = rest % N_SLICES
+    term = rest // N_SLICES
+    slot = tl.load(slot_ptr + term)
+    rank = tl.load(rank_ptr + term)
+    r_lo = r_block * BLOCK_R
+    if (slot >= 0) & (r_lo < rank):
+        offs_j = tl.arange(0, TOP_K_POW2)
+        ids = tl.load(route_id_ptr + offs_j, mask=offs_j < top_k, other=-1)
+        gates = tl.load(route_gate_ptr + offs_j, mask=offs_j < top_k, other=0.0)
+        gate = tl.sum(tl.where(ids == term, gates, 0.0), axis=0)
+        offs_r = r_lo + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        offs_k = tl.arange(0, BLOCK_K)
+        out = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        if gate != 0.0:
+            a_ptrs = (a_ptr + slot.to(tl.int64) * stride_a_slot + slice_id * stride_a_slice
+                      + offs_r[:, None] * stride_a_rank + offs_k[None, :])  # [BR, BK]
+            part = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            for k in range(0, in_dim, BLOCK_K):
+                if EVEN_K:
+                    x_row = tl.load(x_ptr + k + offs_k)
+                    a_tile = tl.load(a_ptrs + k, mask=mask_r[:, None], other=0.0)
+                else:
+                    k_mask = (k + offs_k) < in_dim
+                    x_row = tl.load(x_ptr + k + offs_k, mask=k_mask, other=0.0)
+                    a_tile = tl.load(a_ptrs + k, mask=mask_r[:, None] & k_mask[None, :], other=0.0)
+                part += a_tile.to(tl.float32) * x_row.to(tl.float32)[None, :]
+            out = tl.sum(part, axis=1) * gate
+        tl.store(tmp_ptr + term * stride_t_term + slice_id * stride_t_slice + offs_r, out, mask=mask_r)
+
+
 @triton.jit(do_not_specialize=["num_rows", "n_terms", "top_k", "r_blocks", "first1", "first2", "first3",
                                "s_r_blocks", "s_items", "s_programs"])
 def _linear_kernel(
@@ -98,11 +142,17 @@ def _linear_kernel(
         # in launch order, so every publisher runs before anyone can wait on it).
         if pid < s_programs:
             for item in range(pid, s_items, s_programs):
-                _shrink_item(item, x_ptr, a_ptr, tmp_ptr, route_id_ptr, route_id_ptr, slot_ptr, rank_ptr,
-                             route_id_ptr, route_gate_ptr, 1, num_rows, in_dim, n_terms, top_k, s_r_blocks,
-                             stride_x_row, stride_a_slot, stride_a_slice, stride_a_rank,
-                             stride_t_split, stride_t_pos, stride_t_term, stride_t_slice,
-                             N_SLICES, N_SPLITS, 1, True, TOP_K_POW2, IEEE, S_BLOCK_M, S_BLOCK_R, S_BLOCK_K)
+                if BLOCK_M == 1:
+                    _shrink_row_item(item, x_ptr, a_ptr, tmp_ptr, slot_ptr, rank_ptr, route_id_ptr, route_gate_ptr,
+                                     in_dim, top_k, s_r_blocks, stride_a_slot, stride_a_slice, stride_a_rank,
+                                     stride_t_term, stride_t_slice, N_SLICES, TOP_K_POW2, EVEN_K, S_BLOCK_R,
+                                     S_BLOCK_K)
+                else:
+                    _shrink_item(item, x_ptr, a_ptr, tmp_ptr, route_id_ptr, route_id_ptr, slot_ptr, rank_ptr,
+                                 route_id_ptr, route_gate_ptr, 1, num_rows, in_dim, n_terms, top_k, s_r_blocks,
+                                 stride_x_row, stride_a_slot, stride_a_slice, stride_a_rank,
+                                 stride_t_split, stride_t_pos, stride_t_term, stride_t_slice,
+                                 N_SLICES, N_SPLITS, 1, True, TOP_K_POW2, IEEE, S_BLOCK_M, S_BLOCK_R, S_BLOCK_K)
             tl.debug_barrier()
             tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
     slice_id, n_lo, n_hi, g0 = _slice_of(pid, out_total, bound1, bound2, bound3, first1, first2, first3, N_SLICES)
@@ -202,6 +252,14 @@ def linear_meta(rows: int, in_dim: int, config: LinearConfig, bias: bool, ieee: 
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def inside_shrink_config(rows: int, config: LinearConfig, routed: ShrinkConfig) -> ShrinkConfig:
+    """The shrink tiles when it runs inside the linear: for one row, GEMV items over ROW_SHRINK_BLOCK_R rows of A
+    with the W stream's K chunk and no K split; for more rows, the routed operator's shrink tiles."""
+    if rows == 1:
+        return ShrinkConfig(1, ROW_SHRINK_BLOCK_R, config.block_k, 1, config.num_warps, config.num_stages)
+    return routed
+
+
 _SYNC: dict[torch.device, torch.Tensor] = {}
 
 
@@ -290,6 +348,8 @@ def routed_linear(
         key = ShapeKey(segments=routing.num_experts, tokens=rows * routing.top_k, in_dim=weights.in_dim,
                        out_dim=weights.out_dim, max_rank=routing.max_rank)
         pair = device_table().lookup_routed(key)[0]  # the routed operator's tiles; only its shrink runs here
+        if shrink_inside:
+            pair = replace(pair, shrink=inside_shrink_config(rows, config, pair.shrink))
         tmp = workspace_for(plan, weights, pair, workspace, x.device)
         s_r_blocks = cdiv(plan.max_rank, pair.shrink.block_r)
         s_items = plan.row_blocks(pair.shrink.block_m) * plan.n_terms * weights.n_slices * s_r_blocks \

@@ -134,13 +134,16 @@ def test_fused_linear_7b_shapes_and_graph(group, rows):
 
 @pytest.mark.parametrize("rows", [1, 6])
 def test_shrink_inside_the_launch_equals_a_separate_shrink(interpreted, rows):
-    """The shrink run by the linear's own programs gives the same bits as the separate shrink launch, and each
-    launch leaves the device's sync counters re-armed (zero) for the next one."""
+    """The shrink run by the linear's own programs matches the separate shrink launch (bit for bit with the same
+    tiles, from 2 rows; one row sums each A row as a GEMV, in another order), and each launch leaves the device's
+    sync counters re-armed (zero) for the next one."""
     case = dict(rank=16, experts=8, top_k=2, rows=rows, dims=DIMS[1], dtype=torch.float32, bias=True)
     p, weight, bias, want, update = base_problem(case, seed=11)
     inside = routed_linear(p.x, weight, bias, p.weights, p.routing, shrink_inside=True)
     separate = routed_linear(p.x, weight, bias, p.weights, p.routing, shrink_inside=False)
-    assert torch.equal(inside, separate)
+    if rows > 1:
+        assert torch.equal(inside, separate)
+    torch.testing.assert_close(inside, separate, rtol=1e-5, atol=1e-5)
     assert_close(inside, want, update)
     assert not sync_buffer(p.x.device).any()
 
@@ -150,12 +153,14 @@ def test_shrink_inside_the_launch_equals_a_separate_shrink(interpreted, rows):
 @pytest.mark.parametrize("group", [("qkv", 3584, (3584, 512, 512)), ("gate_up", 3584, (18944, 18944)),
                                    ("down", 18944, (3584,))], ids=lambda g: g[0])
 def test_shrink_inside_is_race_free(group, rows):
-    """On the GPU the in-launch shrink (its programs publish, every program waits, the last re-arms) equals the
-    separate shrink bit for bit over 200 back-to-back launches and 200 replays of a captured one."""
+    """On the GPU the in-launch shrink (its programs publish, every program waits, the last re-arms) gives the same
+    bits over 200 back-to-back launches and 200 replays of a captured one, close to the separate shrink's."""
     _, in_dim, widths = group
     p = make_routed_problem(64, 8, 2, rows, (in_dim, widths), torch.bfloat16, device="cuda", seed=rows + 7)
     weight = torch.randn(sum(widths), in_dim, device="cuda", dtype=torch.bfloat16) / in_dim ** 0.5
-    want = routed_linear(p.x, weight, None, p.weights, p.routing, shrink_inside=False)
+    separate = routed_linear(p.x, weight, None, p.weights, p.routing, shrink_inside=False)
+    want = routed_linear(p.x, weight, None, p.weights, p.routing, shrink_inside=True)
+    torch.testing.assert_close(want.float(), separate.float(), rtol=2e-2, atol=2e-2)
     outs = [routed_linear(p.x, weight, None, p.weights, p.routing, shrink_inside=True) for _ in range(200)]
     assert all(torch.equal(out, want) for out in outs)
     graph = torch.cuda.CUDAGraph()

@@ -45,7 +45,6 @@ from kernels.tile_config import ShapeKey, ShrinkConfig, device_table
 
 MAX_ROWS = 16  # rows one program holds: a decode batch's worth; larger batches take F.linear + routed_add
 SHRINK_INSIDE = True  # the shrink runs in the same launch as the W stream (module docstring)
-ROW_SHRINK_BLOCK_R = 8  # rank rows of A per one-row shrink item: the [8, BLOCK_K] register tile of the W stream
 
 
 @dataclass(frozen=True)
@@ -138,8 +137,8 @@ def _linear_kernel(
     pid = tl.program_id(0)
     if SHRINK_IN:  # noqa: SIM102 (a compile-time branch around a run-time one)
         # The shrink's work items, spread over the first s_programs programs before their own W stream; each
-        # publishes its part with a release increment of sync[0] (s_programs <= the SMs, and blocks are dispatched
-        # in launch order, so every publisher runs before anyone can wait on it).
+        # publishes its part with a release increment of sync (zeroed before the launch). s_programs <= the SMs,
+        # and blocks are dispatched in launch order, so every publisher runs before anyone can wait on it.
         if pid < s_programs:
             for item in range(pid, s_items, s_programs):
                 if BLOCK_M == 1:
@@ -218,12 +217,6 @@ def _linear_kernel(
                     acc += _dot(t, tl.trans(b_tile), IEEE)
     y_ptrs = y_ptr + offs_m[:, None] * stride_y_row + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    if SHRINK_IN:  # noqa: SIM102 (a compile-time branch around a run-time one)
-        # The last program to finish has seen every other one past its wait: it re-arms sync for the next launch
-        # (so a CUDA graph can replay this launch with the same buffer).
-        if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
 def _slice_blocks(bounds: list[int], n_slices: int, block_n: int) -> tuple[list[int], int]:
@@ -253,29 +246,11 @@ def linear_meta(rows: int, in_dim: int, config: LinearConfig, bias: bool, ieee: 
 
 
 def inside_shrink_config(rows: int, config: LinearConfig, routed: ShrinkConfig) -> ShrinkConfig:
-    """The shrink tiles when it runs inside the linear: for one row, GEMV items over ROW_SHRINK_BLOCK_R rows of A
-    with the W stream's K chunk and no K split; for more rows, the routed operator's shrink tiles."""
+    """The shrink tiles when it runs inside the linear: for one row, GEMV items over BLOCK_N rows of A (the W
+    stream's tile) with no K split; for more rows, the routed operator's shrink tiles."""
     if rows == 1:
-        return ShrinkConfig(1, ROW_SHRINK_BLOCK_R, config.block_k, 1, config.num_warps, config.num_stages)
+        return ShrinkConfig(1, config.block_n, config.block_k, 1, config.num_warps, config.num_stages)
     return routed
-
-
-_SYNC: dict[torch.device, torch.Tensor] = {}
-
-
-def sync_buffer(device: torch.device) -> torch.Tensor:
-    """The device's two int32 counters for in-launch shrinks (zero between launches; each launch re-arms them).
-
-    One per device: launches that use it must run in one stream order, as the engine's forward passes do. Made on
-    first use, which must not be inside a CUDA-graph capture (the engine's warm-up and precompile come first).
-    """
-    device = torch.device(device)
-    if device not in _SYNC:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the fused linear's sync buffer must be made before CUDA-graph capture: run one "
-                               "routed_linear on this device eagerly first")
-        _SYNC[device] = torch.zeros(8, dtype=torch.int32, device=device)
-    return _SYNC[device]
 
 
 def shrink_programs(items: int, programs: int, device: torch.device) -> int:
@@ -360,7 +335,7 @@ def routed_linear(
         n_slices, block_r = weights.n_slices, min(64, _pow2(routing.max_rank, 16))
         tables = (tmp, weights.b, routing.expert_slots, routing.expert_ranks, routing.expert_scales,
                   routing.topk_ids, weights.a, routing.topk_gates,
-                  sync_buffer(x.device) if shrink_inside else routing.topk_ids)
+                  torch.zeros(1, dtype=torch.int32, device=x.device) if shrink_inside else routing.topk_ids)
         sizes = (routing.num_experts, routing.top_k, cdiv(routing.max_rank, block_r))
         strides = (weights.b.stride(0), weights.b.stride(1), tmp.stride(0), tmp.stride(1), tmp.stride(2),
                    tmp.stride(3), weights.a.stride(0), weights.a.stride(1), weights.a.stride(2))

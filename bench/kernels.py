@@ -21,10 +21,9 @@ experts some row picked.
 
 The fused decode linear (kernels/fused_linear.py) runs on the same groups with a random base weight (and q/k/v's
 bias): cublas  F.linear alone (the base projection); gemv  the fused linear without experts; unfused  F.linear then
-the routed operator; 2-launch  the fused linear with its shrink as a launch of its own; fused  the fused linear
-with the experts in one launch, its first programs running the shrink. Its floor adds the base weight's bytes.
-With plain multi-LoRA (``lora-linear``: one adapter per row, as a decode batch of distinct requests) unfused is
-F.linear then ATMM, and fused the fused linear over the batch's rows (the engine's form below ``fused_rows``).
+the routed operator; fused  the fused linear with the experts. Its floor adds the base weight's bytes. With plain
+multi-LoRA (``lora-linear``: one adapter per row, as a decode batch of distinct requests) unfused is F.linear then
+ATMM, and fused the fused linear over the batch's rows (the engine's form below ``fused_rows``).
 """
 
 from __future__ import annotations
@@ -280,8 +279,7 @@ def base_linear(case: RoutedCase, weights: LoRAWeights) -> tuple[torch.Tensor, t
 def time_linear(timer: Timer, case: RoutedCase, weights: LoRAWeights, routing: Routing, x: torch.Tensor,
                 add_update, gemv: bool) -> RoutedCase:
     """The fused linear's error against the torch reference, then the times of cuBLAS alone, (``gemv``) the fused
-    linear without experts, unfused (``F.linear`` then ``add_update(y)``), fused with the shrink as its own launch
-    (``fused2``) and fused in one launch."""
+    linear without experts, unfused (``F.linear`` then ``add_update(y)``) and fused."""
     weight, bias = base_linear(case, weights)
     want = reference.routed_linear(x, weight, bias, weights, routing).float()
     got = routed_linear(x, weight, bias, weights, routing).float()
@@ -293,9 +291,7 @@ def time_linear(timer: Timer, case: RoutedCase, weights: LoRAWeights, routing: R
     methods = {"cublas": lambda: torch.nn.functional.linear(x, weight, bias)}
     if gemv:
         methods["gemv"] = lambda: routed_linear(x, weight, bias)
-    methods.update(unfused=unfused,
-                   fused2=lambda: routed_linear(x, weight, bias, weights, routing, shrink_inside=False),
-                   fused=lambda: routed_linear(x, weight, bias, weights, routing, shrink_inside=True))
+    methods.update(unfused=unfused, fused=lambda: routed_linear(x, weight, bias, weights, routing))
     for name, fn in methods.items():
         case.us[name] = timer.graph_time_us(fn)
     return case
@@ -456,15 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     linear = ([run_linear_case(timer, c, bw, rate) for c in routed_grid(args.quick) if c.rows <= MAX_ROWS]
               if args.only in ("all", "linear") else [])
     if linear:
-        print_groups(linear, {"cublas": "cublas", "gemv": "gemv", "unfused": "unfused", "fused2": "2-launch",
-                              "fused": "fused"}, "fused", "unfused")
+        print_groups(linear, {"cublas": "cublas", "gemv": "gemv", "unfused": "unfused", "fused": "fused"}, "fused",
+                     "unfused")
     plain = ([run_plain_linear_case(timer, RoutedCase(g, rows, experts=rows, top_k=1), bw, rate)
               for g in ROUTED_GROUPS for rows in ((1, 2, 4, 8, 16) if args.quick else range(1, MAX_ROWS + 1))]
              if args.only in ("all", "lora-linear") else [])
     if plain:
         print("# plain multi-LoRA, one adapter per row (ranks 8-64): F.linear + ATMM vs the fused linear")
-        print_groups(plain, {"cublas": "cublas", "unfused": "unfused", "fused2": "2-launch", "fused": "fused"},
-                     "fused", "unfused")
+        print_groups(plain, {"cublas": "cublas", "unfused": "unfused", "fused": "fused"}, "fused", "unfused")
     result = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "bf16_flops_per_s": rate,
               "trivial_graph_us": [empty_us, two_us], "cases": [asdict(c) for c in cases],
               "routed": [asdict(c) for c in routed], "linear": [asdict(c) for c in linear],

@@ -73,78 +73,6 @@ def _route_gate(id_ptr, gate_ptr, offs_m, mask_m, expert, top_k, TOP_K_POW2: tl.
     return tl.sum(tl.where(ids == expert, gates, 0.0), axis=1)
 
 
-@triton.jit
-def _shrink_item(
-    item, x_ptr, a_ptr, tmp_ptr, tok_ptr, indptr_ptr, slot_ptr, rank_ptr, route_id_ptr, route_gate_ptr,
-    num_segments, num_rows, in_dim, n_terms, top_k, r_blocks,
-    stride_x_row, stride_a_slot, stride_a_slice, stride_a_rank,
-    stride_t_split, stride_t_pos, stride_t_term, stride_t_slice,
-    N_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, SEG_POW2: tl.constexpr,
-    ROUTED: tl.constexpr, TOP_K_POW2: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One shrink work item (row block, term, slice, rank block, K split) -> its [BLOCK_M, BLOCK_R] tmp tile.
-
-    Items are numbered as the shrink kernel's programs; the fused linear (kernels/fused_linear.py) runs them too.
-    """
-    inner = n_terms * r_blocks * (N_SLICES * SPLIT_K)
-    pid_m = item // inner
-    rest = item % inner
-    split = rest % SPLIT_K
-    rest = rest // SPLIT_K
-    r_block = rest % r_blocks
-    rest = rest // r_blocks
-    slice_id = rest % N_SLICES
-    term = rest // N_SLICES
-    if ROUTED:
-        live_seg = True
-        m_lo = pid_m * BLOCK_M
-        m_hi = num_rows
-        slot = tl.load(slot_ptr + term)
-        rank = tl.load(rank_ptr + term)
-    else:
-        seg, m_lo, m_hi, slot, rank = _segment_block(indptr_ptr, slot_ptr, rank_ptr, num_segments, n_terms, term,
-                                                     pid_m, SEG_POW2, BLOCK_M)
-        live_seg = seg < num_segments
-    r_lo = r_block * BLOCK_R
-    if live_seg & (slot >= 0) & (r_lo < rank):
-        offs_m = m_lo + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < m_hi
-        if ROUTED:
-            rows = offs_m
-        else:
-            rows = tl.load(tok_ptr + offs_m, mask=mask_m, other=0)
-        offs_r = r_lo + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < rank
-        t_ptrs = (tmp_ptr + split * stride_t_split + offs_m[:, None] * stride_t_pos + term * stride_t_term
-                  + slice_id * stride_t_slice + offs_r[None, :])
-        t_mask = mask_m[:, None] & mask_r[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        picked = 1.0
-        if ROUTED:
-            gate = _route_gate(route_id_ptr, route_gate_ptr, offs_m, mask_m, term, top_k, TOP_K_POW2)
-            picked = tl.max(tl.abs(gate), axis=0)
-        if picked != 0.0:
-            k_per_split = tl.cdiv(tl.cdiv(in_dim, BLOCK_K), SPLIT_K) * BLOCK_K
-            k_lo = split * k_per_split
-            k_hi = tl.minimum(k_lo + k_per_split, in_dim)
-            offs_k = tl.arange(0, BLOCK_K)
-            x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_x_row + offs_k[None, :]
-            a_ptrs = (a_ptr + slot.to(tl.int64) * stride_a_slot + slice_id * stride_a_slice
-                      + offs_r[None, :] * stride_a_rank + offs_k[:, None])
-            for k in range(k_lo, k_hi, BLOCK_K):
-                k_mask = (k + offs_k) < in_dim
-                x_tile = tl.load(x_ptrs + k, mask=mask_m[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
-                a_tile = tl.load(a_ptrs + k, mask=k_mask[:, None] & mask_r[None, :], other=0.0)  # [BK, BR]
-                if IEEE:
-                    acc += tl.dot(x_tile, a_tile, input_precision="ieee")
-                else:
-                    acc += tl.dot(x_tile, a_tile)
-            if ROUTED:
-                acc = acc * gate[:, None]
-        tl.store(t_ptrs, acc, mask=t_mask)
-
-
 @triton.jit(do_not_specialize=["num_segments", "num_rows", "n_terms", "top_k", "r_blocks"])
 def _shrink_kernel(
     # pointers
@@ -163,11 +91,65 @@ def _shrink_kernel(
         # Let the expand (launched as a programmatic dependent) start its prologue once every program here runs;
         # it waits for this grid's completion before it reads tmp.
         tl.extra.cuda.gdc_launch_dependents()
-    _shrink_item(tl.program_id(0), x_ptr, a_ptr, tmp_ptr, tok_ptr, indptr_ptr, slot_ptr, rank_ptr, route_id_ptr,
-                 route_gate_ptr, num_segments, num_rows, in_dim, n_terms, top_k, r_blocks,
-                 stride_x_row, stride_a_slot, stride_a_slice, stride_a_rank,
-                 stride_t_split, stride_t_pos, stride_t_term, stride_t_slice,
-                 N_SLICES, SPLIT_K, SEG_POW2, ROUTED, TOP_K_POW2, IEEE, BLOCK_M, BLOCK_R, BLOCK_K)
+    pid = tl.program_id(0)
+    inner = n_terms * r_blocks * (N_SLICES * SPLIT_K)
+    pid_m = pid // inner
+    rest = pid % inner
+    split = rest % SPLIT_K
+    rest = rest // SPLIT_K
+    r_block = rest % r_blocks
+    rest = rest // r_blocks
+    slice_id = rest % N_SLICES
+    term = rest // N_SLICES
+    if ROUTED:
+        seg = 0
+        m_lo = pid_m * BLOCK_M
+        m_hi = num_rows
+        slot = tl.load(slot_ptr + term)
+        rank = tl.load(rank_ptr + term)
+    else:
+        seg, m_lo, m_hi, slot, rank = _segment_block(indptr_ptr, slot_ptr, rank_ptr, num_segments, n_terms, term,
+                                                     pid_m, SEG_POW2, BLOCK_M)
+        if seg >= num_segments:
+            return
+    r_lo = r_block * BLOCK_R
+    if (slot < 0) | (r_lo >= rank):
+        return
+    offs_m = m_lo + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < m_hi
+    if ROUTED:
+        rows = offs_m
+    else:
+        rows = tl.load(tok_ptr + offs_m, mask=mask_m, other=0)
+    offs_r = r_lo + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    t_ptrs = (tmp_ptr + split * stride_t_split + offs_m[:, None] * stride_t_pos + term * stride_t_term
+              + slice_id * stride_t_slice + offs_r[None, :])
+    t_mask = mask_m[:, None] & mask_r[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    picked = 1.0
+    if ROUTED:
+        gate = _route_gate(route_id_ptr, route_gate_ptr, offs_m, mask_m, term, top_k, TOP_K_POW2)
+        picked = tl.max(tl.abs(gate), axis=0)
+    if picked != 0.0:
+        k_per_split = tl.cdiv(tl.cdiv(in_dim, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_lo = split * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, in_dim)
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_x_row + offs_k[None, :]
+        a_ptrs = (a_ptr + slot.to(tl.int64) * stride_a_slot + slice_id * stride_a_slice
+                  + offs_r[None, :] * stride_a_rank + offs_k[:, None])
+        for k in range(k_lo, k_hi, BLOCK_K):
+            k_mask = (k + offs_k) < in_dim
+            x_tile = tl.load(x_ptrs + k, mask=mask_m[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
+            a_tile = tl.load(a_ptrs + k, mask=k_mask[:, None] & mask_r[None, :], other=0.0)  # [BK, BR]
+            if IEEE:
+                acc += tl.dot(x_tile, a_tile, input_precision="ieee")
+            else:
+                acc += tl.dot(x_tile, a_tile)
+        if ROUTED:
+            acc = acc * gate[:, None]
+    tl.store(t_ptrs, acc, mask=t_mask)
 
 
 @triton.jit

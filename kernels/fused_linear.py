@@ -16,8 +16,7 @@ over [BLOCK_N, BLOCK_K] tiles (no tensor-core padding of a 1-row operand); for m
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -29,7 +28,6 @@ from kernels.atmm import (
     _dot,
     _pick,
     _pow2,
-    _shrink_item,
     _slice_of,
     _split_sum,
     _term_tables,
@@ -41,10 +39,9 @@ from kernels.intmath import cdiv
 from kernels.lora_batch import LoRAWeights
 from kernels.routed import routed_plan
 from kernels.routing import Routing
-from kernels.tile_config import ShapeKey, ShrinkConfig, device_table
+from kernels.tile_config import ShapeKey, device_table
 
 MAX_ROWS = 16  # rows one program holds: a decode batch's worth; larger batches take F.linear + routed_add
-SHRINK_INSIDE = True  # the shrink runs in the same launch as the W stream (module docstring)
 
 
 @dataclass(frozen=True)
@@ -73,87 +70,21 @@ def linear_config(rows: int, out_dim: int, in_dim: int, lora: bool = False) -> L
     return LinearConfig(block_n, 1024 if in_dim >= 8192 else 512, 4 if wide else 8, 2)
 
 
-@triton.jit
-def _shrink_row_item(item, x_ptr, a_ptr, tmp_ptr, slot_ptr, rank_ptr, route_id_ptr, route_gate_ptr, in_dim, top_k,
-                     r_blocks, stride_a_slot, stride_a_slice, stride_a_rank, stride_t_term, stride_t_slice,
-                     N_SLICES: tl.constexpr, TOP_K_POW2: tl.constexpr, EVEN_K: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One row's shrink item (term, slice, rank block) as a GEMV over the expert's A rows: the W stream's register
-    tiles (no tensor-core operands in shared memory, which would cut the GEMV's resident programs).
-
-    tmp[0, 0, slice, term, r] = gate(term) * x[0] @ a[slot, slice, r].T for r in the block (zeros if not picked).
-    """
-    r_block = item % r_blocks
-    rest = item // r_blocks
-    slice_id = rest % N_SLICES
-    term = rest // N_SLICES
-    slot = tl.load(slot_ptr + term)
-    rank = tl.load(rank_ptr + term)
-    r_lo = r_block * BLOCK_R
-    if (slot >= 0) & (r_lo < rank):
-        offs_j = tl.arange(0, TOP_K_POW2)
-        ids = tl.load(route_id_ptr + offs_j, mask=offs_j < top_k, other=-1)
-        gates = tl.load(route_gate_ptr + offs_j, mask=offs_j < top_k, other=0.0)
-        gate = tl.sum(tl.where(ids == term, gates, 0.0), axis=0)
-        offs_r = r_lo + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < rank
-        offs_k = tl.arange(0, BLOCK_K)
-        out = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        if gate != 0.0:
-            a_ptrs = (a_ptr + slot.to(tl.int64) * stride_a_slot + slice_id * stride_a_slice
-                      + offs_r[:, None] * stride_a_rank + offs_k[None, :])  # [BR, BK]
-            part = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-            for k in range(0, in_dim, BLOCK_K):
-                if EVEN_K:
-                    x_row = tl.load(x_ptr + k + offs_k)
-                    a_tile = tl.load(a_ptrs + k, mask=mask_r[:, None], other=0.0)
-                else:
-                    k_mask = (k + offs_k) < in_dim
-                    x_row = tl.load(x_ptr + k + offs_k, mask=k_mask, other=0.0)
-                    a_tile = tl.load(a_ptrs + k, mask=mask_r[:, None] & k_mask[None, :], other=0.0)
-                part += a_tile.to(tl.float32) * x_row.to(tl.float32)[None, :]
-            out = tl.sum(part, axis=1) * gate
-        tl.store(tmp_ptr + term * stride_t_term + slice_id * stride_t_slice + offs_r, out, mask=mask_r)
-
-
-@triton.jit(do_not_specialize=["num_rows", "n_terms", "top_k", "r_blocks", "first1", "first2", "first3",
-                               "s_r_blocks", "s_items", "s_programs"])
+@triton.jit(do_not_specialize=["num_rows", "n_terms", "top_k", "r_blocks", "first1", "first2", "first3"])
 def _linear_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, y_ptr, tmp_ptr, b_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr,
-    a_ptr, route_gate_ptr, sync_ptr,
     # sizes
     num_rows, in_dim, n_terms, top_k, r_blocks, out_total, bound1, bound2, bound3, first1, first2, first3,
-    s_r_blocks, s_items, s_programs,
     # strides
     stride_x_row, stride_w_row, stride_y_row, stride_b_slot, stride_b_row,
-    stride_t_split, stride_t_pos, stride_t_slice, stride_t_term, stride_a_slot, stride_a_slice, stride_a_rank,
+    stride_t_split, stride_t_pos, stride_t_slice, stride_t_term,
     # meta
     N_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr, N_SPLITS: tl.constexpr,
     TOP_K_POW2: tl.constexpr, TERMS_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SHRINK_IN: tl.constexpr, S_BLOCK_M: tl.constexpr, S_BLOCK_R: tl.constexpr, S_BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    if SHRINK_IN:  # noqa: SIM102 (a compile-time branch around a run-time one)
-        # The shrink's work items, spread over the first s_programs programs before their own W stream; each
-        # publishes its part with a release increment of sync (zeroed before the launch). s_programs <= the SMs,
-        # and blocks are dispatched in launch order, so every publisher runs before anyone can wait on it.
-        if pid < s_programs:
-            for item in range(pid, s_items, s_programs):
-                if BLOCK_M == 1:
-                    _shrink_row_item(item, x_ptr, a_ptr, tmp_ptr, slot_ptr, rank_ptr, route_id_ptr, route_gate_ptr,
-                                     in_dim, top_k, s_r_blocks, stride_a_slot, stride_a_slice, stride_a_rank,
-                                     stride_t_term, stride_t_slice, N_SLICES, TOP_K_POW2, EVEN_K, S_BLOCK_R,
-                                     S_BLOCK_K)
-                else:
-                    _shrink_item(item, x_ptr, a_ptr, tmp_ptr, route_id_ptr, route_id_ptr, slot_ptr, rank_ptr,
-                                 route_id_ptr, route_gate_ptr, 1, num_rows, in_dim, n_terms, top_k, s_r_blocks,
-                                 stride_x_row, stride_a_slot, stride_a_slice, stride_a_rank,
-                                 stride_t_split, stride_t_pos, stride_t_term, stride_t_slice,
-                                 N_SLICES, N_SPLITS, 1, True, TOP_K_POW2, IEEE, S_BLOCK_M, S_BLOCK_R, S_BLOCK_K)
-            tl.debug_barrier()
-            tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
     slice_id, n_lo, n_hi, g0 = _slice_of(pid, out_total, bound1, bound2, bound3, first1, first2, first3, N_SLICES)
     offs_n = n_lo + (pid - g0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_hi
@@ -186,10 +117,6 @@ def _linear_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if LORA:
-        if SHRINK_IN:  # every shrink part published (long since, behind this program's W stream)
-            published = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
-            while published < s_programs:
-                published = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
         # The experts some row picked (their shrink output already carries each row's gate; rows that did not
         # pick an expert hold zeros there), walked as (live expert, rank chunk) pairs, TERMS_BLOCK at a time.
         offs_c = tl.arange(0, TERMS_BLOCK)
@@ -229,36 +156,15 @@ def _slice_blocks(bounds: list[int], n_slices: int, block_n: int) -> tuple[list[
 
 
 def linear_meta(rows: int, in_dim: int, config: LinearConfig, bias: bool, ieee: bool, n_slices: int = 1,
-                splits: int = 0, top_k: int = 1, experts: int = 1, block_r: int = 16,
-                shrink: ShrinkConfig | None = None) -> dict:
+                splits: int = 0, top_k: int = 1, experts: int = 1, block_r: int = 16) -> dict:
     """The kernel's compile-time arguments: one Triton variant per distinct dict. ``splits`` > 0: the experts'
-    epilogue over a shrink of that many K-split partials (``n_slices`` slices, ``experts`` terms); ``shrink``: that
-    shrink runs inside the launch with these tiles (else a separate launch wrote it)."""
+    epilogue over a shrink of that many K-split partials (``n_slices`` slices, ``experts`` terms)."""
     lora = splits > 0
-    inside = lora and shrink is not None
     return dict(N_SLICES=n_slices if lora else 1, HAS_BIAS=bias, LORA=lora, N_SPLITS=max(splits, 1),
                 TOP_K_POW2=_pow2(top_k) if lora else 1, TERMS_BLOCK=min(_pow2(experts), MAX_TERMS_BLOCK) if lora else 1,
                 EVEN_K=in_dim % config.block_k == 0, IEEE=ieee, BLOCK_M=1 if rows == 1 else 16,
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_R=block_r if lora else 16,
-                SHRINK_IN=inside, S_BLOCK_M=shrink.block_m if inside else 16,
-                S_BLOCK_R=shrink.block_r if inside else 16, S_BLOCK_K=shrink.block_k if inside else 16,
                 num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-def inside_shrink_config(rows: int, config: LinearConfig, routed: ShrinkConfig) -> ShrinkConfig:
-    """The shrink tiles when it runs inside the linear: for one row, GEMV items over BLOCK_N rows of A (the W
-    stream's tile) with no K split; for more rows, the routed operator's shrink tiles."""
-    if rows == 1:
-        return ShrinkConfig(1, config.block_n, config.block_k, 1, config.num_warps, config.num_stages)
-    return routed
-
-
-def shrink_programs(items: int, programs: int, device: torch.device) -> int:
-    """Programs of the fused launch that run shrink items: at most one per SM, so that all of them are resident
-    before any program waits for them. 1 under the Triton interpreter, which runs programs one after another."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return 1
-    return max(1, min(items, programs, torch.cuda.get_device_properties(device).multi_processor_count))
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -286,7 +192,6 @@ def routed_linear(
     config: LinearConfig | None = None,
     *,
     workspace: torch.Tensor | None = None,
-    shrink_inside: bool | None = None,
 ) -> torch.Tensor:
     """The base linear of a few rows with each row's top-k expert updates, in one fp32 sum and one rounding.
 
@@ -301,8 +206,6 @@ def routed_linear(
         config: tiles; default ``linear_config`` by shape. The shrink's tiles come from the device table's routed
             entries, as for ``routed_add``.
         workspace: optional fp32 shrink buffer (``kernels.atmm.workspace_shape`` of the routed plan).
-        shrink_inside: run the shrink inside the one launch (default ``SHRINK_INSIDE``) rather than as its own launch
-            before it.
     Returns:
         y: [T, out_total] in x's dtype.
     """
@@ -310,7 +213,6 @@ def routed_linear(
     rows, out_total = x.shape[0], weight.shape[0]
     y = torch.empty((rows, out_total), dtype=x.dtype, device=x.device)
     lora = weights is not None and routing is not None and routing.num_experts > 0 and routing.max_rank > 0
-    shrink_inside = SHRINK_INSIDE if shrink_inside is None else shrink_inside
     config = config or linear_config(rows, out_total, x.shape[1], lora)
     if lora:
         routing.check()
@@ -323,36 +225,25 @@ def routed_linear(
         key = ShapeKey(segments=routing.num_experts, tokens=rows * routing.top_k, in_dim=weights.in_dim,
                        out_dim=weights.out_dim, max_rank=routing.max_rank)
         pair = device_table().lookup_routed(key)[0]  # the routed operator's tiles; only its shrink runs here
-        if shrink_inside:
-            pair = replace(pair, shrink=inside_shrink_config(rows, config, pair.shrink))
         tmp = workspace_for(plan, weights, pair, workspace, x.device)
-        s_r_blocks = cdiv(plan.max_rank, pair.shrink.block_r)
-        s_items = plan.row_blocks(pair.shrink.block_m) * plan.n_terms * weights.n_slices * s_r_blocks \
-            * pair.shrink.split_k
-        if not shrink_inside:
-            launch_shrink(x, weights, plan, tmp, pair.shrink)
+        launch_shrink(x, weights, plan, tmp, pair.shrink)
         bounds = list(weights.slice_bounds) + [out_total] * (MAX_SLICES + 1 - len(weights.slice_bounds))
         n_slices, block_r = weights.n_slices, min(64, _pow2(routing.max_rank, 16))
         tables = (tmp, weights.b, routing.expert_slots, routing.expert_ranks, routing.expert_scales,
-                  routing.topk_ids, weights.a, routing.topk_gates,
-                  torch.zeros(1, dtype=torch.int32, device=x.device) if shrink_inside else routing.topk_ids)
+                  routing.topk_ids)
         sizes = (routing.num_experts, routing.top_k, cdiv(routing.max_rank, block_r))
         strides = (weights.b.stride(0), weights.b.stride(1), tmp.stride(0), tmp.stride(1), tmp.stride(2),
-                   tmp.stride(3), weights.a.stride(0), weights.a.stride(1), weights.a.stride(2))
+                   tmp.stride(3))
         meta = linear_meta(rows, x.shape[1], config, bias is not None, x.dtype == torch.float32, n_slices,
-                           tmp.shape[0], routing.top_k, routing.num_experts, block_r,
-                           pair.shrink if shrink_inside else None)
+                           tmp.shape[0], routing.top_k, routing.num_experts, block_r)
     else:
         bounds, n_slices = [0, out_total, out_total, out_total, out_total], 1
-        tables, sizes, strides = (y,) * 9, (0, 1, 1), (0,) * 9
-        s_r_blocks = s_items = 0
+        tables, sizes, strides = (y,) * 6, (0, 1, 1), (0,) * 6
         meta = linear_meta(rows, x.shape[1], config, bias is not None, x.dtype == torch.float32)
     firsts, programs = _slice_blocks(bounds, n_slices, config.block_n)
-    s_programs = shrink_programs(s_items, programs, x.device) if meta["SHRINK_IN"] else 0
     _linear_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, y, *tables,
         rows, x.shape[1], *sizes, out_total, bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
-        s_r_blocks, s_items, s_programs,
         x.stride(0), weight.stride(0), y.stride(0), *strides, **meta,
     )
     return y

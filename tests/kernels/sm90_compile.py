@@ -64,13 +64,10 @@ def main() -> int:
         out_dim, bias = sum(widths), len(widths) == 3
         for rows in (1, 16):
             key = ShapeKey(segments=8, tokens=rows * 2, in_dim=in_dim, out_dim=out_dim, max_rank=64)
-            shrink = table.lookup_routed(key)[0].shrink
+            splits = table.lookup_routed(key)[0].shrink.split_k
             routed = fused_linear.linear_config(rows, out_dim, in_dim, lora=True)
-            inside = fused_linear.inside_shrink_config(rows, routed, shrink)
-            for cfg in (shrink, inside):  # the shrink as its own launch, and inside the linear's
-                meta = fused_linear.linear_meta(rows, in_dim, routed, bias, False, len(widths), cfg.split_k, 2,
-                                                8, 64, cfg if cfg is inside else None)
-                metas[("linear", tuple(sorted(meta.items())))] = (fused_linear._linear_kernel, meta)
+            meta = fused_linear.linear_meta(rows, in_dim, routed, bias, False, len(widths), splits, 2, 8, 64)
+            metas[("linear", tuple(sorted(meta.items())))] = (fused_linear._linear_kernel, meta)
         plain = fused_linear.linear_config(1, out_dim, in_dim)
         meta = fused_linear.linear_meta(1, in_dim, plain, bias, False)
         metas[("linear", tuple(sorted(meta.items())))] = (fused_linear._linear_kernel, meta)

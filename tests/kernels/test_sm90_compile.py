@@ -22,7 +22,6 @@ def test_h200_variants_compile_and_fit_shared_memory(tmp_path):
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     kernels = {row["kernel"] for row in rows}
     assert {"shrink", "expand", "shrink+pdl", "expand+pdl", "linear"} <= kernels
-    assert any(row["meta"].get("SHRINK_IN") for row in rows if row["kernel"] == "linear")
     assert any(row["meta"].get("ROUTED") for row in rows) and any(not row["meta"].get("ROUTED") for row in rows)
     failed = [row for row in rows if "error" in row]
     assert not failed, failed[:3]

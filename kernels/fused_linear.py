@@ -42,6 +42,7 @@ from kernels.routing import Routing
 from kernels.tile_config import ShapeKey, device_table
 
 MAX_ROWS = 16  # rows one program holds: a decode batch's worth; larger batches take F.linear + routed_add
+ROW_DIRECT = True  # one row: its experts' loads issued before the W stream (``_row_terms``)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,34 @@ def linear_config(rows: int, out_dim: int, in_dim: int, lora: bool = False) -> L
     return LinearConfig(block_n, 1024 if in_dim >= 8192 else 512, 4 if wide else 8, 2)
 
 
+@triton.jit
+def _row_terms(t_slice, b_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr, top_k, offs_n, mask_n, stride_b_slot,
+               stride_b_row, stride_t_split, stride_t_term, dtype: tl.constexpr, N_SPLITS: tl.constexpr,
+               TOP_K_POW2: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One row's experts for the epilogue: (t [K, BR] fp32, the shrink output x scale rounded to the weights' dtype
+    as the term walk does; b [K, BN, BR] fp32, their B rows); experts picked twice count once (the shrink summed
+    their gates), dead ones (-1 or no slot) are zeros."""
+    offs_j = tl.arange(0, TOP_K_POW2)
+    ids = tl.load(route_id_ptr + offs_j, mask=offs_j < top_k, other=-1)
+    earlier = (ids[:, None] == ids[None, :]) & (offs_j[None, :] < offs_j[:, None])  # [K, K]: j' < j picked it too
+    live = (ids >= 0) & (tl.sum(earlier.to(tl.int32), axis=1) == 0)
+    expert = tl.where(live, ids, 0)
+    slots = tl.load(slot_ptr + expert, mask=live, other=-1)
+    ranks = tl.load(rank_ptr + expert, mask=live, other=0)
+    scales = tl.load(scale_ptr + expert, mask=live, other=0.0)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_jr = (live & (slots >= 0))[:, None] & (offs_r[None, :] < ranks[:, None])  # [K, BR]
+    t_ptrs = t_slice + expert[:, None] * stride_t_term + offs_r[None, :]
+    t = tl.load(t_ptrs, mask=mask_jr, other=0.0)
+    for split in tl.static_range(1, N_SPLITS):
+        t += tl.load(t_ptrs + split * stride_t_split, mask=mask_jr, other=0.0)
+    t = (t * scales[:, None]).to(dtype).to(tl.float32)
+    b_ptrs = (b_ptr + tl.maximum(slots, 0).to(tl.int64)[:, None, None] * stride_b_slot
+              + offs_n[None, :, None] * stride_b_row + offs_r[None, None, :])
+    b = tl.load(b_ptrs, mask=mask_jr[:, None, :] & mask_n[None, :, None], other=0.0)
+    return t, b.to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["num_rows", "n_terms", "top_k", "r_blocks", "first1", "first2", "first3"])
 def _linear_kernel(
     # pointers
@@ -83,11 +112,20 @@ def _linear_kernel(
     N_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr, N_SPLITS: tl.constexpr,
     TOP_K_POW2: tl.constexpr, TERMS_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ROW_DIRECT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     slice_id, n_lo, n_hi, g0 = _slice_of(pid, out_total, bound1, bound2, bound3, first1, first2, first3, N_SLICES)
     offs_n = n_lo + (pid - g0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_hi
+    if ROW_DIRECT:
+        # One row whose experts' ranks fit one BLOCK_R chunk: its top-k experts are the only live terms, so their
+        # tables, shrink outputs and B tiles are all loaded here, before the W stream, and their latency hides
+        # behind it (the term walk below issues them one dependent step at a time after it).
+        t_row, b_row = _row_terms(tmp_ptr + slice_id * stride_t_slice, b_ptr, slot_ptr, rank_ptr, scale_ptr,
+                                  route_id_ptr, top_k, offs_n, mask_n, stride_b_slot, stride_b_row, stride_t_split,
+                                  stride_t_term, dtype=w_ptr.dtype.element_ty, N_SPLITS=N_SPLITS,
+                                  TOP_K_POW2=TOP_K_POW2, BLOCK_R=BLOCK_R)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < num_rows
     offs_k = tl.arange(0, BLOCK_K)
@@ -116,7 +154,9 @@ def _linear_kernel(
             acc += _dot(x_tile, tl.trans(w_tile), IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if LORA:
+    if ROW_DIRECT:
+        acc += tl.sum(tl.sum(b_row * t_row[:, None, :], axis=2), axis=0)[None, :]
+    elif LORA:
         # The experts some row picked (their shrink output already carries each row's gate; rows that did not
         # pick an expert hold zeros there), walked as (live expert, rank chunk) pairs, TERMS_BLOCK at a time.
         offs_c = tl.arange(0, TERMS_BLOCK)
@@ -156,15 +196,19 @@ def _slice_blocks(bounds: list[int], n_slices: int, block_n: int) -> tuple[list[
 
 
 def linear_meta(rows: int, in_dim: int, config: LinearConfig, bias: bool, ieee: bool, n_slices: int = 1,
-                splits: int = 0, top_k: int = 1, experts: int = 1, block_r: int = 16) -> dict:
+                splits: int = 0, top_k: int = 1, experts: int = 1, block_r: int = 16, max_rank: int = 0,
+                row_direct: bool | None = None) -> dict:
     """The kernel's compile-time arguments: one Triton variant per distinct dict. ``splits`` > 0: the experts'
-    epilogue over a shrink of that many K-split partials (``n_slices`` slices, ``experts`` terms)."""
+    epilogue over a shrink of that many K-split partials (``n_slices`` slices, ``experts`` terms, ranks up to
+    ``max_rank``). ``row_direct``: one row's experts loaded before the W stream (default ``ROW_DIRECT`` where
+    every rank fits one ``block_r`` chunk), else walked after it."""
     lora = splits > 0
+    row_direct = (ROW_DIRECT if row_direct is None else row_direct) and lora and rows == 1 and max_rank <= block_r
     return dict(N_SLICES=n_slices if lora else 1, HAS_BIAS=bias, LORA=lora, N_SPLITS=max(splits, 1),
                 TOP_K_POW2=_pow2(top_k) if lora else 1, TERMS_BLOCK=min(_pow2(experts), MAX_TERMS_BLOCK) if lora else 1,
                 EVEN_K=in_dim % config.block_k == 0, IEEE=ieee, BLOCK_M=1 if rows == 1 else 16,
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_R=block_r if lora else 16,
-                num_warps=config.num_warps, num_stages=config.num_stages)
+                ROW_DIRECT=row_direct, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -192,6 +236,7 @@ def routed_linear(
     config: LinearConfig | None = None,
     *,
     workspace: torch.Tensor | None = None,
+    row_direct: bool | None = None,
 ) -> torch.Tensor:
     """The base linear of a few rows with each row's top-k expert updates, in one fp32 sum and one rounding.
 
@@ -206,6 +251,7 @@ def routed_linear(
         config: tiles; default ``linear_config`` by shape. The shrink's tiles come from the device table's routed
             entries, as for ``routed_add``.
         workspace: optional fp32 shrink buffer (``kernels.atmm.workspace_shape`` of the routed plan).
+        row_direct: for one row, load its experts before the W stream (``linear_meta``); default ``ROW_DIRECT``.
     Returns:
         y: [T, out_total] in x's dtype.
     """
@@ -235,7 +281,7 @@ def routed_linear(
         strides = (weights.b.stride(0), weights.b.stride(1), tmp.stride(0), tmp.stride(1), tmp.stride(2),
                    tmp.stride(3))
         meta = linear_meta(rows, x.shape[1], config, bias is not None, x.dtype == torch.float32, n_slices,
-                           tmp.shape[0], routing.top_k, routing.num_experts, block_r)
+                           tmp.shape[0], routing.top_k, routing.num_experts, block_r, routing.max_rank, row_direct)
     else:
         bounds, n_slices = [0, out_total, out_total, out_total, out_total], 1
         tables, sizes, strides = (y,) * 6, (0, 1, 1), (0,) * 6

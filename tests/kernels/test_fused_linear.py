@@ -130,3 +130,21 @@ def test_fused_linear_7b_shapes_and_graph(group, rows):
     routing.topk_gates.copy_(q.routing.topk_gates)
     graph.replay()
     assert torch.equal(out, routed_linear(p.x, weight, bias, p.weights, routing))
+
+
+@pytest.mark.parametrize("ids", [[3, 1], [2, 2], [-1, 0], [-1, -1]], ids=str)
+def test_one_row_experts_loaded_before_the_w_stream(interpreted, ids):
+    """One row's direct epilogue (experts loaded before the W stream) against the term walk and the float64
+    oracle, with an expert picked twice (counted once, with both gates), an unused pair and no expert at all."""
+    case = dict(rank=16, experts=5, top_k=2, rows=1, dims=DIMS[1], dtype=torch.float32, bias=True)
+    p, weight, bias, _, _ = base_problem(case, seed=4)
+    p.routing.topk_ids.copy_(torch.tensor([ids], dtype=torch.int32))
+    update = reference.routed_linear(p.x.double(), torch.zeros_like(weight, dtype=torch.float64), None,
+                                     type(p.weights)(p.weights.a.double(), p.weights.b.double(),
+                                                     p.weights.slice_bounds),
+                                     p.routing)
+    want = p.x.double() @ weight.double().T + bias.double() + update
+    direct = routed_linear(p.x, weight, bias, p.weights, p.routing, row_direct=True)
+    walked = routed_linear(p.x, weight, bias, p.weights, p.routing, row_direct=False)
+    assert_close(direct, want, update)
+    torch.testing.assert_close(direct, walked, rtol=1e-5, atol=1e-5)

@@ -80,6 +80,34 @@ def test_fused_decode_linear_gives_the_unmerged_tokens(make_engine, unmerged, mo
     assert len(calls) >= 2 * per_step and set(calls) <= set(range(1, engine.lora.op.fused_lora_rows + 1))
 
 
+@pytest.mark.parametrize("mode", ["unmerged", "mixture"])
+def test_lone_request_decodes_through_the_one_row_fused_linear(make_engine, monkeypatch, mode):
+    """An adapter request left decoding alone on the Triton backend (interpreted on CPU) with its default fusion:
+    each of its one-row decode projections is the fused linear with the row's terms loaded before the W stream
+    (ROW_DIRECT), plain (+x·ΔW_X) and in mixture mode (+x·ΔW_X − x·ΔW_M, M merged for a request that finished
+    after one token): the torch backend's tokens."""
+    from kernels import fused_linear
+
+    def pair() -> list[EngineRequest]:  # ad8 with a picture decodes 5 tokens; ad4 stops after its first
+        first, _, other = requests(max_tokens=5)[:3]
+        other.sampling = SamplingParams(max_tokens=1)
+        return [first, other]
+
+    want = [r.token_ids for r in make_engine(policy="slora").generate(pair())]
+    engine = make_engine(policy="valora" if mode == "mixture" else "slora", lora_backend="triton",
+                         pinned_adapters=list(ADAPTERS))
+    if mode == "mixture":
+        force(engine, "mixture", "ad4")
+    direct, meta = [], fused_linear.linear_meta
+    monkeypatch.setattr(fused_linear, "linear_meta", lambda *a, **k: (lambda m: direct.append(m["ROW_DIRECT"])
+                                                                      or m)(meta(*a, **k)))
+    results = engine.generate(pair())
+    assert all(r.ok and r.mode == mode for r in results)
+    assert [r.token_ids for r in results] == want
+    per_step = 4 * len(engine.model.layers)  # q/k/v, o, gate/up, down
+    assert direct.count(True) >= 3 * per_step  # ad8's decode steps after ad4 left
+
+
 def test_merged_mode_gives_the_unmerged_tokens(make_engine, unmerged):
     """merged-only serves one group at a time on its merged weights: no multi-LoRA work at all."""
     engine = make_engine(policy="merged-only")

@@ -207,14 +207,13 @@ class StaticLoRABatch:
 class MultiLoRADelta(LayerDelta):
     """Plain multi-LoRA: every adapted projection adds its slot-pool update for the iteration's segments.
 
-    With ``routing`` (the batch row by row) and a backend whose ``fused_lora_rows`` covers the rows, each projection
-    is the fused decode linear instead (``linear``): one launch fewer per projection and no read-modify-write of y.
+    With ``routing`` (the batch row by row, which its builders make only up to the backend's ``fused_lora_rows``),
+    each projection is the fused decode linear instead (``linear``): one launch fewer per projection and no
+    read-modify-write of y.
     """
 
     def __init__(self, pool: AdapterPool, op: AddLoRAOp, batch: LoRABatch, routing: Routing | None = None) -> None:
-        self.pool, self.op, self.batch = pool, op, batch
-        fused = getattr(op, "fused_lora_rows", 0)
-        self.routing = routing if routing is not None and 0 < routing.num_tokens <= fused else None
+        self.pool, self.op, self.batch, self.routing = pool, op, batch, routing
 
     def linear(self, key: LayerKey, x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor | None:

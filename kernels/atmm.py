@@ -34,6 +34,7 @@ from kernels.tile_config import AtmmConfig, ExpandConfig, ShapeKey, ShrinkConfig
 
 MAX_SLICES = 4
 PRELOAD_ELEMENTS = 64 * 128  # the expand keeps [BM, terms x rank] of shrink output in registers up to this
+VEC_R = True  # B and shrink-output tiles read in 16-byte loads (masks on the rank rounded up to 8; ``_rank_fetch``)
 MAX_TERMS_BLOCK = 64  # terms whose tables the expand's term walk holds in registers at once
 
 
@@ -154,26 +155,49 @@ def _shrink_kernel(
 
 @triton.jit
 def _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, term, offs_m, mask_m, offs_r,
-               stride_t_split, stride_t_pos, stride_t_term, t_slice_off, N_SPLITS: tl.constexpr):
+               stride_t_split, stride_t_pos, stride_t_term, t_slice_off, N_SPLITS: tl.constexpr, VEC_R: tl.constexpr):
     """One term's shrink output for a row block, summed over K splits and scaled -> ([BM, BR] fp32, slot, rank)."""
     slot = tl.load(slot_ptr + seg * n_terms + term)
     rank = tl.load(rank_ptr + seg * n_terms + term)
     scale = tl.load(scale_ptr + seg * n_terms + term)
     rank = tl.where(slot >= 0, rank, 0)
     t = _split_sum(tmp_ptr + term * stride_t_term + t_slice_off, offs_m, mask_m, offs_r, rank, stride_t_split,
-                   stride_t_pos, N_SPLITS)
+                   stride_t_pos, N_SPLITS, VEC_R)
     return t * scale, slot, rank
 
 
 @triton.jit
-def _split_sum(t_base, offs_m, mask_m, offs_r, rank, stride_t_split, stride_t_pos, N_SPLITS: tl.constexpr):
-    """The [BM, BR] fp32 shrink output at ``t_base`` (one term and slice), its N_SPLITS K-split partials summed."""
+def _split_sum(t_base, offs_m, mask_m, offs_r, rank, stride_t_split, stride_t_pos, N_SPLITS: tl.constexpr,
+               VEC_R: tl.constexpr):
+    """The [BM, BR] fp32 shrink output at ``t_base`` (one term and slice), its N_SPLITS K-split partials summed;
+    zero past ``rank``."""
     t_ptrs = t_base + offs_m[:, None] * stride_t_pos + offs_r[None, :]
-    t_mask = mask_m[:, None] & (offs_r < rank)[None, :]
+    t_mask = mask_m[:, None] & _rank_fetch(offs_r, rank, VEC_R)[None, :]
     t = tl.load(t_ptrs, mask=t_mask, other=0.0)
     for split in tl.static_range(1, N_SPLITS):
         t += tl.load(t_ptrs + split * stride_t_split, mask=t_mask, other=0.0)
+    if VEC_R:
+        t = tl.where((offs_r < rank)[None, :], t, 0.0)
     return t
+
+
+@triton.jit
+def _rank_fetch(offs_r, rank, VEC_R: tl.constexpr):
+    """Which of the rank columns ``offs_r`` to load for a term of rank ``rank``. With VEC_R, every column below the
+    rank rounded up to 8: a mask constant over 8 contiguous columns lets the compiler issue 16-byte loads (a mask
+    cut at the true rank forces one load per element); the caller zeroes the columns past ``rank`` after the
+    load, so whatever a pool's or workspace's padding holds never reaches the sum."""
+    if VEC_R:
+        return offs_r < tl.multiple_of((rank + 7) // 8 * 8, 8)
+    return offs_r < rank
+
+
+@triton.jit
+def _rank_rows(b_tile, offs_r, rank, VEC_R: tl.constexpr):
+    """A [BR, BN] B tile loaded with ``_rank_fetch``'s mask, its rows past ``rank`` zeroed."""
+    if VEC_R:
+        return tl.where((offs_r < rank)[:, None], b_tile, 0.0)
+    return b_tile
 
 
 @triton.jit
@@ -215,7 +239,7 @@ def _expand_kernel(
     # meta
     N_SLICES: tl.constexpr, SEG_POW2: tl.constexpr, ROUTED: tl.constexpr, N_SPLITS: tl.constexpr,
     TOP_K_POW2: tl.constexpr, TERMS_BLOCK: tl.constexpr, IEEE: tl.constexpr, PRELOAD_TERMS: tl.constexpr,
-    R_PAD: tl.constexpr, USE_PDL: tl.constexpr,
+    R_PAD: tl.constexpr, USE_PDL: tl.constexpr, VEC_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -252,15 +276,17 @@ def _expand_kernel(
         # output blocks (the loop body is loads -> dot -> store, which the compiler software-pipelines).
         offs_r = tl.arange(0, R_PAD)
         t0, slot0, rank0 = _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, 0, offs_m, mask_m,
-                                      offs_r, stride_t_split, stride_t_pos, stride_t_term, t_slice_off, N_SPLITS)
+                                      offs_r, stride_t_split, stride_t_pos, stride_t_term, t_slice_off, N_SPLITS,
+                                      VEC_R)
         b0 = b_ptr + slot0.to(tl.int64) * stride_b_slot + offs_r[:, None]
-        live0 = offs_r < rank0
+        live0 = _rank_fetch(offs_r, rank0, VEC_R)  # B rows past the rank meet zeros in t0
         t0 = t0.to(dtype)
         if PRELOAD_TERMS == 2:
             t1, slot1, rank1 = _term_tile(tmp_ptr, slot_ptr, rank_ptr, scale_ptr, seg, n_terms, 1, offs_m, mask_m,
-                                          offs_r, stride_t_split, stride_t_pos, stride_t_term, t_slice_off, N_SPLITS)
+                                          offs_r, stride_t_split, stride_t_pos, stride_t_term, t_slice_off, N_SPLITS,
+                                          VEC_R)
             b1 = b_ptr + slot1.to(tl.int64) * stride_b_slot + offs_r[:, None]
-            live1 = offs_r < rank1
+            live1 = _rank_fetch(offs_r, rank1, VEC_R)
             t1 = t1.to(dtype)
             if rank0 + rank1 == 0:
                 return
@@ -272,11 +298,12 @@ def _expand_kernel(
             mask_n = offs_n < n_hi
             y_mask = mask_m[:, None] & mask_n[None, :]
             y_tile = tl.load(y_rows + offs_n[None, :], mask=y_mask, other=0.0)
-            b_tile = tl.load(b0 + offs_n[None, :] * stride_b_row, mask=live0[:, None] & mask_n[None, :], other=0.0)
+            b_tile = _rank_rows(tl.load(b0 + offs_n[None, :] * stride_b_row, mask=live0[:, None] & mask_n[None, :],
+                                        other=0.0), offs_r, rank0, VEC_R)
             acc = _dot(t0, b_tile, IEEE)
             if PRELOAD_TERMS == 2:
-                b_tile1 = tl.load(b1 + offs_n[None, :] * stride_b_row, mask=live1[:, None] & mask_n[None, :],
-                                  other=0.0)
+                b_tile1 = _rank_rows(tl.load(b1 + offs_n[None, :] * stride_b_row,
+                                             mask=live1[:, None] & mask_n[None, :], other=0.0), offs_r, rank1, VEC_R)
                 acc += _dot(t1, b_tile1, IEEE)
             tl.store(y_rows + offs_n[None, :], (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
     else:
@@ -313,9 +340,11 @@ def _expand_kernel(
                     slot = _pick(offs_c, local, slots)
                     rank = _pick(offs_c, local, ranks)
                     t = _split_sum(tmp_ptr + (e0 + local) * stride_t_term + t_slice_off, offs_m, mask_m, offs_r, rank,
-                                   stride_t_split, stride_t_pos, N_SPLITS) * _pick(offs_c, local, scales)
-                    b_tile = tl.load(b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[None, :] * stride_b_row
-                                     + offs_r[:, None], mask=(offs_r < rank)[:, None] & mask_n[None, :], other=0.0)
+                                   stride_t_split, stride_t_pos, N_SPLITS, VEC_R) * _pick(offs_c, local, scales)
+                    b_ptrs = (b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[None, :] * stride_b_row
+                              + offs_r[:, None])
+                    b_mask = _rank_fetch(offs_r, rank, VEC_R)[:, None] & mask_n[None, :]
+                    b_tile = _rank_rows(tl.load(b_ptrs, mask=b_mask, other=0.0), offs_r, rank, VEC_R)
                     acc += _dot(t.to(dtype), b_tile, IEEE)
             tl.store(y_rows + offs_n[None, :], (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
@@ -458,7 +487,7 @@ def expand_meta(plan: RowPlan, n_slices: int, cfg: ExpandConfig, n_splits: int, 
     terms_block = 1 if preload else min(_pow2(plan.n_terms), MAX_TERMS_BLOCK)
     meta = dict(N_SLICES=n_slices, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed, N_SPLITS=n_splits,
                 TOP_K_POW2=_pow2(plan.top_k), TERMS_BLOCK=terms_block, IEEE=ieee, PRELOAD_TERMS=preload,
-                R_PAD=r_pad if preload else 16, USE_PDL=pdl, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                R_PAD=r_pad if preload else 16, USE_PDL=pdl, VEC_R=VEC_R, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 BLOCK_R=cfg.block_r, GROUP_N=cfg.group_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if pdl:
         meta["launch_pdl"] = True

@@ -24,12 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import atmm
 from kernels.atmm import (
     MAX_SLICES,
     MAX_TERMS_BLOCK,
     _dot,
     _pick,
     _pow2,
+    _rank_fetch,
     _slice_of,
     _split_sum,
     _term_tables,
@@ -76,7 +78,7 @@ def linear_config(rows: int, out_dim: int, in_dim: int, lora: bool = False) -> L
 @triton.jit
 def _row_terms(t_slice, b_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr, top_k, offs_n, mask_n, stride_b_slot,
                stride_b_row, stride_t_split, stride_t_term, dtype: tl.constexpr, N_SPLITS: tl.constexpr,
-               TOP_K_POW2: tl.constexpr, BLOCK_R: tl.constexpr):
+               TOP_K_POW2: tl.constexpr, BLOCK_R: tl.constexpr, VEC_R: tl.constexpr):
     """One row's experts for the epilogue: (t [K, BR] fp32, the shrink output x scale rounded to the weights' dtype
     as the term walk does; b [K, BN, BR] fp32, their B rows); experts picked twice count once (the shrink summed
     their gates), dead ones (-1 or no slot) are zeros."""
@@ -89,16 +91,21 @@ def _row_terms(t_slice, b_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr, top_
     ranks = tl.load(rank_ptr + expert, mask=live, other=0)
     scales = tl.load(scale_ptr + expert, mask=live, other=0.0)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_jr = (live & (slots >= 0))[:, None] & (offs_r[None, :] < ranks[:, None])  # [K, BR]
+    ranks = tl.where(live & (slots >= 0), ranks, 0)
+    if VEC_R:  # as ``_rank_fetch``: each rank rounded up to 8 for 16-byte loads; past each rank zeroed below
+        fetch = offs_r[None, :] < tl.multiple_of((ranks + 7) // 8 * 8, 8)[:, None]  # [K, BR]
+    else:
+        fetch = offs_r[None, :] < ranks[:, None]
     t_ptrs = t_slice + expert[:, None] * stride_t_term + offs_r[None, :]
-    t = tl.load(t_ptrs, mask=mask_jr, other=0.0)
+    t = tl.load(t_ptrs, mask=fetch, other=0.0)
     for split in tl.static_range(1, N_SPLITS):
-        t += tl.load(t_ptrs + split * stride_t_split, mask=mask_jr, other=0.0)
-    t = (t * scales[:, None]).to(dtype).to(tl.float32)
+        t += tl.load(t_ptrs + split * stride_t_split, mask=fetch, other=0.0)
+    keep = offs_r[None, :] < ranks[:, None]
+    t = tl.where(keep, (t * scales[:, None]).to(dtype).to(tl.float32), 0.0)
     b_ptrs = (b_ptr + tl.maximum(slots, 0).to(tl.int64)[:, None, None] * stride_b_slot
               + offs_n[None, :, None] * stride_b_row + offs_r[None, None, :])
-    b = tl.load(b_ptrs, mask=mask_jr[:, None, :] & mask_n[None, :, None], other=0.0)
-    return t, b.to(tl.float32)
+    b = tl.load(b_ptrs, mask=fetch[:, None, :] & mask_n[None, :, None], other=0.0)
+    return t, tl.where(keep[:, None, :], b.to(tl.float32), 0.0)
 
 
 @triton.jit(do_not_specialize=["num_rows", "n_terms", "top_k", "r_blocks", "first1", "first2", "first3"])
@@ -114,7 +121,7 @@ def _linear_kernel(
     N_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr, N_SPLITS: tl.constexpr,
     TOP_K_POW2: tl.constexpr, TERMS_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    ROW_DIRECT: tl.constexpr,
+    ROW_DIRECT: tl.constexpr, VEC_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
     slice_id, n_lo, n_hi, g0 = _slice_of(pid, out_total, bound1, bound2, bound3, first1, first2, first3, N_SLICES)
@@ -127,7 +134,7 @@ def _linear_kernel(
         t_row, b_row = _row_terms(tmp_ptr + slice_id * stride_t_slice, b_ptr, slot_ptr, rank_ptr, scale_ptr,
                                   route_id_ptr, top_k, offs_n, mask_n, stride_b_slot, stride_b_row, stride_t_split,
                                   stride_t_term, dtype=w_ptr.dtype.element_ty, N_SPLITS=N_SPLITS,
-                                  TOP_K_POW2=TOP_K_POW2, BLOCK_R=BLOCK_R)
+                                  TOP_K_POW2=TOP_K_POW2, BLOCK_R=BLOCK_R, VEC_R=VEC_R)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < num_rows
     offs_k = tl.arange(0, BLOCK_K)
@@ -176,9 +183,12 @@ def _linear_kernel(
                 slot = _pick(offs_c, local, slots)
                 rank = _pick(offs_c, local, ranks)
                 t = _split_sum(t_slice + (e0 + local) * stride_t_term, offs_m, mask_m, offs_r, rank,
-                               stride_t_split, stride_t_pos, N_SPLITS) * _pick(offs_c, local, scales)  # [BM, BR]
+                               stride_t_split, stride_t_pos, N_SPLITS, VEC_R) * _pick(offs_c, local, scales)  # [BM, BR]
                 b_tile = tl.load(b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[:, None] * stride_b_row
-                                 + offs_r[None, :], mask=mask_n[:, None] & (offs_r < rank)[None, :], other=0.0)
+                                 + offs_r[None, :], mask=mask_n[:, None] & _rank_fetch(offs_r, rank, VEC_R)[None, :],
+                                 other=0.0)
+                if VEC_R:
+                    b_tile = tl.where((offs_r < rank)[None, :], b_tile, 0.0)
                 t = t.to(dtype)
                 if BLOCK_M == 1:
                     acc += tl.sum(b_tile.to(tl.float32) * t.to(tl.float32), axis=1)[None, :]
@@ -210,7 +220,7 @@ def linear_meta(rows: int, in_dim: int, config: LinearConfig, bias: bool, ieee: 
                 TOP_K_POW2=_pow2(top_k) if lora else 1, TERMS_BLOCK=min(_pow2(experts), MAX_TERMS_BLOCK) if lora else 1,
                 EVEN_K=in_dim % config.block_k == 0, IEEE=ieee, BLOCK_M=1 if rows == 1 else 16,
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_R=block_r if lora else 16,
-                ROW_DIRECT=row_direct, num_warps=config.num_warps, num_stages=config.num_stages)
+                ROW_DIRECT=row_direct, VEC_R=atmm.VEC_R, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -85,6 +85,20 @@ def make_weights(slots: int, rank: int, in_dim: int, widths: tuple[int, ...], dt
     return LoRAWeights(a.to(device, dtype), b.to(device, dtype), bounds)
 
 
+def poison_padding(weights: LoRAWeights, slots, ranks) -> None:
+    """NaN in every pool element past each used slot's true rank (``slots``, ``ranks``: matching 1-D tensors, slot
+    -1 skipped) and in every unused slot: an op may read only a term's first r columns of A and B, whatever the
+    pool holds past them."""
+    true_rank = {}
+    for slot, rank in zip(slots.flatten().tolist(), ranks.flatten().tolist(), strict=True):
+        if slot >= 0:
+            true_rank[slot] = max(true_rank.get(slot, 0), rank)
+    for slot in range(weights.a.shape[0]):
+        rank = true_rank.get(slot, 0)
+        weights.a[slot, :, rank:] = float("nan")
+        weights.b[slot, :, rank:] = float("nan")
+
+
 def dense_delta(weights: LoRAWeights, slot: int, rank: int) -> torch.Tensor:
     """The adapter's full update matrix in float64: [in_dim, out_total], per-slice B_i A_i transposed."""
     out = torch.zeros(weights.in_dim, weights.out_dim, dtype=torch.float64)

@@ -25,6 +25,7 @@ from tests.kernels.sweep import (
     assert_matches,
     covering_rows,
     make_problem,
+    poison_padding,
 )
 
 AXES = {"rank": RANKS, "adapters": ADAPTERS, "tokens": TOKENS, "dims": DIMS, "mode": MODES,
@@ -114,3 +115,20 @@ def test_programmatic_dependent_launch_is_opt_in_and_cuda_only():
     assert meta["USE_PDL"] and meta["launch_pdl"]
     assert "launch_pdl" not in expand_meta(plan, 1, WIDE.expand, 1, False) and not shrink_meta(plan, 1, WIDE.shrink,
                                                                                               False)["USE_PDL"]
+
+
+@pytest.mark.parametrize("config", ["table", "wide"])
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_padding_past_each_rank_is_never_used(interpreted, mode, config):
+    """NaN in the pool past every adapter's true rank (ranks not multiples of 8 included: the kernels fetch B and
+    the shrink output 8 rank columns at a time) and in the workspace: the output matches the oracle, both through
+    the expand's preloaded terms (the device table's tiles) and its term walk (WIDE)."""
+    problem = make_problem(24, 3, 7, DIMS[1], mode, torch.float32, seed=12)
+    batch = problem.batch
+    assert (batch.seg_ranks[batch.seg_slots >= 0] % 8 != 0).any()
+    poison_padding(problem.weights, batch.seg_slots, batch.seg_ranks)
+    y = _run(problem, "table") if config == "table" else problem.y0.clone()
+    if config == "wide":
+        workspace = torch.full(workspace_shape(RowPlan.from_batch(batch), problem.weights, WIDE), float("nan"))
+        atmm_add(y, problem.x, problem.weights, batch, WIDE, workspace=workspace)
+    assert_matches(y, problem.expected, problem.y0, problem.touched)

@@ -8,7 +8,8 @@ import torch
 
 from kernels import reference
 from kernels.fused_linear import MAX_ROWS, LinearConfig, linear_config, routed_linear
-from tests.kernels.sweep import DIMS, TOLERANCE, covering_rows, make_routed_problem
+from kernels.routed import routed_add
+from tests.kernels.sweep import DIMS, TOLERANCE, covering_rows, make_routed_problem, poison_padding
 
 AXES = {"rank": (1, 8, 16, 64, 128), "experts": (1, 3, 8), "top_k": (1, 2), "rows": (1, 7, 16), "dims": DIMS,
         "dtype": (torch.float16, torch.float32), "bias": (False, True), "tiles": ("default", "small")}
@@ -148,3 +149,18 @@ def test_one_row_experts_loaded_before_the_w_stream(interpreted, ids):
     walked = routed_linear(p.x, weight, bias, p.weights, p.routing, row_direct=False)
     assert_close(direct, want, update)
     torch.testing.assert_close(direct, walked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_pool_padding_past_each_rank_is_never_used(interpreted, rows):
+    """NaN in the expert pool past every expert's true rank (not multiples of 8: B and the shrink output are
+    fetched 8 rank columns at a time) and in unused slots: the fused linear, through one row's direct epilogue
+    and several rows' term walk, and the routed pair still match the float64 oracle."""
+    case = dict(rank=21, experts=5, top_k=2, rows=rows, dims=DIMS[1], dtype=torch.float32, bias=True)
+    p, weight, bias, want, update = base_problem(case, seed=7)
+    assert (p.routing.expert_ranks % 8 != 0).any()
+    poison_padding(p.weights, p.routing.expert_slots, p.routing.expert_ranks)
+    assert_close(routed_linear(p.x, weight, bias, p.weights, p.routing), want, update)
+    y = p.x @ weight.T + bias
+    routed_add(y, p.x, p.weights, p.routing)
+    assert_close(y, want, update)

@@ -31,6 +31,7 @@ from engine.model.checkpoint import Checkpoint  # noqa: E402
 from engine.model.spec import ModelSpec  # noqa: E402
 from engine.prompt import PromptBuilder  # noqa: E402
 from engine.request import EngineRequest, SamplingParams  # noqa: E402
+from kernels import fused_linear  # noqa: E402
 from kernels.backend import TritonBackend  # noqa: E402
 
 logger = logging.getLogger("bench.engine")
@@ -64,6 +65,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fused-lora-rows", type=int,
                    help="rows of a plain multi-LoRA batch up to which the Triton backend fuses each projection with "
                         "its LoRA update (kernels/fused_linear.py; default the backend's, 1; 0 = never)")
+    p.add_argument("--linear-pdl", action="store_true",
+                   help="chain each fused projection's shrink and linear by programmatic dependent launch "
+                        "(kernels/fused_linear.py LINEAR_PDL; sm_90+)")
     return p.parse_args()
 
 
@@ -387,6 +391,8 @@ def main() -> None:
     args = parse_args()
     if args.fused_lora_rows is not None:
         TritonBackend.fused_lora_rows = args.fused_lora_rows
+    if args.linear_pdl:
+        fused_linear.LINEAR_PDL = True
     new_tokens = args.new_tokens or (32 if args.quick else 128)
     device = resolve_device("auto")
     checkpoint = Checkpoint(args.model)

@@ -53,6 +53,7 @@ from engine.moe.pool import MoEPool  # noqa: E402
 from engine.moe.router import Router  # noqa: E402
 from engine.moe.spec import GROUP_OF, PROJECTIONS, MoESpec  # noqa: E402
 from engine.moe.switch import MergeSwitch  # noqa: E402
+from kernels import fused_linear  # noqa: E402
 from kernels.backend import LoRABackend, get_backend  # noqa: E402
 from kernels.switch import selection_terms  # noqa: E402
 
@@ -81,6 +82,9 @@ def parse_args() -> argparse.Namespace:
                    help="one-row projections on cuBLAS instead of the Triton GEMV (the engine's row_linear off)")
     p.add_argument("--fused-rows", type=int, help="rows up to which routed projections use the fused linear "
                    "(default: the backend's, 16)")
+    p.add_argument("--linear-pdl", action="store_true",
+                   help="chain each projection's shrink and fused linear by programmatic dependent launch "
+                        "(kernels/fused_linear.py LINEAR_PDL; sm_90+)")
     return p.parse_args()
 
 
@@ -117,6 +121,8 @@ def build(spec: ModelSpec, args, device: torch.device, dtype: torch.dtype, max_b
     op = get_backend("triton" if device.type == "cuda" else "torch")
     if args.fused_rows is not None:
         op.fused_rows = args.fused_rows
+    if args.linear_pdl:
+        fused_linear.LINEAR_PDL = True
     switch = MergeSwitch(pool, model.adapted_linears(), op)
     blocks_per_seq = -(-(args.context + 128) // 16)
     kv = torch.zeros(2, spec.num_layers, max_batch * blocks_per_seq + 1, 16, spec.num_kv_heads, spec.head_dim,

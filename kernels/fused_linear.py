@@ -37,6 +37,7 @@ from kernels.atmm import (
     _term_tables,
     check_operands,
     launch_shrink,
+    pdl_supported,
     workspace_for,
 )
 from kernels.intmath import cdiv
@@ -46,7 +47,10 @@ from kernels.routing import Routing
 from kernels.tile_config import ShapeKey, device_table
 
 MAX_ROWS = 16  # rows one program holds: a decode batch's worth; larger batches take F.linear + routed_add
-ROW_DIRECT = True  # one row: its experts' loads issued before the W stream (``_row_terms``)
+ROW_DIRECT = True  # one row: its experts' loads issued before the W stream (``_row_experts``)
+# The shrink and this kernel chained by programmatic dependent launch (the W stream overlaps the shrink). Off until
+# measured on an H200: the ATMM pair measured mixed with it (bench/RESULTS.md, Kernels, sixth session).
+LINEAR_PDL = False
 
 
 @dataclass(frozen=True)
@@ -76,36 +80,49 @@ def linear_config(rows: int, out_dim: int, in_dim: int, lora: bool = False) -> L
 
 
 @triton.jit
-def _row_terms(t_slice, b_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr, top_k, offs_n, mask_n, stride_b_slot,
-               stride_b_row, stride_t_split, stride_t_term, dtype: tl.constexpr, N_SPLITS: tl.constexpr,
-               TOP_K_POW2: tl.constexpr, BLOCK_R: tl.constexpr, VEC_R: tl.constexpr):
-    """One row's experts for the epilogue: (t [K, BR] fp32, the shrink output x scale rounded to the weights' dtype
-    as the term walk does; b [K, BN, BR] fp32, their B rows); experts picked twice count once (the shrink summed
-    their gates), dead ones (-1 or no slot) are zeros."""
+def _row_experts(b_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr, top_k, offs_n, mask_n, stride_b_slot,
+                 stride_b_row, TOP_K_POW2: tl.constexpr, BLOCK_R: tl.constexpr, VEC_R: tl.constexpr):
+    """One row's experts for the epilogue: (expert [K] index, ranks [K] (0 for a dead pair: -1, no slot, or an
+    expert picked by an earlier pair, whose gate the shrink already summed), scales [K], b [K, BN, BR] fp32 their B
+    rows, zero past each rank). Reads nothing the shrink writes."""
     offs_j = tl.arange(0, TOP_K_POW2)
     ids = tl.load(route_id_ptr + offs_j, mask=offs_j < top_k, other=-1)
     earlier = (ids[:, None] == ids[None, :]) & (offs_j[None, :] < offs_j[:, None])  # [K, K]: j' < j picked it too
     live = (ids >= 0) & (tl.sum(earlier.to(tl.int32), axis=1) == 0)
     expert = tl.where(live, ids, 0)
     slots = tl.load(slot_ptr + expert, mask=live, other=-1)
-    ranks = tl.load(rank_ptr + expert, mask=live, other=0)
+    ranks = tl.where(live & (slots >= 0), tl.load(rank_ptr + expert, mask=live, other=0), 0)
     scales = tl.load(scale_ptr + expert, mask=live, other=0.0)
     offs_r = tl.arange(0, BLOCK_R)
-    ranks = tl.where(live & (slots >= 0), ranks, 0)
-    if VEC_R:  # as ``_rank_fetch``: each rank rounded up to 8 for 16-byte loads; past each rank zeroed below
-        fetch = offs_r[None, :] < tl.multiple_of((ranks + 7) // 8 * 8, 8)[:, None]  # [K, BR]
-    else:
-        fetch = offs_r[None, :] < ranks[:, None]
+    b_ptrs = (b_ptr + tl.maximum(slots, 0).to(tl.int64)[:, None, None] * stride_b_slot
+              + offs_n[None, :, None] * stride_b_row + offs_r[None, None, :])
+    fetch = _row_fetch(offs_r, ranks, VEC_R)
+    b = tl.load(b_ptrs, mask=fetch[:, None, :] & mask_n[None, :, None], other=0.0)
+    keep = offs_r[None, :] < ranks[:, None]
+    return expert, ranks, scales, tl.where(keep[:, None, :], b.to(tl.float32), 0.0)
+
+
+@triton.jit
+def _row_shrink(t_slice, expert, ranks, scales, stride_t_split, stride_t_term, dtype: tl.constexpr,
+                N_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, VEC_R: tl.constexpr):
+    """One row's shrink outputs for ``_row_experts``' experts: [K, BR] fp32, the K-split partials summed, x scale
+    and rounded to the weights' dtype as the term walk does, zero past each rank."""
+    offs_r = tl.arange(0, BLOCK_R)
+    fetch = _row_fetch(offs_r, ranks, VEC_R)
     t_ptrs = t_slice + expert[:, None] * stride_t_term + offs_r[None, :]
     t = tl.load(t_ptrs, mask=fetch, other=0.0)
     for split in tl.static_range(1, N_SPLITS):
         t += tl.load(t_ptrs + split * stride_t_split, mask=fetch, other=0.0)
-    keep = offs_r[None, :] < ranks[:, None]
-    t = tl.where(keep, (t * scales[:, None]).to(dtype).to(tl.float32), 0.0)
-    b_ptrs = (b_ptr + tl.maximum(slots, 0).to(tl.int64)[:, None, None] * stride_b_slot
-              + offs_n[None, :, None] * stride_b_row + offs_r[None, None, :])
-    b = tl.load(b_ptrs, mask=fetch[:, None, :] & mask_n[None, :, None], other=0.0)
-    return t, tl.where(keep[:, None, :], b.to(tl.float32), 0.0)
+    return tl.where(offs_r[None, :] < ranks[:, None], (t * scales[:, None]).to(dtype).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _row_fetch(offs_r, ranks, VEC_R: tl.constexpr):
+    """[K, BR] columns to load, as ``_rank_fetch`` for a vector of ranks: with VEC_R each rank rounded up to 8 (16-byte
+    loads; the callers zero the columns past the true rank)."""
+    if VEC_R:
+        return offs_r[None, :] < tl.multiple_of((ranks + 7) // 8 * 8, 8)[:, None]
+    return offs_r[None, :] < ranks[:, None]
 
 
 @triton.jit(do_not_specialize=["num_rows", "n_terms", "top_k", "r_blocks", "first1", "first2", "first3"])
@@ -121,20 +138,24 @@ def _linear_kernel(
     N_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr, N_SPLITS: tl.constexpr,
     TOP_K_POW2: tl.constexpr, TERMS_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    ROW_DIRECT: tl.constexpr, VEC_R: tl.constexpr,
+    ROW_DIRECT: tl.constexpr, VEC_R: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     slice_id, n_lo, n_hi, g0 = _slice_of(pid, out_total, bound1, bound2, bound3, first1, first2, first3, N_SLICES)
     offs_n = n_lo + (pid - g0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_hi
+    t_slice = tmp_ptr + slice_id * stride_t_slice
     if ROW_DIRECT:
         # One row whose experts' ranks fit one BLOCK_R chunk: its top-k experts are the only live terms, so their
-        # tables, shrink outputs and B tiles are all loaded here, before the W stream, and their latency hides
-        # behind it (the term walk below issues them one dependent step at a time after it).
-        t_row, b_row = _row_terms(tmp_ptr + slice_id * stride_t_slice, b_ptr, slot_ptr, rank_ptr, scale_ptr,
-                                  route_id_ptr, top_k, offs_n, mask_n, stride_b_slot, stride_b_row, stride_t_split,
-                                  stride_t_term, dtype=w_ptr.dtype.element_ty, N_SPLITS=N_SPLITS,
-                                  TOP_K_POW2=TOP_K_POW2, BLOCK_R=BLOCK_R, VEC_R=VEC_R)
+        # tables, B tiles and (unless the shrink may still be running: USE_PDL) shrink outputs are loaded here,
+        # before the W stream, and their latency hides behind it (the term walk below issues them one dependent
+        # step at a time after it).
+        expert, ranks, scales, b_row = _row_experts(b_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr, top_k,
+                                                    offs_n, mask_n, stride_b_slot, stride_b_row, TOP_K_POW2,
+                                                    BLOCK_R, VEC_R)
+        if not USE_PDL:
+            t_row = _row_shrink(t_slice, expert, ranks, scales, stride_t_split, stride_t_term,
+                                w_ptr.dtype.element_ty, N_SPLITS, BLOCK_R, VEC_R)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < num_rows
     offs_k = tl.arange(0, BLOCK_K)
@@ -163,7 +184,14 @@ def _linear_kernel(
             acc += _dot(x_tile, tl.trans(w_tile), IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if USE_PDL:
+        # Launched as the shrink's programmatic dependent: the W stream above overlapped the shrink; its output
+        # (tmp) is read only after this wait.
+        tl.extra.cuda.gdc_wait()
     if ROW_DIRECT:
+        if USE_PDL:
+            t_row = _row_shrink(t_slice, expert, ranks, scales, stride_t_split, stride_t_term,
+                                w_ptr.dtype.element_ty, N_SPLITS, BLOCK_R, VEC_R)
         acc += tl.sum(tl.sum(b_row * t_row[:, None, :], axis=2), axis=0)[None, :]
     elif LORA:
         # The experts some row picked (their shrink output already carries each row's gate; rows that did not
@@ -173,7 +201,6 @@ def _linear_kernel(
         ids = tl.load(route_id_ptr + offs_m[:, None] * top_k + offs_j[None, :],
                       mask=mask_m[:, None] & (offs_j[None, :] < top_k), other=-1)  # [BM, K]
         offs_rb = tl.arange(0, BLOCK_R)
-        t_slice = tmp_ptr + slice_id * stride_t_slice
         for e0 in range(0, n_terms, TERMS_BLOCK):
             slots, ranks, scales, order, count = _term_tables(slot_ptr, rank_ptr, scale_ptr, 0, n_terms, e0, offs_c,
                                                               ids, True, TOP_K_POW2, TERMS_BLOCK)
@@ -209,18 +236,23 @@ def _slice_blocks(bounds: list[int], n_slices: int, block_n: int) -> tuple[list[
 
 def linear_meta(rows: int, in_dim: int, config: LinearConfig, bias: bool, ieee: bool, n_slices: int = 1,
                 splits: int = 0, top_k: int = 1, experts: int = 1, block_r: int = 16, max_rank: int = 0,
-                row_direct: bool | None = None) -> dict:
+                row_direct: bool | None = None, pdl: bool = False) -> dict:
     """The kernel's compile-time arguments: one Triton variant per distinct dict. ``splits`` > 0: the experts'
     epilogue over a shrink of that many K-split partials (``n_slices`` slices, ``experts`` terms, ranks up to
     ``max_rank``). ``row_direct``: one row's experts loaded before the W stream (default ``ROW_DIRECT`` where
-    every rank fits one ``block_r`` chunk), else walked after it."""
+    every rank fits one ``block_r`` chunk), else walked after it. ``pdl``: launched as the shrink's programmatic
+    dependent (the W stream overlaps the shrink; ``launch_pdl`` is a launch option of the variant)."""
     lora = splits > 0
     row_direct = (ROW_DIRECT if row_direct is None else row_direct) and lora and rows == 1 and max_rank <= block_r
-    return dict(N_SLICES=n_slices if lora else 1, HAS_BIAS=bias, LORA=lora, N_SPLITS=max(splits, 1),
+    meta = dict(N_SLICES=n_slices if lora else 1, HAS_BIAS=bias, LORA=lora, N_SPLITS=max(splits, 1),
                 TOP_K_POW2=_pow2(top_k) if lora else 1, TERMS_BLOCK=min(_pow2(experts), MAX_TERMS_BLOCK) if lora else 1,
                 EVEN_K=in_dim % config.block_k == 0, IEEE=ieee, BLOCK_M=1 if rows == 1 else 16,
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_R=block_r if lora else 16,
-                ROW_DIRECT=row_direct, VEC_R=atmm.VEC_R, num_warps=config.num_warps, num_stages=config.num_stages)
+                ROW_DIRECT=row_direct, VEC_R=atmm.VEC_R, USE_PDL=pdl and lora, num_warps=config.num_warps,
+                num_stages=config.num_stages)
+    if meta["USE_PDL"]:
+        meta["launch_pdl"] = True
+    return meta
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -249,6 +281,7 @@ def routed_linear(
     *,
     workspace: torch.Tensor | None = None,
     row_direct: bool | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """The base linear of a few rows with each row's top-k expert updates, in one fp32 sum and one rounding.
 
@@ -264,6 +297,8 @@ def routed_linear(
             entries, as for ``routed_add``.
         workspace: optional fp32 shrink buffer (``kernels.atmm.workspace_shape`` of the routed plan).
         row_direct: for one row, load its experts before the W stream (``linear_meta``); default ``ROW_DIRECT``.
+        pdl: chain the shrink and this kernel by programmatic dependent launch, so that the W stream overlaps the
+            shrink (default ``LINEAR_PDL``; only where ``pdl_supported``).
     Returns:
         y: [T, out_total] in x's dtype.
     """
@@ -284,7 +319,8 @@ def routed_linear(
                        out_dim=weights.out_dim, max_rank=routing.max_rank)
         pair = device_table().lookup_routed(key)[0]  # the routed operator's tiles; only its shrink runs here
         tmp = workspace_for(plan, weights, pair, workspace, x.device)
-        launch_shrink(x, weights, plan, tmp, pair.shrink)
+        pdl = (LINEAR_PDL if pdl is None else pdl) and pdl_supported(x.device)
+        launch_shrink(x, weights, plan, tmp, pair.shrink, pdl)
         bounds = list(weights.slice_bounds) + [out_total] * (MAX_SLICES + 1 - len(weights.slice_bounds))
         n_slices, block_r = weights.n_slices, min(64, _pow2(routing.max_rank, 16))
         tables = (tmp, weights.b, routing.expert_slots, routing.expert_ranks, routing.expert_scales,
@@ -293,7 +329,8 @@ def routed_linear(
         strides = (weights.b.stride(0), weights.b.stride(1), tmp.stride(0), tmp.stride(1), tmp.stride(2),
                    tmp.stride(3))
         meta = linear_meta(rows, x.shape[1], config, bias is not None, x.dtype == torch.float32, n_slices,
-                           tmp.shape[0], routing.top_k, routing.num_experts, block_r, routing.max_rank, row_direct)
+                           tmp.shape[0], routing.top_k, routing.num_experts, block_r, routing.max_rank, row_direct,
+                           pdl)
     else:
         bounds, n_slices = [0, out_total, out_total, out_total, out_total], 1
         tables, sizes, strides = (y,) * 6, (0, 1, 1), (0,) * 6

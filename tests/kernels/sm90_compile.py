@@ -66,8 +66,10 @@ def main() -> int:
             key = ShapeKey(segments=8, tokens=rows * 2, in_dim=in_dim, out_dim=out_dim, max_rank=64)
             splits = table.lookup_routed(key)[0].shrink.split_k
             routed = fused_linear.linear_config(rows, out_dim, in_dim, lora=True)
-            meta = fused_linear.linear_meta(rows, in_dim, routed, bias, False, len(widths), splits, 2, 8, 64, 64)
-            metas[("linear", tuple(sorted(meta.items())))] = (fused_linear._linear_kernel, meta)
+            for pdl in (False, True):  # chained to the shrink by programmatic dependent launch, or not
+                meta = fused_linear.linear_meta(rows, in_dim, routed, bias, False, len(widths), splits, 2, 8, 64, 64,
+                                                pdl=pdl)
+                metas[("linear", tuple(sorted(meta.items())))] = (fused_linear._linear_kernel, meta)
         plain = fused_linear.linear_config(1, out_dim, in_dim)
         meta = fused_linear.linear_meta(1, in_dim, plain, bias, False)
         metas[("linear", tuple(sorted(meta.items())))] = (fused_linear._linear_kernel, meta)

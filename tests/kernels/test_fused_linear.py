@@ -164,3 +164,33 @@ def test_pool_padding_past_each_rank_is_never_used(interpreted, rows):
     y = p.x @ weight.T + bias
     routed_add(y, p.x, p.weights, p.routing)
     assert_close(y, want, update)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("group", [("gate_up", 3584, (18944, 18944)), ("down", 18944, (3584,))], ids=lambda g: g[0])
+def test_programmatic_dependent_launch_reads_the_finished_shrink(group, rows):
+    """The shrink and the fused linear chained by programmatic dependent launch (the W stream overlaps the shrink,
+    the shrink output is read after the grid-dependency wait): eagerly and as CUDA-graph replays with a new input
+    and routing each time, bit-identical to the plain two-launch form. A read of the shrink output before the wait
+    would show as a mismatch on some of the 50 replays."""
+    from kernels.atmm import pdl_supported
+
+    if not pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90+ and a Triton with grid-dependency control")
+    _, in_dim, widths = group
+    p = make_routed_problem(64, 8, 2, rows, (in_dim, widths), torch.bfloat16, device="cuda", seed=rows + 5)
+    weight = torch.randn(sum(widths), in_dim, device="cuda", dtype=torch.bfloat16) / in_dim ** 0.5
+    x, routing = p.x.clone(), p.routing
+    assert torch.equal(routed_linear(x, weight, None, p.weights, routing, pdl=True),
+                       routed_linear(x, weight, None, p.weights, routing, pdl=False))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = routed_linear(x, weight, None, p.weights, routing, pdl=True)
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    for _ in range(50):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=gen).to(x.dtype))
+        logits = torch.randn(rows, 8, device="cuda", generator=gen)
+        routing.topk_ids.copy_(logits.topk(2, dim=-1).indices.to(torch.int32))
+        graph.replay()
+        assert torch.equal(out, routed_linear(x, weight, None, p.weights, routing, pdl=False))

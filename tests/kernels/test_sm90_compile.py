@@ -23,6 +23,7 @@ def test_h200_variants_compile_and_fit_shared_memory(tmp_path):
     kernels = {row["kernel"] for row in rows}
     assert {"shrink", "expand", "shrink+pdl", "expand+pdl", "linear"} <= kernels
     assert any(row["meta"].get("ROUTED") for row in rows) and any(not row["meta"].get("ROUTED") for row in rows)
+    assert any(row["kernel"] == "linear" and row["meta"].get("USE_PDL") for row in rows)
     failed = [row for row in rows if "error" in row]
     assert not failed, failed[:3]
     too_big = [row for row in rows if row["shared"] > H200_SHARED_BYTES]

@@ -68,6 +68,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--linear-pdl", action="store_true",
                    help="chain each fused projection's shrink and linear by programmatic dependent launch "
                         "(kernels/fused_linear.py LINEAR_PDL; sm_90+)")
+    p.add_argument("--atmm-pdl", action="store_true",
+                   help="chain ATMM's shrink and expand by programmatic dependent launch (the Triton backend's pdl; "
+                        "sm_90+)")
     return p.parse_args()
 
 
@@ -393,6 +396,8 @@ def main() -> None:
         TritonBackend.fused_lora_rows = args.fused_lora_rows
     if args.linear_pdl:
         fused_linear.LINEAR_PDL = True
+    if args.atmm_pdl:
+        TritonBackend.pdl = True
     new_tokens = args.new_tokens or (32 if args.quick else 128)
     device = resolve_device("auto")
     checkpoint = Checkpoint(args.model)

@@ -8,7 +8,8 @@ Why: at decode sizes (1-16 rows) a projection's time is its weight stream plus l
 Here the shrink runs first (``kernels/atmm.py``'s routed shrink, unchanged), then one kernel streams W for every row
 and, before its single store, walks the experts some row picked, reading their shrink partials and B. For one row
 (ranks up to 64) its k experts are known up front, so their tables, shrink outputs and B tiles are loaded before the
-W stream and their latency hides behind it (``ROW_DIRECT``).
+W stream and their latency hides behind it (``ROW_DIRECT``). Optionally (``LINEAR_PDL``) the kernel is the shrink's
+programmatic dependent: it streams W while the shrink runs and reads the shrink output after a grid-dependency wait.
 
 Work layout: a 1-D grid over output blocks; slices (q/k/v, gate/up) own whole blocks, so a block reads one slice's
 shrink output. Each program holds all T rows (T <= MAX_ROWS): for one row the product is an fp32 multiply-reduce

@@ -96,7 +96,9 @@ class Orchestrator:
     def _guard(self, decision: ModeDecision, running: Sequence[Seq], waiting: Sequence[Seq]) -> ModeDecision:
         target, current = decision.merged_adapter, self.state.merged
         asked = {s.adapter for s in [*running, *waiting]}
-        if target is not None and self.state.claimed_by is not None:
+        if self.state.claimed_by is not None and decision.mode != "unmerged":
+            # Another adapter type holds the weights: no merge, and no group held back for a merged turn either
+            # (a base group's "merged" turn on the base weights would only serialise the others).
             return ModeDecision()
         if current is not None and current not in asked and self._blocks_a_slot(waiting):
             return ModeDecision()

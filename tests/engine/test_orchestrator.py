@@ -7,7 +7,7 @@ import pytest
 from engine.orchestrator.cost import Load, calibrate
 from engine.policy import ModeDecision, ModePolicy, QueueView
 from engine.request import EngineRequest, SamplingParams
-from tests.engine.test_modes import ADAPTERS, requests
+from tests.engine.test_modes import ADAPTERS, force, requests
 
 
 def test_switch_cost_and_lora_costs_are_measured_at_start_up(make_engine):
@@ -63,6 +63,19 @@ def test_health_reports_mode_merged_adapter_and_switches(make_engine):
     health = engine.health()
     assert health["mode"] == "merged" and health["merged_adapter"] == "ad4"
     assert health["mode_switches"] == 1 and health["switch_ms_total"] > 0 and health["merge_base_copy"]
+
+
+def test_claimed_weights_turn_every_decision_unmerged(make_engine):
+    """While another adapter type holds the weights, a policy's merged turn for the base group (no switch, other
+    groups held back) runs as unmerged too: every group runs, none waits for a turn (this once depended on which
+    request was oldest when a decision was taken)."""
+    engine = make_engine(policy="merged-only")
+    assert engine.merge_state.claim("moe")
+    force(engine, "merged", None)
+    decision = engine.orchestrator.decide([], [])
+    assert decision.mode == "unmerged" and decision.merged_adapter is None and not decision.held
+    engine.merge_state.release("moe")
+    assert engine.orchestrator.decide([], []).mode == "merged"
 
 
 def test_claimed_weights_keep_plain_adapters_unmerged(make_engine):

@@ -35,6 +35,10 @@ from kernels.tile_config import AtmmConfig, ExpandConfig, ShapeKey, ShrinkConfig
 MAX_SLICES = 4
 PRELOAD_ELEMENTS = 64 * 128  # the expand keeps [BM, terms x rank] of shrink output in registers up to this
 VEC_R = True  # B and shrink-output tiles read in 16-byte loads (masks on the rank rounded up to 8; ``_rank_fetch``)
+# The same in the expand's term walk: off. On an H200 (Triton 3.6) the walk with 16-byte rank loads raised 'misaligned
+# address' at rank 128 with every 64-column tile of the tuner's pool (bench/RESULTS.md, Kernels, eleventh session);
+# with per-element rank loads every tile ran. The fault kills the CUDA context, so it cannot be caught at run time.
+VEC_R_WALK = False
 MAX_TERMS_BLOCK = 64  # terms whose tables the expand's term walk holds in registers at once
 
 
@@ -485,9 +489,10 @@ def expand_meta(plan: RowPlan, n_slices: int, cfg: ExpandConfig, n_splits: int, 
     preload = plan.n_terms if (not plan.routed and plan.n_terms <= 2
                                and r_pad * cfg.block_m * plan.n_terms <= PRELOAD_ELEMENTS) else 0
     terms_block = 1 if preload else min(_pow2(plan.n_terms), MAX_TERMS_BLOCK)
+    vec_r = VEC_R and (preload > 0 or VEC_R_WALK)
     meta = dict(N_SLICES=n_slices, SEG_POW2=_seg_pow2(plan), ROUTED=plan.routed, N_SPLITS=n_splits,
                 TOP_K_POW2=_pow2(plan.top_k), TERMS_BLOCK=terms_block, IEEE=ieee, PRELOAD_TERMS=preload,
-                R_PAD=r_pad if preload else 16, USE_PDL=pdl, VEC_R=VEC_R, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                R_PAD=r_pad if preload else 16, USE_PDL=pdl, VEC_R=vec_r, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 BLOCK_R=cfg.block_r, GROUP_N=cfg.group_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if pdl:
         meta["launch_pdl"] = True

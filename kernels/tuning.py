@@ -145,6 +145,7 @@ def _best(timer, candidates: Iterable, run: Callable, label: str = "") -> tuple[
         try:
             us = timer.graph_time_us(lambda cfg=cfg: run(cfg))
         except Exception as exc:  # a tile that does not fit this GPU (shared memory, registers): skip it
+            _check_context(cfg, exc)
             logger.debug("skip %s: %s", cfg, exc)
             continue
         TRACE.append({"shape": label, "config": repr(cfg), "us": us})
@@ -153,6 +154,18 @@ def _best(timer, candidates: Iterable, run: Callable, label: str = "") -> tuple[
     if best is None:
         raise RuntimeError("no candidate tile config ran")
     return best, best_us
+
+
+def _check_context(cfg, exc: Exception) -> None:
+    """A tile that failed to compile or launch leaves the GPU usable and is skipped; one that faulted on the device
+    (a misaligned address, an illegal access) has broken the CUDA context, so every later candidate would fail too:
+    stop, naming the tile."""
+    if not torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as fault:
+        raise RuntimeError(f"tile {cfg} faulted on the GPU ({exc}); the CUDA context is lost") from fault
 
 
 def profile_shape(timer, key: ShapeKey) -> tuple[AtmmConfig, float]:

@@ -10,14 +10,16 @@ import itertools
 
 import pytest
 import torch
+import triton
 
+from kernels import atmm, reference, tuning
 from kernels.atmm import RowPlan, atmm_add, shape_key, workspace_shape
 from kernels.lora_batch import LoRABatch
 from kernels.merge_plan import DeltaTerms, MergePlan
 from kernels.routed import routed_add
 from kernels.swift_merge import swift_merge
 from kernels.switch import fused_switch, selection_terms
-from kernels.tile_config import FIXED_CONFIG, device_table
+from kernels.tile_config import FIXED_CONFIG, AtmmConfig, ShapeKey, device_table
 from tests.kernels.sweep import (
     ADAPTERS,
     DIMS,
@@ -47,6 +49,29 @@ def test_atmm_bf16(rank, adapters, tokens, dims, mode, config):
         ws = torch.full(workspace_shape(RowPlan.from_batch(p.batch), p.weights, cfg), float("nan"), device="cuda")
         atmm_add(y, p.x, p.weights, p.batch, cfg, workspace=ws)
     assert_matches(y, p.expected, p.y0, p.touched)
+
+
+@pytest.mark.parametrize("path", ["preload", "walk"])
+@pytest.mark.parametrize("expand", tuning.EXPAND_POOL + tuning.ROUTED_EXPAND_EXTRA, ids=repr)
+def test_every_tuner_expand_tile_on_a_7b_shape(expand, path, monkeypatch):
+    """Every expand tile `valora kernels tune` may put in a table, on a 7B k/v shape at rank 128 (aligned pool, so
+    the 16-byte rank loads are in play), preloaded where the tile allows it and forced through the term walk. The
+    walk with 16-byte rank loads raised 'misaligned address' on an H200 with every 64-column tile (``VEC_R_WALK``)."""
+    if path == "walk":
+        monkeypatch.setattr(atmm, "PRELOAD_ELEMENTS", 0)
+    x, y, weights, batch = tuning.synthetic_problem(ShapeKey(3, 300, 3584, 512, 128), "cuda")
+    plan = RowPlan.from_batch(batch)
+    cfg = AtmmConfig(tuning.SHRINK_POOL[0], expand)
+    meta = atmm.expand_meta(plan, weights.n_slices, expand, 1, False)
+    assert (meta["PRELOAD_TERMS"] == 0) == (path == "walk" or 128 * expand.block_m > atmm.PRELOAD_ELEMENTS)
+    want = y.clone()
+    reference.add_lora(want, x, weights, batch)
+    try:
+        atmm_add(y, x, weights, batch, cfg)
+        torch.cuda.synchronize()
+    except triton.runtime.errors.OutOfResources:
+        pytest.skip(f"{expand} needs more shared memory than this GPU has")
+    torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize(("rank", "experts", "top_k", "tokens"),

@@ -65,9 +65,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fused-lora-rows", type=int,
                    help="rows of a plain multi-LoRA batch up to which the Triton backend fuses each projection with "
                         "its LoRA update (kernels/fused_linear.py; default the backend's, 1; 0 = never)")
-    p.add_argument("--linear-pdl", action="store_true",
-                   help="chain each fused projection's shrink and linear by programmatic dependent launch "
-                        "(kernels/fused_linear.py LINEAR_PDL; sm_90+)")
+    p.add_argument("--no-linear-pdl", action="store_true",
+                   help="launch each fused projection's shrink and linear one after the other, not chained by "
+                        "programmatic dependent launch (kernels/fused_linear.py LINEAR_PDL off)")
     p.add_argument("--atmm-pdl", action="store_true",
                    help="chain ATMM's shrink and expand by programmatic dependent launch (the Triton backend's pdl; "
                         "sm_90+)")
@@ -394,8 +394,8 @@ def main() -> None:
     args = parse_args()
     if args.fused_lora_rows is not None:
         TritonBackend.fused_lora_rows = args.fused_lora_rows
-    if args.linear_pdl:
-        fused_linear.LINEAR_PDL = True
+    if args.no_linear_pdl:
+        fused_linear.LINEAR_PDL = False
     if args.atmm_pdl:
         TritonBackend.pdl = True
     new_tokens = args.new_tokens or (32 if args.quick else 128)

@@ -82,9 +82,9 @@ def parse_args() -> argparse.Namespace:
                    help="one-row projections on cuBLAS instead of the Triton GEMV (the engine's row_linear off)")
     p.add_argument("--fused-rows", type=int, help="rows up to which routed projections use the fused linear "
                    "(default: the backend's, 16)")
-    p.add_argument("--linear-pdl", action="store_true",
-                   help="chain each projection's shrink and fused linear by programmatic dependent launch "
-                        "(kernels/fused_linear.py LINEAR_PDL; sm_90+)")
+    p.add_argument("--no-linear-pdl", action="store_true",
+                   help="launch each projection's shrink and fused linear one after the other, not chained by "
+                        "programmatic dependent launch (kernels/fused_linear.py LINEAR_PDL off)")
     return p.parse_args()
 
 
@@ -121,8 +121,8 @@ def build(spec: ModelSpec, args, device: torch.device, dtype: torch.dtype, max_b
     op = get_backend("triton" if device.type == "cuda" else "torch")
     if args.fused_rows is not None:
         op.fused_rows = args.fused_rows
-    if args.linear_pdl:
-        fused_linear.LINEAR_PDL = True
+    if args.no_linear_pdl:
+        fused_linear.LINEAR_PDL = False
     switch = MergeSwitch(pool, model.adapted_linears(), op)
     blocks_per_seq = -(-(args.context + 128) // 16)
     kv = torch.zeros(2, spec.num_layers, max_batch * blocks_per_seq + 1, 16, spec.num_kv_heads, spec.head_dim,

@@ -36,8 +36,9 @@ MAX_SLICES = 4
 PRELOAD_ELEMENTS = 64 * 128  # the expand keeps [BM, terms x rank] of shrink output in registers up to this
 VEC_R = True  # B and shrink-output tiles read in 16-byte loads (masks on the rank rounded up to 8; ``_rank_fetch``)
 # The same in the expand's term walk: off. On an H200 (Triton 3.6) the walk with 16-byte rank loads raised 'misaligned
-# address' at rank 128 with every 64-column tile of the tuner's pool (bench/RESULTS.md, Kernels, eleventh session);
-# with per-element rank loads every tile ran. The fault kills the CUDA context, so it cannot be caught at run time.
+# address' at rank 128 with several tiles of the tuner's pool, segmented and routed (bench/RESULTS.md, Kernels,
+# eleventh session); with per-element rank loads every tile ran. The fault kills the CUDA context, so it cannot be
+# caught at run time.
 VEC_R_WALK = False
 MAX_TERMS_BLOCK = 64  # terms whose tables the expand's term walk holds in registers at once
 

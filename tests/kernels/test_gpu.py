@@ -51,19 +51,20 @@ def test_atmm_bf16(rank, adapters, tokens, dims, mode, config):
     assert_matches(y, p.expected, p.y0, p.touched)
 
 
+@pytest.mark.parametrize("rank", [128, 256])
 @pytest.mark.parametrize("path", ["preload", "walk"])
 @pytest.mark.parametrize("expand", tuning.EXPAND_POOL + tuning.ROUTED_EXPAND_EXTRA, ids=repr)
-def test_every_tuner_expand_tile_on_a_7b_shape(expand, path, monkeypatch):
-    """Every expand tile `valora kernels tune` may put in a table, on a 7B k/v shape at rank 128 (aligned pool, so
-    the 16-byte rank loads are in play), preloaded where the tile allows it and forced through the term walk. The
-    walk with 16-byte rank loads raised 'misaligned address' on an H200 with every 64-column tile (``VEC_R_WALK``)."""
+def test_every_tuner_expand_tile_on_a_7b_shape(expand, path, rank, monkeypatch):
+    """Every expand tile `valora kernels tune` may put in a table, on a 7B k/v shape at ranks 128 and 256 (aligned
+    pool, so the 16-byte rank loads are in play), preloaded where the tile allows it and forced through the term
+    walk. The walk with 16-byte rank loads raised 'misaligned address' on an H200 at rank 128 (``VEC_R_WALK``)."""
     if path == "walk":
         monkeypatch.setattr(atmm, "PRELOAD_ELEMENTS", 0)
-    x, y, weights, batch = tuning.synthetic_problem(ShapeKey(3, 300, 3584, 512, 128), "cuda")
+    x, y, weights, batch = tuning.synthetic_problem(ShapeKey(3, 300, 3584, 512, rank), "cuda")
     plan = RowPlan.from_batch(batch)
     cfg = AtmmConfig(tuning.SHRINK_POOL[0], expand)
     meta = atmm.expand_meta(plan, weights.n_slices, expand, 1, False)
-    assert (meta["PRELOAD_TERMS"] == 0) == (path == "walk" or 128 * expand.block_m > atmm.PRELOAD_ELEMENTS)
+    assert (meta["PRELOAD_TERMS"] == 0) == (path == "walk" or rank * expand.block_m > atmm.PRELOAD_ELEMENTS)
     want = y.clone()
     reference.add_lora(want, x, weights, batch)
     try:

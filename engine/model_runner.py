@@ -148,7 +148,9 @@ class ModelRunner:
                 host = tokens.to("cpu", non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record()
-        heads = {seq.seq_id: seq.head.answer(hidden[rows]) for seq, rows in inp.head_rows}
+        # A copy: a piecewise prefill's hidden states are a view of a static buffer that the next prefill overwrites,
+        # and a head may keep what it reads (one that returns its input on CPU answers with that very view).
+        heads = {seq.seq_id: seq.head.answer(hidden[rows].clone()) for seq, rows in inp.head_rows}
         decode_only = (sched.is_decode and not heads and moe.path == "none"
                        and len(inp.sample_seqs) == len(sched.chunks))
         return Launch(sched, inp.sample_seqs, tokens, host, copied, heads, decode_only, started)

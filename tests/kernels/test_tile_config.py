@@ -113,3 +113,36 @@ def test_cli_registers_kernels_tune():
     assert parser.parse_args(["kernels", "tune", "--routed"]).routed
     with pytest.raises(SystemExit):
         parser.parse_args(["kernels", "tune", "--help"])
+
+
+def test_a_tile_that_faults_on_the_gpu_stops_the_tune(monkeypatch):
+    """A candidate that fails to compile or launch is skipped; one that faulted on the device (the CUDA context is
+    lost, so every later candidate would fail too) stops the tune, naming the tile. The device is simulated: a
+    fault is what makes the next synchronise raise."""
+    from kernels import tuning
+
+    faulted, ran = [], []
+
+    def synchronize(*_):
+        if faulted:
+            raise RuntimeError("CUDA error: misaligned address")
+
+    def run(cfg):
+        ran.append(cfg)
+        if cfg == "too big":
+            raise RuntimeError("out of resource: shared memory")
+        if cfg == "faults":
+            faulted.append(cfg)
+            raise RuntimeError("CUDA error: misaligned address")
+
+    class Timer:
+        def graph_time_us(self, fn):
+            fn()
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    assert tuning._best(Timer(), ["too big", "fits"], run) == ("fits", 1.0)
+    with pytest.raises(RuntimeError, match="tile faults faulted on the GPU"):
+        tuning._best(Timer(), ["fits", "faults", "never run"], run)
+    assert "never run" not in ran

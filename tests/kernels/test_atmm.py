@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import atmm
 from kernels.atmm import RowPlan, atmm_add, expand_meta, pdl_supported, shrink_meta, workspace_shape
 from kernels.lora_batch import LoRABatch
 from kernels.tile_config import FIXED_CONFIG, AtmmConfig, ExpandConfig, ShapeKey, ShrinkConfig, device_table
@@ -117,18 +118,22 @@ def test_programmatic_dependent_launch_is_opt_in_and_cuda_only():
                                                                                               False)["USE_PDL"]
 
 
-@pytest.mark.parametrize("config", ["table", "wide"])
+@pytest.mark.parametrize("config", ["table", "wide", "wide-vec"])
 @pytest.mark.parametrize("mode", MODES)
-def test_pool_padding_past_each_rank_is_never_used(interpreted, mode, config):
+def test_pool_padding_past_each_rank_is_never_used(interpreted, mode, config, monkeypatch):
     """NaN in the pool past every adapter's true rank (ranks not multiples of 8 included: the kernels fetch B and
     the shrink output 8 rank columns at a time) and in the workspace: the output matches the oracle, both through
-    the expand's preloaded terms (the device table's tiles) and its term walk (WIDE)."""
+    the expand's preloaded terms (the device table's tiles) and its term walk (WIDE, preloading off; "wide-vec":
+    with the walk's 16-byte rank loads, off by default, ``VEC_R_WALK``)."""
+    monkeypatch.setattr(atmm, "VEC_R_WALK", config == "wide-vec")
+    if config != "table":
+        monkeypatch.setattr(atmm, "PRELOAD_ELEMENTS", 0)
     problem = make_problem(24, 3, 7, DIMS[1], mode, torch.float32, seed=12)
     batch = problem.batch
     assert (batch.seg_ranks[batch.seg_slots >= 0] % 8 != 0).any()
     poison_padding(problem.weights, batch.seg_slots, batch.seg_ranks)
     y = _run(problem, "table") if config == "table" else problem.y0.clone()
-    if config == "wide":
+    if config != "table":
         workspace = torch.full(workspace_shape(RowPlan.from_batch(batch), problem.weights, WIDE), float("nan"))
         atmm_add(y, problem.x, problem.weights, batch, WIDE, workspace=workspace)
     assert_matches(y, problem.expected, problem.y0, problem.touched)

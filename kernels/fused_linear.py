@@ -72,8 +72,9 @@ def linear_config(rows: int, out_dim: int, in_dim: int, lora: bool = False) -> L
     One row: ~500-900 programs of 4-8 output rows stream W in 1-2 KB chunks (a bandwidth-bound GEMV wants many
     programs with many loads in flight); with the experts' epilogue, 512-wide chunks and 4 warps measured best for
     every group. More rows: 64-column dot tiles, with 128-wide K chunks on the widest output (gate/up); re-swept
-    with the 16-byte rank loads and the shrink chained by PDL (eleventh session): 1.00-1.09x faster than the
-    32-column tiles at 16 routed rows, 1.04-1.21x at 8 plain rows.
+    with the 16-byte rank loads and the shrink chained by PDL (eleventh session): the best tile at 8 plain rows for
+    every group (1.04-1.21x faster than 32 columns), and at 16 routed rows for q/k/v and gate/up (1.07-1.09x); for
+    o and down at 16 rows the sweep still picked 32 columns (the margin was not recorded).
     """
     if rows > 1:
         return LinearConfig(64, 128 if out_dim >= 16384 else 256, 4, 4)

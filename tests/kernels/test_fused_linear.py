@@ -3,6 +3,8 @@ reference, under the interpreter: a pairwise sweep of rank x experts x top-k x r
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -149,7 +151,7 @@ def test_fused_linear_7b_aligned_pool(group, rows, rank):
     key = ShapeKey(8, 2 * rows, in_dim, sum(widths), rank)
     x, _, weights, routing = tuning.routed_problem(key, 2, "cuda")
     weights = type(weights)(weights.a.expand(-1, len(widths), -1, -1).contiguous(), weights.b,
-                            tuple(int(b) for b in torch.tensor((0, *widths)).cumsum(0)))
+                            tuple(itertools.accumulate(widths, initial=0)))
     weight = torch.randn(sum(widths), in_dim, device="cuda", dtype=torch.bfloat16) / in_dim ** 0.5
     want = reference.routed_linear(x, weight, None, weights, routing).float()
     torch.testing.assert_close(routed_linear(x, weight, None, weights, routing).float(), want, rtol=2e-2, atol=2e-2)

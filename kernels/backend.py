@@ -120,10 +120,10 @@ class TritonBackend(LoRABackend):
     # Rows up to which routed projections run as kernels/fused_linear.py (all of its MAX_ROWS): faster than F.linear
     # + the routed pair at batch 1 and 16 on an H200 (bench/RESULTS.md, LoRA-Switch, seventh session).
     fused_rows = 16
-    # Plain multi-LoRA gains at one row only: each further adapter in the batch adds a dependent step to the fused
-    # epilogue, and from 2 rows of distinct adapters F.linear + ATMM is as fast or faster (bench/kernels.py --only
-    # lora-linear; bench/RESULTS.md, Kernels, eighth session).
-    fused_lora_rows = 1
+    # Plain multi-LoRA through the fused linear up to 8 rows: with 64-column tiles and the shrink chained by PDL the
+    # engine's batch-8 multi-LoRA / base rose from 73% to 78% (bench/engine.py --fused-lora-rows; bench/RESULTS.md,
+    # Engine, twelfth session); at 16 rows it measured the same as F.linear + ATMM, so those stay unfused.
+    fused_lora_rows = 8
 
     def add_lora(self, y, x, weights, batch):
         from kernels.atmm import atmm_add

@@ -73,9 +73,12 @@ def linear_config(rows: int, out_dim: int, in_dim: int, lora: bool = False) -> L
     programs with many loads in flight); with the experts' epilogue, 512-wide chunks and 4 warps measured best for
     every group. More rows: 64-column dot tiles, with 128-wide K chunks on the widest output (gate/up); re-swept
     with the 16-byte rank loads and the shrink chained by PDL (eleventh session): the best tile at 8 plain rows for
-    every group (1.04-1.21x faster than 32 columns), and at 16 routed rows for q/k/v and gate/up (1.07-1.09x); for
-    o and down at 16 rows the sweep still picked 32 columns (the margin was not recorded).
+    every group (1.04-1.21x faster than 32 columns), and at 16 routed rows for q/k/v and gate/up (1.07-1.09x). Past
+    8 rows the narrow outputs (o and down, 3584 wide) keep 32 columns: 1.08-1.10x faster than 64 there, and LoRA-Switch
+    batch 16 7.52 -> 7.29 ms a step (twelfth session).
     """
+    if rows > 8 and out_dim <= 4096:
+        return LinearConfig(32, 256, 4, 4)
     if rows > 1:
         return LinearConfig(64, 128 if out_dim >= 16384 else 256, 4, 4)
     block_n = 8 if out_dim > 4096 else 4

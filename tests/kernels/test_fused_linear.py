@@ -90,13 +90,16 @@ def test_rejects_bad_input():
 def test_config_by_shape():
     """The H200 sweep's picks for the 7B's groups: one row streams W in many narrow programs, 4 or 8 output rows
     each (512-wide chunks with the experts' epilogue); decode batches use 64-column dot tiles, with 128-wide K chunks
-    on gate/up."""
+    on gate/up, except past 8 rows on the narrow outputs (o, down), which keep 32 columns."""
     assert linear_config(1, 4608, 3584) == LinearConfig(8, 512, 8, 2)
     assert linear_config(1, 3584, 3584) == LinearConfig(4, 512, 8, 2)
     assert linear_config(1, 37888, 3584) == LinearConfig(8, 512, 4, 2)
     assert linear_config(1, 3584, 18944) == LinearConfig(4, 1024, 4, 2)
     assert linear_config(1, 3584, 18944, lora=True) == LinearConfig(4, 512, 4, 2)
-    assert linear_config(16, 3584, 3584) == LinearConfig(64, 256, 4, 4)
+    assert linear_config(8, 3584, 3584) == LinearConfig(64, 256, 4, 4)
+    assert linear_config(16, 3584, 3584) == LinearConfig(32, 256, 4, 4)
+    assert linear_config(16, 3584, 18944) == LinearConfig(32, 256, 4, 4)
+    assert linear_config(16, 4608, 3584) == LinearConfig(64, 256, 4, 4)
     assert linear_config(16, 37888, 3584) == LinearConfig(64, 128, 4, 4)
 
 

@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
                         "(batches 1/4/8 of --prompt-tokens, with and without adapters)")
     p.add_argument("--fused-lora-rows", type=int,
                    help="rows of a plain multi-LoRA batch up to which the Triton backend fuses each projection with "
-                        "its LoRA update (kernels/fused_linear.py; default the backend's, 1; 0 = never)")
+                        "its LoRA update (kernels/fused_linear.py; default the backend's, 8; 0 = never)")
     p.add_argument("--no-linear-pdl", action="store_true",
                    help="launch each fused projection's shrink and linear one after the other, not chained by "
                         "programmatic dependent launch (kernels/fused_linear.py LINEAR_PDL off)")

@@ -57,8 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--overlap-ab", action="store_true",
                    help="only compare decode ms/token with overlapped decode off and on (no adapters, batches 1/8/32)")
     p.add_argument("--row-linear-ab", action="store_true",
-                   help="only compare batch-1 decode ms/token with one-row projections on cuBLAS and on the Triton "
-                        "GEMV (EngineConfig.row_linear off and on; no adapters)")
+                   help="only compare decode ms/token at batches 1, 8 and 16 with the projections on cuBLAS and on "
+                        "the Triton linear (EngineConfig.row_linear off and on; no adapters)")
     p.add_argument("--prefill-ab", action="store_true",
                    help="only compare prefill iterations run eagerly and as piecewise CUDA graphs, in one engine "
                         "(batches 1/4/8 of --prompt-tokens, with and without adapters)")
@@ -407,7 +407,7 @@ def main() -> None:
           f"TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; model {args.model}; {new_tokens} new tokens", flush=True)
     texts, ids = prompt_texts(checkpoint.tokenizer, max(*args.batches, 32), args.prompt_tokens, seed=1)
     if args.overlap_ab or args.row_linear_ab:
-        option, batches = ("overlap_decode", (1, 8, 32)) if args.overlap_ab else ("row_linear", (1,))
+        option, batches = ("overlap_decode", (1, 8, 32)) if args.overlap_ab else ("row_linear", (1, 8, 16))
         result = bench_decode_ab(args, texts, option, batches)
         if args.json:
             args.json.write_text(json.dumps({"model": args.model, f"{option}_ab": result}, indent=1))

@@ -82,8 +82,9 @@ class EngineConfig(BaseModel):
         True, description="torch.compile the element-wise ops (norms, RoPE, SwiGLU) on GPU; CPU stays eager."
     )
     row_linear: bool = Field(
-        True, description="On GPU, one-row projections (batch-1 decode) use the Triton GEMV of kernels/fused_linear.py "
-        "instead of cuBLAS (faster on an H200 for the 7B's shapes: bench/RESULTS.md, Engine, seventh session)."
+        True, description="On GPU, projections of up to 16 rows (decode batches) use the Triton linear of "
+        "kernels/fused_linear.py instead of cuBLAS (faster on an H200 for the 7B's shapes: bench/RESULTS.md, Engine, "
+        "seventh and thirteenth sessions)."
     )
     attention: Literal["auto", "torch", "triton"] = Field(
         "auto", description="Paged-attention path: 'triton' (GPU kernel, graph-capturable), 'torch' (gather + "

@@ -15,7 +15,12 @@ grid-dependency wait.
 Work layout: a 1-D grid over output blocks; slices (q/k/v, gate/up) own whole blocks, so a block reads one slice's
 shrink output. Each program holds all T rows (T <= MAX_ROWS): for one row the product is an fp32 multiply-reduce
 over [BLOCK_N, BLOCK_K] tiles (no tensor-core padding of a 1-row operand); for more rows it is ``tl.dot`` on
-[16, BLOCK_K] x [BLOCK_K, BLOCK_N]. The grid depends only on the output width, so CUDA graphs can capture it.
+[16, BLOCK_K] x [BLOCK_K, BLOCK_N]. With several rows a block may be split along K (``LinearConfig.split_k``): its
+programs each stream a share of K and walk a share of the expert terms into an fp32 partial, and the last of them to
+arrive (a per-block counter) sums the partials in a fixed order and stores y, so the result does not depend on
+timing. The grid depends only on the output width, so CUDA graphs can capture it.
+
+The same kernel without experts is the engine's base projection for up to MAX_ROWS rows (``EngineConfig.row_linear``).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class LinearConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1  # programs per output block (several rows only), each over 1/split_k of K and of the experts
 
 
 def linear_config(rows: int, out_dim: int, in_dim: int, lora: bool = False) -> LinearConfig:
@@ -73,12 +79,13 @@ def linear_config(rows: int, out_dim: int, in_dim: int, lora: bool = False) -> L
     programs with many loads in flight); with the experts' epilogue, 512-wide chunks and 4 warps measured best for
     every group. More rows: 64-column dot tiles, with 128-wide K chunks on the widest output (gate/up); re-swept
     with the 16-byte rank loads and the shrink chained by PDL (eleventh session): the best tile at 8 plain rows for
-    every group (1.04-1.21x faster than 32 columns), and at 16 routed rows for q/k/v and gate/up (1.07-1.09x). Past
-    8 rows the narrow outputs (o and down, 3584 wide) keep 32 columns: 1.08-1.10x faster than 64 there, and LoRA-Switch
-    batch 16 7.52 -> 7.29 ms a step (twelfth session).
+    every group (1.04-1.21x faster than 32 columns), and at 16 routed rows for q/k/v and gate/up (1.07-1.09x). The
+    narrow outputs (o and down, 3584 wide: 56 blocks of 64 columns for 132 SMs) split K in two (thirteenth session):
+    plain multi-LoRA at 8 / 16 rows o 25.6 -> 23.2 / 35.2 -> 27.0 us, down 62.1 -> 55.0 / 79.6 -> 61.8 us, and
+    their base projections alone faster than cuBLAS (down 46.8 against 50.8 us at 8 rows).
     """
-    if rows > 8 and out_dim <= 4096:
-        return LinearConfig(32, 256, 4, 4)
+    if rows > 1 and out_dim <= 4096:
+        return LinearConfig(64, 256, 4, 4, split_k=2)
     if rows > 1:
         return LinearConfig(64, 128 if out_dim >= 16384 else 256, 4, 4)
     block_n = 8 if out_dim > 4096 else 4
@@ -137,9 +144,9 @@ def _row_fetch(offs_r, ranks, VEC_R: tl.constexpr):
 @triton.jit(do_not_specialize=["num_rows", "n_terms", "top_k", "r_blocks", "first1", "first2", "first3"])
 def _linear_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, y_ptr, tmp_ptr, b_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr,
+    x_ptr, w_ptr, bias_ptr, y_ptr, tmp_ptr, b_ptr, slot_ptr, rank_ptr, scale_ptr, route_id_ptr, part_ptr, count_ptr,
     # sizes
-    num_rows, in_dim, n_terms, top_k, r_blocks, out_total, bound1, bound2, bound3, first1, first2, first3,
+    num_rows, in_dim, k_chunk, n_terms, top_k, r_blocks, out_total, bound1, bound2, bound3, first1, first2, first3,
     # strides
     stride_x_row, stride_w_row, stride_y_row, stride_b_slot, stride_b_row,
     stride_t_split, stride_t_pos, stride_t_slice, stride_t_term,
@@ -147,11 +154,13 @@ def _linear_kernel(
     N_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr, N_SPLITS: tl.constexpr,
     TOP_K_POW2: tl.constexpr, TERMS_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    ROW_DIRECT: tl.constexpr, VEC_R: tl.constexpr, USE_PDL: tl.constexpr,
+    ROW_DIRECT: tl.constexpr, VEC_R: tl.constexpr, USE_PDL: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    slice_id, n_lo, n_hi, g0 = _slice_of(pid, out_total, bound1, bound2, bound3, first1, first2, first3, N_SLICES)
-    offs_n = n_lo + (pid - g0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    block = pid // SPLIT  # SPLIT programs share an output block: each streams k_chunk of K and walks every
+    split = pid % SPLIT   # SPLIT-th expert term; the last to finish sums their fp32 partials in split order
+    slice_id, n_lo, n_hi, g0 = _slice_of(block, out_total, bound1, bound2, bound3, first1, first2, first3, N_SLICES)
+    offs_n = n_lo + (block - g0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_hi
     t_slice = tmp_ptr + slice_id * stride_t_slice
     if ROW_DIRECT:
@@ -186,13 +195,15 @@ def _linear_kernel(
     else:
         x_ptrs = x_ptr + offs_m[:, None] * stride_x_row + offs_k[None, :]  # [BM, BK]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, in_dim, BLOCK_K):
+        k_lo = split * k_chunk  # k_chunk: a multiple of BLOCK_K (in_dim when SPLIT is 1)
+        for k in range(k_lo, tl.minimum(k_lo + k_chunk, in_dim), BLOCK_K):
             k_mask = (k + offs_k) < in_dim
             x_tile = tl.load(x_ptrs + k, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
             w_tile = tl.load(w_ptrs + k, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
             acc += _dot(x_tile, tl.trans(w_tile), IEEE)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:  # noqa: SIM102 (a constexpr test, then a runtime one)
+        if split == 0:  # once per block: the first split adds it
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if USE_PDL:
         # Launched as the shrink's programmatic dependent: the W stream above overlapped the shrink; its output
         # (tmp) is read only after this wait.
@@ -213,7 +224,7 @@ def _linear_kernel(
         for e0 in range(0, n_terms, TERMS_BLOCK):
             slots, ranks, scales, order, count = _term_tables(slot_ptr, rank_ptr, scale_ptr, 0, n_terms, e0, offs_c,
                                                               ids, True, TOP_K_POW2, TERMS_BLOCK)
-            for it in range(0, count * r_blocks):
+            for it in range(split, count * r_blocks, SPLIT):
                 local = _pick(order, it // r_blocks, offs_c)
                 offs_r = (it % r_blocks) * BLOCK_R + offs_rb
                 slot = _pick(offs_c, local, slots)
@@ -231,7 +242,23 @@ def _linear_kernel(
                 else:
                     acc += _dot(t, tl.trans(b_tile), IEEE)
     y_ptrs = y_ptr + offs_m[:, None] * stride_y_row + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if SPLIT == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        # Publish this program's partial, then count arrivals; the last of the block's SPLIT programs reads them
+        # all (L2, past L1) in split order, so the sum does not depend on which finished last, stores y and
+        # re-arms the counter for the next launch. No program waits for another.
+        tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(part_ptr + pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tile, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            first = block.to(tl.int64) * SPLIT * (BLOCK_M * BLOCK_N)
+            for s in tl.static_range(SPLIT):
+                total += tl.load(part_ptr + first + s * (BLOCK_M * BLOCK_N) + tile, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            tl.atomic_xchg(count_ptr + block, 0)
 
 
 def _slice_blocks(bounds: list[int], n_slices: int, block_n: int) -> tuple[list[int], int]:
@@ -250,18 +277,43 @@ def linear_meta(rows: int, in_dim: int, config: LinearConfig, bias: bool, ieee: 
     epilogue over a shrink of that many K-split partials (``n_slices`` slices, ``experts`` terms, ranks up to
     ``max_rank``). ``row_direct``: one row's experts loaded before the W stream (default ``ROW_DIRECT`` where
     every rank fits one ``block_r`` chunk), else walked after it. ``pdl``: launched as the shrink's programmatic
-    dependent (the W stream overlaps the shrink; ``launch_pdl`` is a launch option of the variant)."""
+    dependent (the W stream overlaps the shrink; ``launch_pdl`` is a launch option of the variant). SPLIT is
+    ``config.split_k`` for several rows (``split_k_for``), 1 for one row."""
     lora = splits > 0
     row_direct = (ROW_DIRECT if row_direct is None else row_direct) and lora and rows == 1 and max_rank <= block_r
     meta = dict(N_SLICES=n_slices if lora else 1, HAS_BIAS=bias, LORA=lora, N_SPLITS=max(splits, 1),
                 TOP_K_POW2=_pow2(top_k) if lora else 1, TERMS_BLOCK=min(_pow2(experts), MAX_TERMS_BLOCK) if lora else 1,
                 EVEN_K=in_dim % config.block_k == 0, IEEE=ieee, BLOCK_M=1 if rows == 1 else 16,
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_R=block_r if lora else 16,
-                ROW_DIRECT=row_direct, VEC_R=atmm.VEC_R, USE_PDL=pdl and lora, num_warps=config.num_warps,
-                num_stages=config.num_stages)
+                ROW_DIRECT=row_direct, VEC_R=atmm.VEC_R, USE_PDL=pdl and lora, SPLIT=split_k_for(rows, config),
+                num_warps=config.num_warps, num_stages=config.num_stages)
     if meta["USE_PDL"]:
         meta["launch_pdl"] = True
     return meta
+
+
+def split_k_for(rows: int, config: LinearConfig) -> int:
+    """Programs per output block: ``config.split_k`` for several rows; one row keeps one (its GEMV already runs
+    hundreds of programs)."""
+    return config.split_k if rows > 1 else 1
+
+
+# Split-K scratch, one per device, allocated once (outside CUDA-graph capture) and shared by every launch: launches
+# on one stream run one after another, and each leaves its counters at zero.
+SPLIT_PROGRAMS = 2048  # most programs x split_k of one launch that may split
+_PART_TILE = 16 * 64  # a program's fp32 partial: BLOCK_M (16) x BLOCK_N (at most 64)
+_SPLIT_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials [SPLIT_PROGRAMS x 16 x 64], int32 arrival counters [SPLIT_PROGRAMS], zeros) for ``device``."""
+    if device not in _SPLIT_SCRATCH:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the fused linear's split-K scratch must exist before CUDA-graph capture: run the "
+                               "captured call once eagerly first (the engine's warm-up and precompile do)")
+        _SPLIT_SCRATCH[device] = (torch.empty(SPLIT_PROGRAMS * _PART_TILE, dtype=torch.float32, device=device),
+                                  torch.zeros(SPLIT_PROGRAMS, dtype=torch.int32, device=device))
+    return _SPLIT_SCRATCH[device]
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -345,9 +397,18 @@ def routed_linear(
         tables, sizes, strides = (y,) * 6, (0, 1, 1), (0,) * 6
         meta = linear_meta(rows, x.shape[1], config, bias is not None, x.dtype == torch.float32)
     firsts, programs = _slice_blocks(bounds, n_slices, config.block_n)
-    _linear_kernel[(programs,)](
-        x, weight, bias if bias is not None else weight, y, *tables,
-        rows, x.shape[1], *sizes, out_total, bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
+    split, in_dim = meta["SPLIT"], x.shape[1]
+    if split > 1:
+        if programs * split > SPLIT_PROGRAMS or config.block_n * 16 > _PART_TILE or meta["ROW_DIRECT"]:
+            raise ValueError(f"split_k {split} needs at most {SPLIT_PROGRAMS} programs x splits (got "
+                             f"{programs} x {split}) and block_n <= 64 (got {config.block_n})")
+        part, counts = split_scratch(x.device)
+    else:
+        part = counts = y
+    k_chunk = cdiv(cdiv(in_dim, split), config.block_k) * config.block_k
+    _linear_kernel[(programs * split,)](
+        x, weight, bias if bias is not None else weight, y, *tables, part, counts,
+        rows, in_dim, k_chunk, *sizes, out_total, bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
         x.stride(0), weight.stride(0), y.stride(0), *strides, **meta,
     )
     return y

@@ -193,9 +193,10 @@ def routed_cases(rows: int, experts: int, top_k: int, max_rank: int) -> list[Lin
 def precompile_linears(linears: Sequence[tuple[torch.Tensor, torch.Tensor | None, LoRAWeights | None]],
                        cases: Sequence[LinearCase] = ()) -> tuple[int, float]:
     """The fused decode linear's variants (kernels/fused_linear.py) for projections given as (weight, bias, pool or
-    None): without a pool the one-row GEMV; with one, its routed form for each case (a routing of ``rows`` rows over
-    ``experts`` experts, ``top_k`` pairs per row, at ``max_rank``). Each distinct (layout, case) is launched once per
-    process, into scratch, with zero gates; returns (launches, seconds). Nothing off CUDA."""
+    None): without a pool the base linear (its one-row GEMV and its several-row variant); with one, its routed form
+    for each case (a routing of ``rows`` rows over ``experts`` experts, ``top_k`` pairs per row, at ``max_rank``).
+    Each distinct (layout, case) is launched once per process, into scratch, with zero gates; returns (launches,
+    seconds). Nothing off CUDA."""
     started, launched, device = time.perf_counter(), 0, None
     for weight, bias, pool in linears:
         if weight.device.type != "cuda":
@@ -204,9 +205,10 @@ def precompile_linears(linears: Sequence[tuple[torch.Tensor, torch.Tensor | None
         layout = ("linear", str(device), weight.dtype, tuple(weight.shape), bias is not None)
         if pool is None:
             if (layout, None) not in _done:
-                routed_linear(torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=device), weight, bias)
+                for rows in (1, 2):  # one row (the GEMV) and several (one variant serves 2 to MAX_ROWS)
+                    routed_linear(torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=device), weight, bias)
                 _done.add((layout, None))
-                launched += 1
+                launched += 2
             continue
         for case in cases:
             if (layout, _layout(pool), case) in _done:

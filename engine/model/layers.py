@@ -34,6 +34,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+ROW_LINEAR_ROWS = 16  # kernels.fused_linear.MAX_ROWS (not imported here: the engine imports Triton only on use)
+_ROW_DTYPES = (torch.bfloat16, torch.float16)
+
+
 class FusedOps:
     """The element-wise ops of a layer, optionally torch.compile'd on GPU (fused kernels, fewer launches), and the
     base matmul of the adapted linears (``linear``)."""
@@ -50,8 +54,9 @@ class FusedOps:
 
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x: [tokens, in] -> x Wᵀ + b; with ``row_linear``, a single bf16/fp16 CUDA row takes the Triton GEMV."""
-        if self.row_linear and x.shape[0] == 1 and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        """x: [tokens, in] -> x Wᵀ + b; with ``row_linear``, bf16/fp16 CUDA inputs of up to ``MAX_ROWS`` rows (a
+        decode batch) take the Triton linear of kernels/fused_linear.py."""
+        if self.row_linear and 0 < x.shape[0] <= ROW_LINEAR_ROWS and x.is_cuda and x.dtype in _ROW_DTYPES:
             from kernels.fused_linear import routed_linear
 
             return routed_linear(x, weight, bias)

@@ -8,15 +8,17 @@ import itertools
 import pytest
 import torch
 
+from engine.model.layers import ROW_LINEAR_ROWS
 from kernels import reference, tuning
-from kernels.fused_linear import MAX_ROWS, LinearConfig, linear_config, routed_linear
+from kernels.fused_linear import MAX_ROWS, SPLIT_PROGRAMS, LinearConfig, linear_config, routed_linear, split_scratch
 from kernels.routed import routed_add
 from kernels.tile_config import ShapeKey
 from tests.kernels.sweep import DIMS, TOLERANCE, covering_rows, make_routed_problem, poison_padding
 
 AXES = {"rank": (1, 8, 16, 64, 128), "experts": (1, 3, 8), "top_k": (1, 2), "rows": (1, 7, 16), "dims": DIMS,
-        "dtype": (torch.float16, torch.float32), "bias": (False, True), "tiles": ("default", "small")}
+        "dtype": (torch.float16, torch.float32), "bias": (False, True), "tiles": ("default", "small", "split")}
 SMALL = LinearConfig(block_n=8, block_k=32, num_warps=4, num_stages=1)  # several programs per slice, ragged K
+TILES = {"default": None, "small": SMALL, "split": LinearConfig(8, 32, 4, 1, split_k=3)}  # split: 3 programs a block
 CASES = covering_rows(AXES, seed=3, allowed=lambda c: c["rank"] * c["experts"] <= 128 * 8)
 
 
@@ -46,7 +48,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, update: torch.Tensor) ->
                                                                for v in c.values()))
 def test_fused_linear_sweep(interpreted, case):
     p, weight, bias, want, update = base_problem(case, seed=len(str(case)))
-    config = SMALL if case["tiles"] == "small" else None
+    config = TILES[case["tiles"]]
     got = routed_linear(p.x, weight, bias, p.weights, p.routing, config)
     assert got.shape == want.shape and got.dtype == p.x.dtype
     assert_close(got, want, update)
@@ -90,17 +92,40 @@ def test_rejects_bad_input():
 def test_config_by_shape():
     """The H200 sweep's picks for the 7B's groups: one row streams W in many narrow programs, 4 or 8 output rows
     each (512-wide chunks with the experts' epilogue); decode batches use 64-column dot tiles, with 128-wide K chunks
-    on gate/up, except past 8 rows on the narrow outputs (o, down), which keep 32 columns."""
+    on gate/up, and the narrow outputs (o, down) split K in two."""
     assert linear_config(1, 4608, 3584) == LinearConfig(8, 512, 8, 2)
     assert linear_config(1, 3584, 3584) == LinearConfig(4, 512, 8, 2)
     assert linear_config(1, 37888, 3584) == LinearConfig(8, 512, 4, 2)
     assert linear_config(1, 3584, 18944) == LinearConfig(4, 1024, 4, 2)
     assert linear_config(1, 3584, 18944, lora=True) == LinearConfig(4, 512, 4, 2)
-    assert linear_config(8, 3584, 3584) == LinearConfig(64, 256, 4, 4)
-    assert linear_config(16, 3584, 3584) == LinearConfig(32, 256, 4, 4)
-    assert linear_config(16, 3584, 18944) == LinearConfig(32, 256, 4, 4)
+    assert linear_config(8, 3584, 3584) == LinearConfig(64, 256, 4, 4, split_k=2)
+    assert linear_config(16, 3584, 18944) == LinearConfig(64, 256, 4, 4, split_k=2)
     assert linear_config(16, 4608, 3584) == LinearConfig(64, 256, 4, 4)
     assert linear_config(16, 37888, 3584) == LinearConfig(64, 128, 4, 4)
+    assert ROW_LINEAR_ROWS == MAX_ROWS  # the engine's base projections take the Triton linear up to its rows
+
+
+@pytest.mark.parametrize("split", [2, 4, 8])
+def test_split_k_sums_every_share_once(interpreted, split):
+    """Each output block split over K and the expert terms into ``split`` programs (8: more than K has chunks of
+    32, so some programs stream nothing): the float64 oracle with and without experts, the bias added once,
+    every arrival counter back at zero afterwards, and the same bits on a second launch."""
+    case = dict(rank=16, experts=8, top_k=2, rows=9, dims=DIMS[3], dtype=torch.float32, bias=True)
+    p, weight, bias, want, update = base_problem(case, seed=split)
+    config = LinearConfig(16, 32, 4, 1, split_k=split)
+    got = routed_linear(p.x, weight, bias, p.weights, p.routing, config)
+    assert_close(got, want, update)
+    assert torch.equal(got, routed_linear(p.x, weight, bias, p.weights, p.routing, config))
+    base = routed_linear(p.x, weight, bias, config=config)
+    torch.testing.assert_close(base, torch.nn.functional.linear(p.x, weight, bias), rtol=1e-5, atol=1e-4)
+    assert not split_scratch(p.x.device)[1].any()
+
+
+def test_split_k_bounded_by_its_scratch():
+    """More programs x splits than the shared scratch holds: a clear error before any launch."""
+    x, weight = torch.zeros(2, 64), torch.zeros(8 * (SPLIT_PROGRAMS // 2 + 1), 64)
+    with pytest.raises(ValueError, match="split_k"):
+        routed_linear(x, weight, None, config=LinearConfig(8, 32, 4, 1, split_k=2))
 
 
 @pytest.mark.gpu

@@ -162,17 +162,18 @@ def test_nothing_compiles_after_routed_precompile():
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["qkv", "down"])
 def test_nothing_compiles_after_linear_precompile(layout):
-    """After precompile_linears, the fused decode linear runs on compiled variants only: the one-row GEMV, and the
-    routed form for any row count up to the backend's fused rows."""
+    """After precompile_linears, the fused decode linear runs on compiled variants only: the base linear at any row
+    count up to MAX_ROWS, and the routed form for any row count up to the backend's fused rows."""
     weights = pool(*LAYOUTS[layout], device="cuda", slots=EXPERTS)
     weight = torch.randn(weights.out_dim, weights.in_dim, dtype=torch.bfloat16, device="cuda")
     bias = torch.randn(weights.out_dim, dtype=torch.bfloat16, device="cuda") if layout == "qkv" else None
     cases = routed_cases(16, EXPERTS, TOP_K, POOL_RANK)
     launched = precompile_linears([(weight, bias, None)])[0] + precompile_linears([(weight, bias, weights)], cases)[0]
     before = _variants()
-    assert launched == 17
+    assert launched == 18
     rng = random.Random(5)
-    routed_linear(torch.randn(1, weights.in_dim, dtype=torch.bfloat16, device="cuda"), weight, bias)
+    for rows in [1, 5, 16]:
+        routed_linear(torch.randn(rows, weights.in_dim, dtype=torch.bfloat16, device="cuda"), weight, bias)
     for rows in [1, 3, 9, 16]:
         x = torch.randn(rows, weights.in_dim, dtype=torch.bfloat16, device="cuda")
         routed_linear(x, weight, bias, weights, random_routing(rng, rows, "cuda"))

@@ -79,7 +79,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--drift-layers", type=int, help="layers of the drift model (default: all; quick: 4)")
     p.add_argument("--compile", action="store_true", help="torch.compile the element-wise ops (as the engine)")
     p.add_argument("--no-row-linear", action="store_true",
-                   help="one-row projections on cuBLAS instead of the Triton GEMV (the engine's row_linear off)")
+                   help="projections of up to 16 rows on cuBLAS instead of the Triton linear (the engine's "
+                        "row_linear off)")
     p.add_argument("--fused-rows", type=int, help="rows up to which routed projections use the fused linear "
                    "(default: the backend's, 16)")
     p.add_argument("--no-linear-pdl", action="store_true",

@@ -87,7 +87,7 @@ class ValoraEngine(EngineBackend):
                         time.perf_counter() - start)
 
     def _precompile_linears(self) -> tuple[int, float]:
-        """The fused decode linear's variants (kernels/fused_linear.py): the one-row GEMV (``row_linear``), the routed
+        """The fused decode linear's variants (kernels/fused_linear.py): the base linear (``row_linear``), the routed
         MoE projections up to the backend's ``fused_rows`` rows and plain multi-LoRA batches up to its
         ``fused_lora_rows``."""
         from engine.lora.batch import routed_segments

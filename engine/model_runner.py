@@ -58,8 +58,8 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
                 row_linear: bool = False) -> tuple[Qwen2LM, VisionTower | None]:
     """Our decoder (and transformers' vision tower) with the checkpoint's weights, or seeded random ones.
 
-    ``graphs``: the vision tower replays CUDA graphs of its encodes (GPU only). ``row_linear``: one-row projections
-    take the Triton GEMV (``FusedOps.linear``; GPU only)."""
+    ``graphs``: the vision tower replays CUDA graphs of its encodes (GPU only). ``row_linear``: projections of up to 16
+    rows take the Triton linear (``FusedOps.linear``; GPU only)."""
     spec = checkpoint.spec
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

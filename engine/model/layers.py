@@ -54,7 +54,7 @@ class FusedOps:
 
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x: [tokens, in] -> x Wᵀ + b; with ``row_linear``, bf16/fp16 CUDA inputs of up to ``MAX_ROWS`` rows (a
+        """x: [tokens, in] -> x Wᵀ + b; with ``row_linear``, bf16/fp16 CUDA inputs of up to ``ROW_LINEAR_ROWS`` rows (a
         decode batch) take the Triton linear of kernels/fused_linear.py."""
         if self.row_linear and 0 < x.shape[0] <= ROW_LINEAR_ROWS and x.is_cuda and x.dtype in _ROW_DTYPES:
             from kernels.fused_linear import routed_linear

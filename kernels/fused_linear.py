@@ -195,7 +195,7 @@ def _linear_kernel(
     else:
         x_ptrs = x_ptr + offs_m[:, None] * stride_x_row + offs_k[None, :]  # [BM, BK]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_lo = split * k_chunk  # k_chunk: a multiple of BLOCK_K (in_dim when SPLIT is 1)
+        k_lo = split * k_chunk  # k_chunk: a multiple of BLOCK_K (all of K when SPLIT is 1)
         for k in range(k_lo, tl.minimum(k_lo + k_chunk, in_dim), BLOCK_K):
             k_mask = (k + offs_k) < in_dim
             x_tile = tl.load(x_ptrs + k, mask=mask_m[:, None] & k_mask[None, :], other=0.0)

@@ -51,7 +51,7 @@ from kernels.intmath import cdiv
 from kernels.lora_batch import LoRAWeights
 from kernels.routed import routed_plan
 from kernels.routing import Routing
-from kernels.tile_config import ShapeKey, device_table
+from kernels.tile_config import AtmmConfig, ShapeKey, ShrinkConfig, device_table
 
 MAX_ROWS = 16  # rows one program holds: a decode batch's worth; larger batches take F.linear + routed_add
 ROW_DIRECT = True  # one row: its experts' loads issued before the W stream (``_row_experts``)
@@ -343,6 +343,7 @@ def routed_linear(
     workspace: torch.Tensor | None = None,
     row_direct: bool | None = None,
     pdl: bool | None = None,
+    shrink: ShrinkConfig | None = None,
 ) -> torch.Tensor:
     """The base linear of a few rows with each row's top-k expert updates, in one fp32 sum and one rounding.
 
@@ -360,6 +361,7 @@ def routed_linear(
         row_direct: for one row, load its experts before the W stream (``linear_meta``); default ``ROW_DIRECT``.
         pdl: chain the shrink and this kernel by programmatic dependent launch, so that the W stream overlaps the
             shrink (default ``LINEAR_PDL``; only where ``pdl_supported``).
+        shrink: the shrink's tiles (the tuner times candidates this way); default the device table's routed entry.
     Returns:
         y: [T, out_total] in x's dtype.
     """
@@ -379,6 +381,8 @@ def routed_linear(
         key = ShapeKey(segments=routing.num_experts, tokens=rows * routing.top_k, in_dim=weights.in_dim,
                        out_dim=weights.out_dim, max_rank=routing.max_rank)
         pair = device_table().lookup_routed(key)[0]  # the routed operator's tiles; only its shrink runs here
+        if shrink is not None:
+            pair = AtmmConfig(shrink, pair.expand)
         tmp = workspace_for(plan, weights, pair, workspace, x.device)
         pdl = (LINEAR_PDL if pdl is None else pdl) and pdl_supported(x.device)
         launch_shrink(x, weights, plan, tmp, pair.shrink, pdl)

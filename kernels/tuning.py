@@ -180,13 +180,27 @@ def profile_shape(timer, key: ShapeKey) -> tuple[AtmmConfig, float]:
 
 def profile_routed_shape(timer, key: ShapeKey, top_k: int = 2) -> tuple[AtmmConfig, float]:
     """``profile_shape`` for the routed operator (kernels/routed.py): one segment of tokens / top_k rows whose terms
-    are the key's experts; the expand pool adds wider rank chunks."""
+    are the key's experts; the expand pool adds wider rank chunks.
+
+    Up to the fused linear's rows (kernels/fused_linear.py MAX_ROWS) the engine runs a routed projection as the
+    shrink and the fused linear, which reads only the entry's shrink tiles; there the shrink is picked by timing
+    that pair on a base weight of the key's shape (the entry's time is then the fused projection's), since the
+    shrink that serves the routed expand best can slow the fused linear (bench/RESULTS.md, Kernels, thirteenth
+    session)."""
+    from kernels.fused_linear import MAX_ROWS, routed_linear
     from kernels.routed import routed_plan
 
     x, y, weights, routing = routed_problem(key, top_k, timer.device)
     rows = routing.num_tokens
-    return _profile_pair(timer, x, y, weights, routed_plan(routing), shrink_candidates(key, rows),
-                         expand_candidates(key, rows, EXPAND_POOL + ROUTED_EXPAND_EXTRA), f"routed {key!r}")
+    label = f"routed {key!r}"
+    pair, us = _profile_pair(timer, x, y, weights, routed_plan(routing), shrink_candidates(key, rows),
+                             expand_candidates(key, rows, EXPAND_POOL + ROUTED_EXPAND_EXTRA), label)
+    if rows > MAX_ROWS:
+        return pair, us
+    weight = torch.randn(key.out_dim, key.in_dim, device=x.device, dtype=x.dtype) / key.in_dim**0.5
+    shrink, us = _best(timer, shrink_candidates(key, rows),
+                       lambda c: routed_linear(x, weight, None, weights, routing, shrink=c), f"fused {label}")
+    return AtmmConfig(shrink, pair.expand), us
 
 
 def _profile_pair(timer, x, y, weights, plan, shrinks: list[ShrinkConfig], expands: list[ExpandConfig],

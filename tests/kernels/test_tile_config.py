@@ -146,3 +146,50 @@ def test_a_tile_that_faults_on_the_gpu_stops_the_tune(monkeypatch):
     with pytest.raises(RuntimeError, match="tile faults faulted on the GPU"):
         tuning._best(Timer(), ["fits", "faults", "never run"], run)
     assert "never run" not in ran
+
+
+@pytest.mark.parametrize("rows", [2, 20])
+def test_routed_tuning_picks_the_shrink_by_the_path_that_runs(interpreted, monkeypatch, rows):
+    """Up to the fused linear's rows the routed entry's shrink is the one fastest under the fused linear (the path
+    the engine runs there), not the one fastest before the routed expand; past them, the pair's pick. The timer is
+    simulated: the pair timing favours the first shrink candidate, the fused timing the last."""
+    from kernels import atmm, fused_linear, reference, tuning
+
+    key = ShapeKey(segments=3, tokens=2 * rows, in_dim=512, out_dim=24, max_rank=8)
+    candidates = tuning.shrink_candidates(key, rows)
+    assert len(candidates) > 1
+    ran: list[tuple[str, ShrinkConfig]] = []
+
+    def recorder(path, launch):
+        def run(x, weights, plan, tmp, cfg, *args):
+            ran.append((path, cfg))
+            return launch(x, weights, plan, tmp, cfg, *args)
+        return run
+
+    monkeypatch.setattr(atmm, "launch_shrink", recorder("pair", atmm.launch_shrink))
+    monkeypatch.setattr(fused_linear, "launch_shrink", recorder("fused", fused_linear.launch_shrink))
+
+    class Timer:
+        device = torch.device("cpu")
+
+        def graph_time_us(self, fn):
+            ran.clear()
+            fn()
+            if not ran:  # an expand alone
+                return 1.0
+            path, cfg = ran[-1]
+            rank = candidates.index(cfg)
+            return float(rank if path == "pair" else len(candidates) - rank)
+
+    config, _ = tuning.profile_routed_shape(Timer(), key)
+    fused = rows <= fused_linear.MAX_ROWS
+    assert config.shrink == (candidates[-1] if fused else candidates[0])
+
+    # The fused linear with an explicit shrink tile still computes the routed projection.
+    x, _, weights, routing = tuning.routed_problem(key, 2, "cpu", torch.float32)
+    weight = torch.randn(key.out_dim, key.in_dim)
+    want = reference.routed_linear(x, weight, None, weights, routing)
+    if fused:
+        for cfg in (candidates[0], candidates[-1]):
+            got = fused_linear.routed_linear(x, weight, None, weights, routing, shrink=cfg)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -403,7 +403,7 @@ def routed_linear(
     firsts, programs = _slice_blocks(bounds, n_slices, config.block_n)
     split, in_dim = meta["SPLIT"], x.shape[1]
     if split > 1:
-        if programs * split > SPLIT_PROGRAMS or config.block_n * 16 > _PART_TILE or meta["ROW_DIRECT"]:
+        if programs * split > SPLIT_PROGRAMS or config.block_n * 16 > _PART_TILE:
             raise ValueError(f"split_k {split} needs at most {SPLIT_PROGRAMS} programs x splits (got "
                              f"{programs} x {split}) and block_n <= 64 (got {config.block_n})")
         part, counts = split_scratch(x.device)

@@ -68,9 +68,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-linear-pdl", action="store_true",
                    help="launch each fused projection's shrink and linear one after the other, not chained by "
                         "programmatic dependent launch (kernels/fused_linear.py LINEAR_PDL off)")
-    p.add_argument("--atmm-pdl", action="store_true",
-                   help="chain ATMM's shrink and expand by programmatic dependent launch (the Triton backend's pdl; "
-                        "sm_90+)")
+    p.add_argument("--no-atmm-pdl", action="store_true",
+                   help="launch ATMM's shrink and expand one after the other, not chained by programmatic dependent "
+                        "launch (the Triton backend's pdl, on by default on sm_90+)")
     return p.parse_args()
 
 
@@ -396,8 +396,8 @@ def main() -> None:
         TritonBackend.fused_lora_rows = args.fused_lora_rows
     if args.no_linear_pdl:
         fused_linear.LINEAR_PDL = False
-    if args.atmm_pdl:
-        TritonBackend.pdl = True
+    if args.no_atmm_pdl:
+        TritonBackend.pdl = False
     new_tokens = args.new_tokens or (32 if args.quick else 128)
     device = resolve_device("auto")
     checkpoint = Checkpoint(args.model)

@@ -156,7 +156,7 @@ def run_case(timer: Timer, case: Case, bw: float, rate: float) -> Case:
     methods = {
         "torch": torch_loop(y, x, weights, token_slots, ranks, scales),
         "gbmm": gather_bmm(y_ext, x, weights, batch, scales),
-        "fixed": lambda: atmm_add(y, x, weights, batch, FIXED_CONFIG),
+        "fixed": lambda: atmm_add(y, x, weights, batch, FIXED_CONFIG, pdl=False),  # Punica: one tile, unchained
         "atmm": lambda: atmm_add(y, x, weights, batch),
     }
     for name, fn in methods.items():

@@ -15,8 +15,9 @@ Work layout (both kernels use a flat 1-D grid):
   a flat, branch-free loop over (live term, rank chunk), 64 terms' tables in registers at a time. Either way the
   rank loop stops at each term's true rank, the K-split partials of the shrink are summed on load, and y is updated
   with one read-modify-write of fp32 ``y + sum_terms`` per tile, so several terms of a row never race.
-- launches: ``launch_pair`` runs the shrink then the expand; on request (``pdl``) the expand is a programmatic
-  dependent of the shrink (Hopper+), whose prologue overlaps the shrink's tail.
+- launches: ``launch_pair`` runs the shrink then the expand; for decode-sized batches (``pdl``, on by default in
+  ``atmm_add``) the expand is a programmatic dependent of the shrink (Hopper+), whose prologue overlaps the
+  shrink's tail.
 """
 
 from __future__ import annotations
@@ -530,8 +531,8 @@ def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
 def launch_pair(y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: torch.Tensor,
                 config: AtmmConfig, pdl: bool = False) -> None:
     """The shrink then the expand; with ``pdl``, chained by programmatic dependent launch where ``pdl_supported``
-    and the batch is decode-sized."""
-    pdl = pdl and plan.num_positions <= PDL_MAX_ROWS and pdl_supported(x.device)
+    and the batch is decode-sized (``chains``)."""
+    pdl = chains(plan.num_positions, pdl) and pdl_supported(x.device)
     launch_shrink(x, weights, plan, tmp, config.shrink, pdl)
     launch_expand(y, weights, plan, tmp, config.expand, pdl)
 
@@ -540,13 +541,19 @@ _PDL: dict[torch.device, bool] = {}
 PDL_MAX_ROWS = 512
 
 
+def chains(positions: int, pdl: bool) -> bool:
+    """Whether a pair over ``positions`` rows asked for ``pdl`` is chained where the device supports it: decode-
+    sized batches only (a 2048-row prefill measured 8% slower chained; bench/RESULTS.md, Kernels, sixth session)."""
+    return pdl and positions <= PDL_MAX_ROWS
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Whether ``device`` can chain launches by programmatic dependent launch: a CUDA device of compute capability
     9.0+ with a Triton that has grid-dependency control, not the CPU interpreter.
 
-    Callers opt in (``pdl=True``); off by default because it measured mixed on an H200 (bench/RESULTS.md, Kernels,
-    sixth session): ~1 us saved per pair on small decode batches, 8% lost on 2048-row prefills, and the routed
-    operator at 16 rows ran up to 2x slower with it.
+    ``atmm_add`` chains decode-sized pairs by default (1.0-1.4 us saved per pair in 7 of 8 decode cases on an
+    H200, fourteenth session); ``routed_add`` only on request (its routed pair at 16 rows ran up to 2x slower
+    chained, sixth session). bench/RESULTS.md, Kernels.
     """
     if device.type != "cuda":
         return False
@@ -590,7 +597,7 @@ def atmm_add(
     config: AtmmConfig | None = None,
     *,
     workspace: torch.Tensor | None = None,
-    pdl: bool = False,
+    pdl: bool = True,
 ) -> None:
     """Add every segment's LoRA update into the base layer's output, in place, in one shrink + expand launch pair.
 
@@ -606,7 +613,8 @@ def atmm_add(
         batch: the iteration's segments (1 term, or 2 in mixture mode).
         config: tiles; by default looked up in the current device's table by shape (exact, nearest, heuristic).
         workspace: optional fp32 tensor of ``workspace_shape`` (static buffers for CUDA graphs, or tests).
-        pdl: chain the pair by programmatic dependent launch (``launch_pair``); off by default.
+        pdl: chain the pair by programmatic dependent launch where the device supports it and the batch is
+            decode-sized (``launch_pair``, ``chains``); on by default.
     """
     check_operands(y, x, weights, batch.num_tokens)
     if batch.num_segments == 0 or batch.max_rank == 0 or batch.num_lora_tokens == 0:

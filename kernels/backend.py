@@ -116,7 +116,11 @@ class TritonBackend(LoRABackend):
 
     atmm_config: AtmmConfig | None = None  # None: look up per call
     merge_config: MergeConfig | None = None
-    pdl: bool = False  # chain shrink -> expand by programmatic dependent launch (kernels.atmm.launch_pair)
+    # ATMM's shrink -> expand chained by programmatic dependent launch at decode sizes (kernels.atmm.launch_pair):
+    # 1.0-1.4 us a pair faster in 7 of 8 decode cases on an H200 (bench/RESULTS.md, Kernels, fourteenth session).
+    # The routed pair stays unchained (routed_pdl): up to 2x slower chained at 16 rows (sixth session).
+    pdl = True
+    routed_pdl = False
     # Rows up to which routed projections run as kernels/fused_linear.py (all of its MAX_ROWS): faster than F.linear
     # + the routed pair at batch 1 and 16 on an H200 (bench/RESULTS.md, LoRA-Switch, seventh session).
     fused_rows = 16
@@ -133,7 +137,7 @@ class TritonBackend(LoRABackend):
     def add_routed(self, y, x, weights, routing):
         from kernels.routed import routed_add
 
-        routed_add(y, x, weights, routing, self.atmm_config, pdl=self.pdl)
+        routed_add(y, x, weights, routing, self.atmm_config, pdl=self.routed_pdl)
 
     def routed_linear(self, x, weight, bias, weights, routing):
         from kernels.fused_linear import routed_linear
@@ -153,7 +157,7 @@ class TritonBackend(LoRABackend):
     def precompile(self, pools, **limits):
         from kernels.precompile import precompile_pools
 
-        return precompile_pools(pools, config=self.atmm_config, **limits)
+        return precompile_pools(pools, config=self.atmm_config, pdl=self.pdl, **limits)
 
     def precompile_routed(self, pools, **shape):
         from kernels.precompile import precompile_routed_pools
@@ -173,3 +177,4 @@ class PunicaBackend(TritonBackend):
     atmm_config = FIXED_CONFIG
     merge_config = FIXED_MERGE_CONFIG
     fused_rows = fused_lora_rows = 0  # the baseline keeps the separate matmul, shrink and expand at every size
+    pdl = False  # and launches them one after the other

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from kernels.atmm import RowPlan, atmm_add, expand_meta, segment_scan_width, shrink_meta
+from kernels.atmm import RowPlan, atmm_add, chains, expand_meta, segment_scan_width, shrink_meta
 from kernels.fused_linear import routed_linear
 from kernels.lora_batch import LoRABatch, LoRAWeights
 from kernels.routed import routed_add, routed_plan
@@ -63,42 +63,52 @@ def _probe(slots: int, segments: int, rank: int, terms: int) -> LoRABatch:
     return LoRABatch.from_token_slots([0], ranks, scales, pad_segments_to=segments, max_rank=rank)
 
 
-def variant_key(rows: LoRABatch | Routing, weights: LoRAWeights, config: AtmmConfig) -> tuple:
-    """What decides which compiled variants ``atmm_add(y, x, weights, rows, config)`` (or, for a Routing,
-    ``routed_add``) runs: the two kernels' compile-time arguments (sizes and strides are fixed by ``weights``)."""
-    plan = routed_plan(rows) if isinstance(rows, Routing) else RowPlan.from_batch(rows)
-    return _metas(plan, weights, config, weights.a.dtype == torch.float32)
+def variant_key(rows: LoRABatch | Routing, weights: LoRAWeights, config: AtmmConfig,
+                pdl: bool | None = None) -> tuple:
+    """What decides which compiled variants ``atmm_add(y, x, weights, rows, config, pdl=pdl)`` (or, for a Routing,
+    ``routed_add``) runs: the two kernels' compile-time arguments (sizes and strides are fixed by ``weights``),
+    chained by PDL or not (``kernels.atmm.chains``; devices without PDL run the unchained variant either way).
+    pdl: None for the op's default (``atmm_add`` asks for chaining, ``routed_add`` does not)."""
+    routed = isinstance(rows, Routing)
+    pdl = not routed if pdl is None else pdl
+    plan = routed_plan(rows) if routed else RowPlan.from_batch(rows)
+    return _metas(plan, weights, config, weights.a.dtype == torch.float32, chains(plan.num_positions, pdl))
 
 
-def _metas(plan: RowPlan, weights: LoRAWeights, config: AtmmConfig, ieee: bool) -> tuple:
-    shrink = shrink_meta(plan, weights.n_slices, config.shrink, ieee)
-    expand = expand_meta(plan, weights.n_slices, config.expand, config.shrink.split_k, ieee)
+def _metas(plan: RowPlan, weights: LoRAWeights, config: AtmmConfig, ieee: bool, chained: bool = False) -> tuple:
+    shrink = shrink_meta(plan, weights.n_slices, config.shrink, ieee, chained)
+    expand = expand_meta(plan, weights.n_slices, config.expand, config.shrink.split_k, ieee, chained)
     return tuple(sorted(shrink.items())), tuple(sorted(expand.items()))
 
 
 def plan_variants(weights: LoRAWeights, *, max_tokens: int, max_segments: int, terms: Sequence[int] = (1, 2),
                   config: AtmmConfig | None = None, static: Sequence[tuple[int, int]] = (),
-                  table: TileTable | None = None) -> dict[tuple, tuple[LoRABatch, AtmmConfig]]:
-    """Every variant the shape grid reaches, keyed by ``variant_key``, with a host probe batch and config that run it.
+                  table: TileTable | None = None, pdl: bool = True) -> dict[tuple, tuple[LoRABatch, AtmmConfig, bool]]:
+    """Every variant the shape grid reaches, keyed by ``variant_key``, with a host probe batch, the config and the
+    PDL chaining that run it.
 
     weights: one projection's slot pool (variants depend on its dims, slices and dtype, not on its contents).
     max_tokens: the most rows an iteration carries (the engine's token budget); max_segments: the most segments
     (distinct adapters) in one batch; terms: 1 (plain), 2 (mixture); config: a fixed config (the Punica-style
     baseline), else ``table``'s pick per shape (the device's by default); static: extra (segments, max_rank) pairs
-    reported by fixed-capacity batches (CUDA-graph buckets report their size as segments and the pool's rank).
+    reported by fixed-capacity batches (CUDA-graph buckets report their size as segments and the pool's rank);
+    pdl: the launches ask for PDL chaining (``atmm_add``'s ``pdl``, on by default), so decode-sized shapes plan
+    chained variants.
     """
     table = table or device_table()
     points = [*shape_grid(max_tokens, max_segments, weights.pool_rank), *((s, s, r) for s, r in static)]
     keys = [ShapeKey(s, t, weights.in_dim, weights.out_dim, r) for s, t, r in points]
     configs = [config] * len(keys) if config is not None else table.lookup_many(keys)
-    probes: dict[tuple, tuple[int, int, int, AtmmConfig]] = {}  # one probe per (config, scan width, rank, terms)
-    for (segments, _, rank), cfg in zip(points, configs, strict=True):
+    probes: dict[tuple, tuple] = {}  # one probe per (config, scan width, rank, terms, chained)
+    for (segments, tokens, rank), cfg in zip(points, configs, strict=True):
+        chained = chains(tokens, pdl)
         for n_terms in terms:
-            probes.setdefault((cfg, segment_scan_width(segments), rank, n_terms), (segments, rank, n_terms, cfg))
-    variants: dict[tuple, tuple[LoRABatch, AtmmConfig]] = {}
-    for segments, rank, n_terms, cfg in probes.values():
-        batch = _probe(int(weights.a.shape[0]), segments, rank, n_terms)
-        variants.setdefault(variant_key(batch, weights, cfg), (batch, cfg))
+            probes.setdefault((cfg, segment_scan_width(segments), rank, n_terms, chained),
+                              (segments, rank, n_terms, cfg, chained))
+    variants: dict[tuple, tuple[LoRABatch, AtmmConfig, bool]] = {}
+    for segments, rank, n_terms, cfg, chained in probes.values():
+        batch = _probe(int(weights.a.shape[0]), segments, rank, n_terms)  # one row: chained whenever asked
+        variants.setdefault(variant_key(batch, weights, cfg, chained), (batch, cfg, chained))
     return variants
 
 
@@ -113,7 +123,7 @@ def _routed_probe(weights: LoRAWeights, experts: int, top_k: int, max_rank: int)
 
 def plan_routed_variants(weights: LoRAWeights, *, max_tokens: int, experts: int, top_k: int, max_rank: int,
                          config: AtmmConfig | None = None,
-                         table: TileTable | None = None) -> dict[tuple, tuple[Routing, AtmmConfig]]:
+                         table: TileTable | None = None) -> dict[tuple, tuple[Routing, AtmmConfig, bool]]:
     """The routed operator's variants (kernels/routed.py) for 1..max_tokens routed rows, keyed like
     ``variant_key``: a routing's shape is fixed by the expert pool (``experts`` = slots x experts per adapter,
     ``top_k``, ``max_rank``), so only the row count picks the tiles."""
@@ -123,7 +133,7 @@ def plan_routed_variants(weights: LoRAWeights, *, max_tokens: int, experts: int,
     probe = _routed_probe(weights, experts, top_k, max_rank)
     variants: dict[tuple, tuple[Routing, AtmmConfig]] = {}
     for cfg in dict.fromkeys([config] if config is not None else table.lookup_many_routed(keys)):
-        variants.setdefault(variant_key(probe, weights, cfg), (probe, cfg))
+        variants.setdefault(variant_key(probe, weights, cfg, pdl=False), (probe, cfg, False))
     return variants
 
 
@@ -141,18 +151,18 @@ def _layout(weights: LoRAWeights) -> tuple:
             weights.pool_rank)
 
 
-def _launch(weights: LoRAWeights, variants: dict[tuple, tuple[LoRABatch | Routing, AtmmConfig]]) -> int:
+def _launch(weights: LoRAWeights, variants: dict[tuple, tuple[LoRABatch | Routing, AtmmConfig, bool]]) -> int:
     device, layout = weights.a.device, _layout(weights)
     x = torch.zeros(1, weights.in_dim, dtype=weights.a.dtype, device=device)
     y = torch.zeros(1, weights.out_dim, dtype=weights.a.dtype, device=device)
     launched = 0
-    for key, (probe, cfg) in variants.items():
+    for key, (probe, cfg, chained) in variants.items():
         if (layout, key) in _done:
             continue
         if isinstance(probe, Routing):
             routed_add(y, x, weights, probe.to(device), cfg)
         else:
-            atmm_add(y, x, weights, probe.to(device), cfg)
+            atmm_add(y, x, weights, probe.to(device), cfg, pdl=chained)
         _done.add((layout, key))
         launched += 1
     return launched

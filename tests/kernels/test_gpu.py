@@ -38,16 +38,22 @@ pytestmark = pytest.mark.gpu
 BF16 = torch.bfloat16
 
 
-@pytest.mark.parametrize("config", ["table", "fixed"])
+@pytest.mark.parametrize("config", ["table", "fixed", "pdl"])
 @pytest.mark.parametrize(("rank", "adapters", "tokens", "dims", "mode"),
                          list(itertools.product(RANKS, ADAPTERS, TOKENS, range(len(DIMS)), MODES)))
 def test_atmm_bf16(rank, adapters, tokens, dims, mode, config):
+    """The sweep with the table's tiles, the fixed tiles, and the table's tiles chained by PDL (the expand then
+    prefetches its B rows before it waits): the same bits as the plain launch."""
     p = make_problem(rank, adapters, tokens, DIMS[dims], mode, BF16, device="cuda", seed=rank + tokens + dims)
     cfg = FIXED_CONFIG if config == "fixed" else device_table().lookup(shape_key(p.batch, p.weights))[0]
     y = p.y0.clone()
     if p.batch.max_rank:
         ws = torch.full(workspace_shape(RowPlan.from_batch(p.batch), p.weights, cfg), float("nan"), device="cuda")
-        atmm_add(y, p.x, p.weights, p.batch, cfg, workspace=ws)
+        atmm_add(y, p.x, p.weights, p.batch, cfg, workspace=ws, pdl=config == "pdl")
+        if config == "pdl":
+            plain = p.y0.clone()
+            atmm_add(plain, p.x, p.weights, p.batch, cfg)
+            assert torch.equal(y, plain)
     assert_matches(y, p.expected, p.y0, p.touched)
 
 

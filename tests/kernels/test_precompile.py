@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from kernels.atmm import atmm_add, shape_key
+from kernels.atmm import PDL_MAX_ROWS, atmm_add, shape_key
 from kernels.fused_linear import routed_linear
 from kernels.lora_batch import LoRABatch, LoRAWeights
 from kernels.precompile import (
@@ -54,16 +54,24 @@ def random_batches(rng: random.Random, n: int, max_tokens: int, max_adapters: in
     return out
 
 
+@pytest.mark.parametrize("pdl", [True, False], ids=["chained", "unchained"])
 @pytest.mark.parametrize("table", sorted(TABLES))
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_planned_variants_cover_the_batches_a_server_builds(layout, table):
+def test_planned_variants_cover_the_batches_a_server_builds(layout, table, pdl):
+    """Chained (PDL) launches use other variants than unchained ones, and only up to ``PDL_MAX_ROWS`` rows: the plan
+    follows what the launches ask for."""
     weights, tiles = pool(*LAYOUTS[layout]), TABLES[table]()
-    planned = plan_variants(weights, max_tokens=BUDGET, max_segments=SEGMENTS, table=tiles)
-    assert 0 < len(planned) < 200
-    for batch in random_batches(random.Random(layout + table), 300, BUDGET, SEGMENTS - 1):
+    planned = plan_variants(weights, max_tokens=BUDGET, max_segments=SEGMENTS, table=tiles, pdl=pdl)
+    assert 0 < len(planned) < 300
+    chained = [key for key, (_, _, on) in planned.items() if on]
+    assert bool(chained) == pdl and all(dict(key[0])["USE_PDL"] for key in chained)
+    batches = random_batches(random.Random(layout + table), 300, BUDGET, SEGMENTS - 1)
+    assert any(b.num_lora_tokens > PDL_MAX_ROWS for b in batches) and any(b.num_lora_tokens <= 16 for b in batches)
+    for batch in batches:
         config = tiles.lookup(shape_key(batch, weights))[0]
-        assert variant_key(batch, weights, config) in planned, (batch.num_segments, batch.num_lora_tokens,
-                                                                batch.max_rank, batch.num_terms)
+        key = variant_key(batch, weights, config, pdl)
+        assert key in planned, (batch.num_segments, batch.num_lora_tokens, batch.max_rank, batch.num_terms)
+        assert dict(key[0])["USE_PDL"] == (pdl and batch.num_lora_tokens <= PDL_MAX_ROWS)
 
 
 def test_static_graph_batches_are_planned():

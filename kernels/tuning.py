@@ -1,7 +1,10 @@
 """Offline tile tuning: profile ATMM and merge tiles over a grid of shapes on this GPU and write its table.
 
 For every shape and K-split count the shrink candidates are timed alone, then the expand candidates on the winner's
-output; the best pair over the split counts is the entry (the expand's cost grows with the partials it sums).
+output; the best pair over the split counts is the entry (the expand's cost grows with the partials it sums). Where
+the pair runs chained by programmatic dependent launch (decode sizes on sm_90+, ``kernels.atmm.chains``), the
+fastest few shrinks and expands of each split are then timed as chained pairs, and the fastest chained pair wins:
+chained, the expand's start overlaps the shrink's tail, so the sum of the two alone is not what runs.
 Candidates come from two fixed pools (so the number of distinct compiled kernels stays small) filtered by shape:
 row tiles no taller than twice the rows per segment, rank tiles no wider than the rank, and K splits only while
 the K range per split still holds a tile. Timing: CUDA-graph replay, L2 flushed.
@@ -137,10 +140,12 @@ def routed_problem(key: ShapeKey, top_k: int = 2, device: torch.device | str = "
 
 
 TRACE: list[dict] = []  # every candidate's time, for `valora kernels tune --trace`
+CHAINED_SHRINKS, CHAINED_EXPANDS = 2, 3  # per K split, the fastest alone that are then timed as chained pairs
 
 
-def _best(timer, candidates: Iterable, run: Callable, label: str = "") -> tuple[object, float]:
-    best, best_us = None, float("inf")
+def _ranked(timer, candidates: Iterable, run: Callable, label: str = "") -> list[tuple[object, float]]:
+    """(config, us) for every candidate that ran, fastest first (ties keep the candidates' order)."""
+    ranked = []
     for cfg in candidates:
         try:
             us = timer.graph_time_us(lambda cfg=cfg: run(cfg))
@@ -149,11 +154,14 @@ def _best(timer, candidates: Iterable, run: Callable, label: str = "") -> tuple[
             logger.debug("skip %s: %s", cfg, exc)
             continue
         TRACE.append({"shape": label, "config": repr(cfg), "us": us})
-        if us < best_us:
-            best, best_us = cfg, us
-    if best is None:
+        ranked.append((cfg, us))
+    if not ranked:
         raise RuntimeError("no candidate tile config ran")
-    return best, best_us
+    return sorted(ranked, key=lambda item: item[1])
+
+
+def _best(timer, candidates: Iterable, run: Callable, label: str = "") -> tuple[object, float]:
+    return _ranked(timer, candidates, run, label)[0]
 
 
 def _check_context(cfg, exc: Exception) -> None:
@@ -168,14 +176,16 @@ def _check_context(cfg, exc: Exception) -> None:
         raise RuntimeError(f"tile {cfg} faulted on the GPU ({exc}); the CUDA context is lost") from fault
 
 
-def profile_shape(timer, key: ShapeKey) -> tuple[AtmmConfig, float]:
+def profile_shape(timer, key: ShapeKey, chained: bool | None = None) -> tuple[AtmmConfig, float]:
     """Per K-split count the fastest shrink, then the fastest expand after it, for one shape; returns the fastest
-    pair and its total us."""
-    from kernels.atmm import RowPlan
+    pair and its us. chained: pick by chained-pair timing (default: where ``atmm_add`` chains this shape)."""
+    from kernels.atmm import RowPlan, chains, pdl_supported
 
     x, y, weights, batch = synthetic_problem(key, timer.device)
+    if chained is None:
+        chained = chains(key.tokens, True) and pdl_supported(torch.device(timer.device))
     return _profile_pair(timer, x, y, weights, RowPlan.from_batch(batch), shrink_candidates(key),
-                         expand_candidates(key), repr(key))
+                         expand_candidates(key), repr(key), chained)
 
 
 def profile_routed_shape(timer, key: ShapeKey, top_k: int = 2) -> tuple[AtmmConfig, float]:
@@ -204,8 +214,8 @@ def profile_routed_shape(timer, key: ShapeKey, top_k: int = 2) -> tuple[AtmmConf
 
 
 def _profile_pair(timer, x, y, weights, plan, shrinks: list[ShrinkConfig], expands: list[ExpandConfig],
-                  label: str) -> tuple[AtmmConfig, float]:
-    from kernels.atmm import launch_expand, launch_shrink, workspace_shape
+                  label: str, chained: bool = False) -> tuple[AtmmConfig, float]:
+    from kernels.atmm import launch_expand, launch_pair, launch_shrink, workspace_shape
 
     tmps: dict[int, torch.Tensor] = {}
 
@@ -217,15 +227,23 @@ def _profile_pair(timer, x, y, weights, plan, shrinks: list[ShrinkConfig], expan
 
     # The expand reads every K-split partial of the shrink, so the split is chosen for the pair: per split count,
     # the fastest shrink, then the fastest expand after it; the best total wins.
+    # Chained, the few fastest of each are then timed together as the launch runs them.
     best: tuple[AtmmConfig, float] | None = None
     for split in sorted({c.split_k for c in shrinks}):
         tmp = tmp_for(split)
-        shrink, shrink_us = _best(timer, [c for c in shrinks if c.split_k == split],
-                                  lambda c, tmp=tmp: launch_shrink(x, weights, plan, tmp, c), label)
-        launch_shrink(x, weights, plan, tmp, shrink)
-        expand, expand_us = _best(timer, expands, lambda c, tmp=tmp: launch_expand(y, weights, plan, tmp, c), label)
-        if best is None or shrink_us + expand_us < best[1]:
-            best = AtmmConfig(shrink, expand), shrink_us + expand_us
+        shrink_ranks = _ranked(timer, [c for c in shrinks if c.split_k == split],
+                               lambda c, tmp=tmp: launch_shrink(x, weights, plan, tmp, c), label)
+        launch_shrink(x, weights, plan, tmp, shrink_ranks[0][0])
+        expand_ranks = _ranked(timer, expands, lambda c, tmp=tmp: launch_expand(y, weights, plan, tmp, c), label)
+        if chained:
+            pairs = [AtmmConfig(s, e) for s, _ in shrink_ranks[:CHAINED_SHRINKS]
+                     for e, _ in expand_ranks[:CHAINED_EXPANDS]]
+            pair, us = _best(timer, pairs, lambda c, tmp=tmp: launch_pair(y, x, weights, plan, tmp, c, pdl=True),
+                             f"chained {label}")
+        else:
+            pair, us = AtmmConfig(shrink_ranks[0][0], expand_ranks[0][0]), shrink_ranks[0][1] + expand_ranks[0][1]
+        if best is None or us < best[1]:
+            best = pair, us
     return best
 
 

@@ -193,3 +193,41 @@ def test_routed_tuning_picks_the_shrink_by_the_path_that_runs(interpreted, monke
         for cfg in (candidates[0], candidates[-1]):
             got = fused_linear.routed_linear(x, weight, None, weights, routing, shrink=cfg)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_decode_tuning_picks_the_pair_by_how_it_runs(monkeypatch, chained):
+    """Unchained, the entry is the fastest shrink alone with the fastest expand after it; chained (PDL), the few
+    fastest of each are timed as chained pairs and the fastest pair wins, even one neither alone would pick. The
+    launches and the timer are simulated: alone, the candidates' order is their speed; chained, only the second
+    shrink with the third expand is fast."""
+    from kernels import atmm, tuning
+
+    key = ShapeKey(segments=32, tokens=32, in_dim=3584, out_dim=3584, max_rank=64)
+    shrinks, expands = tuning.shrink_candidates(key), tuning.expand_candidates(key)
+    split = max({c.split_k for c in shrinks}, key=lambda k: sum(c.split_k == k for c in shrinks))
+    ours = [c for c in shrinks if c.split_k == split]
+    assert len(ours) >= 2 and len(expands) >= 3
+    ran: list[tuple[str, object]] = []
+    monkeypatch.setattr(atmm, "launch_shrink", lambda x, w, plan, tmp, cfg, *a: ran.append(("shrink", cfg)))
+    monkeypatch.setattr(atmm, "launch_expand", lambda y, w, plan, tmp, cfg, *a: ran.append(("expand", cfg)))
+    fast_pair = (ours[1], expands[2])
+
+    class Timer:
+        device = torch.device("cpu")
+
+        def graph_time_us(self, fn):
+            ran.clear()
+            fn()
+            kinds = dict(ran)
+            if len(kinds) == 2:  # a pair
+                return 1.0 if (kinds["shrink"], kinds["expand"]) == fast_pair else 50.0
+            if "shrink" in kinds:
+                return 10.0 + (ours.index(kinds["shrink"]) if kinds["shrink"] in ours else 20)
+            return 10.0 + expands.index(kinds["expand"])
+
+    config, us = tuning.profile_shape(Timer(), key, chained=chained)
+    if chained:
+        assert (config.shrink, config.expand) == fast_pair and us == 1.0
+    else:  # other splits' shrinks time 30 us alone
+        assert (config.shrink, config.expand) == (ours[0], expands[0]) and us == 20.0

@@ -131,7 +131,7 @@ def plan_routed_variants(weights: LoRAWeights, *, max_tokens: int, experts: int,
     keys = [ShapeKey(experts, rows * top_k, weights.in_dim, weights.out_dim, max_rank)
             for rows in _steps(1, max_tokens, 4, dense_to=16)]
     probe = _routed_probe(weights, experts, top_k, max_rank)
-    variants: dict[tuple, tuple[Routing, AtmmConfig]] = {}
+    variants: dict[tuple, tuple[Routing, AtmmConfig, bool]] = {}
     for cfg in dict.fromkeys([config] if config is not None else table.lookup_many_routed(keys)):
         variants.setdefault(variant_key(probe, weights, cfg, pdl=False), (probe, cfg, False))
     return variants

@@ -548,8 +548,9 @@ def chains(positions: int, pdl: bool) -> bool:
 
 
 def pdl_supported(device: torch.device) -> bool:
-    """Whether ``device`` can chain launches by programmatic dependent launch: a CUDA device of compute capability
-    9.0+ with a Triton that has grid-dependency control, not the CPU interpreter.
+    """Whether ``device`` can chain launches by programmatic dependent launch: an NVIDIA device of compute
+    capability 9.0+ with a Triton that has grid-dependency control, not the CPU interpreter (ROCm builds of torch
+    also report their GPUs as ``cuda`` devices, with capabilities of 9 and up, and have no such launch).
 
     ``atmm_add`` chains decode-sized pairs by default (1.0-1.4 us saved per pair in 7 of 8 decode cases on an
     H200, fourteenth session); ``routed_add`` only on request (its routed pair at 16 rows ran up to 2x slower
@@ -560,7 +561,7 @@ def pdl_supported(device: torch.device) -> bool:
     if device not in _PDL:
         gdc = getattr(getattr(tl, "extra", None), "cuda", None)
         _PDL[device] = (hasattr(gdc, "gdc_wait") and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-                        and torch.cuda.get_device_capability(device)[0] >= 9)
+                        and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9)
     return _PDL[device]
 
 

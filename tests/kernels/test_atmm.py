@@ -109,9 +109,22 @@ def test_term_walk_expand_with_split_partials(interpreted, mode):
     assert_matches(y, problem.expected, problem.y0, problem.touched)
 
 
-def test_programmatic_dependent_launch_is_opt_in_and_cuda_only():
+def test_programmatic_dependent_launch_only_where_it_exists(monkeypatch):
+    """Chained launches need an NVIDIA sm_90+ device (not the interpreter, not a ROCm build, whose GPUs torch also
+    calls ``cuda`` with capabilities of 9 and up) and a decode-sized batch; the kernels' variants follow the flag."""
+    from kernels import atmm
+
     plan = RowPlan.from_batch(make_problem(8, 1, 3, DIMS[0], "plain", torch.float32).batch)
     assert not pdl_supported(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(atmm, "_PDL", {})
+    for hip, capability, expected in [(None, (9, 0), True), (None, (8, 0), False), ("6.2", (9, 4), False)]:
+        atmm._PDL.clear()
+        monkeypatch.setattr(torch.version, "hip", hip)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert pdl_supported(torch.device("cuda", 0)) is expected, (hip, capability)
+    assert atmm.chains(atmm.PDL_MAX_ROWS, True) and not atmm.chains(atmm.PDL_MAX_ROWS + 1, True)
+    assert not atmm.chains(1, False)
     meta = expand_meta(plan, 1, WIDE.expand, 1, False, pdl=True)
     assert meta["USE_PDL"] and meta["launch_pdl"]
     assert "launch_pdl" not in expand_meta(plan, 1, WIDE.expand, 1, False) and not shrink_meta(plan, 1, WIDE.shrink,

@@ -118,9 +118,8 @@ class TritonBackend(LoRABackend):
     merge_config: MergeConfig | None = None
     # ATMM's shrink -> expand chained by programmatic dependent launch at decode sizes (kernels.atmm.launch_pair):
     # 1.0-1.4 us a pair faster in 7 of 8 decode cases on an H200 (bench/RESULTS.md, Kernels, fourteenth session).
-    # The routed pair stays unchained (routed_pdl): up to 2x slower chained at 16 rows (sixth session).
+    # The routed pair stays unchained (routed_add's default): up to 2x slower chained at 16 rows (sixth session).
     pdl = True
-    routed_pdl = False
     # Rows up to which routed projections run as kernels/fused_linear.py (all of its MAX_ROWS): faster than F.linear
     # + the routed pair at batch 1 and 16 on an H200 (bench/RESULTS.md, LoRA-Switch, seventh session).
     fused_rows = 16
@@ -137,7 +136,7 @@ class TritonBackend(LoRABackend):
     def add_routed(self, y, x, weights, routing):
         from kernels.routed import routed_add
 
-        routed_add(y, x, weights, routing, self.atmm_config, pdl=self.routed_pdl)
+        routed_add(y, x, weights, routing, self.atmm_config)
 
     def routed_linear(self, x, weight, bias, weights, routing):
         from kernels.fused_linear import routed_linear

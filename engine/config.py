@@ -78,6 +78,10 @@ class EngineConfig(BaseModel):
         "need at start-up (seconds per variant the first time; Triton's disk cache keeps them across restarts), "
         "instead of inside the first iteration that needs each."
     )
+    precompile_workers: int | None = Field(
+        None, ge=1, description="Threads that compile those variants at once (Triton's AsyncCompileMode; 1 compiles "
+        "them one at a time); None: one per CPU core, up to 8."
+    )
     compile_ops: bool = Field(
         True, description="torch.compile the element-wise ops (norms, RoPE, SwiGLU) on GPU; CPU stays eager."
     )

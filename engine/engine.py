@@ -66,17 +66,24 @@ class ValoraEngine(EngineBackend):
         self.precompiled = (0, 0.0)
         if self.device.type != "cuda" or not self.config.precompile_kernels:
             return
+        from kernels.launch import compile_ahead
+
         cfg, graphs = self.config, self.runner.graphs
         static = [(size, cfg.max_lora_rank) for size in graphs.sizes] if graphs is not None else []
-        plain = self.lora.op.precompile(
-            self.lora.pool.all_weights(), max_tokens=cfg.max_num_batched_tokens,
-            max_segments=min(cfg.lora_slots + 1, cfg.max_num_seqs), static=static)
         experts = self.lora.moe.pool  # allocated at start-up when the adapters directory holds MoE-LoRA adapters
-        routed = self.lora.op.precompile_routed(
-            experts.all_weights(), max_tokens=cfg.max_num_batched_tokens, experts=experts.num_slots * experts.experts,
-            top_k=experts.top_k, max_rank=experts.max_rank)
-        fused = self._precompile_linears()
-        self.precompiled = (plain[0] + routed[0] + fused[0], plain[1] + routed[1] + fused[1])
+
+        def walk() -> int:
+            plain = self.lora.op.precompile(
+                self.lora.pool.all_weights(), max_tokens=cfg.max_num_batched_tokens,
+                max_segments=min(cfg.lora_slots + 1, cfg.max_num_seqs), static=static)
+            routed = self.lora.op.precompile_routed(
+                experts.all_weights(), max_tokens=cfg.max_num_batched_tokens,
+                experts=experts.num_slots * experts.experts, top_k=experts.top_k, max_rank=experts.max_rank)
+            return plain[0] + routed[0] + self._precompile_linears()[0]
+
+        start = time.perf_counter()
+        launched = compile_ahead(walk, cfg.precompile_workers)  # variants compiled in threads, then launched once
+        self.precompiled = (launched, time.perf_counter() - start)
         logger.info("engine %s: %d multi-LoRA kernel variants ready in %.1f s", self.engine_id, *self.precompiled)
         prefill = self.runner.prefill_graphs
         if prefill is not None:

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.intmath import cdiv, next_power_of_2
+from kernels.launch import launch
 from kernels.lora_batch import LoRABatch, LoRAWeights
 from kernels.tile_config import AtmmConfig, ExpandConfig, ShapeKey, ShrinkConfig, device_table
 
@@ -470,7 +471,7 @@ def launch_shrink(x: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
     if grid[0] == 0:
         return
     routes = (plan.route_ids, plan.route_gates) if plan.routed else (plan.slots, plan.scales)
-    _shrink_kernel[grid](
+    launch(_shrink_kernel, grid)(
         x, weights.a, tmp, plan.tok, plan.indptr, plan.slots, plan.ranks, *routes,
         plan.num_segments, plan.num_positions, weights.in_dim, plan.n_terms, plan.top_k, r_blocks,
         x.stride(0), weights.a.stride(0), weights.a.stride(1), weights.a.stride(2),
@@ -517,7 +518,7 @@ def launch_expand(y: torch.Tensor, weights: LoRAWeights, plan: RowPlan, tmp: tor
     if grid[0] == 0:
         return
     ieee = y.dtype == torch.float32 and weights.b.dtype == torch.float32
-    _expand_kernel[grid](
+    launch(_expand_kernel, grid)(
         y, tmp, weights.b, plan.tok, plan.indptr, plan.slots, plan.ranks, plan.scales,
         plan.route_ids if plan.routed else plan.slots,
         plan.num_segments, plan.num_positions, plan.n_terms, plan.top_k, cdiv(plan.max_rank, cfg.block_r), n_groups,

@@ -48,6 +48,7 @@ from kernels.atmm import (
     workspace_for,
 )
 from kernels.intmath import cdiv
+from kernels.launch import launch
 from kernels.lora_batch import LoRAWeights
 from kernels.routed import routed_plan
 from kernels.routing import Routing
@@ -410,7 +411,7 @@ def routed_linear(
     else:
         part = counts = y
     k_chunk = cdiv(cdiv(in_dim, split), config.block_k) * config.block_k
-    _linear_kernel[(programs * split,)](
+    launch(_linear_kernel, (programs * split,))(
         x, weight, bias if bias is not None else weight, y, *tables, part, counts,
         rows, in_dim, k_chunk, *sizes, out_total, bounds[1], bounds[2], bounds[3], firsts[1], firsts[2], firsts[3],
         x.stride(0), weight.stride(0), y.stride(0), *strides, **meta,

@@ -6,7 +6,8 @@ whichever iteration meets the shape first, and by every request in it. ``precomp
 up to the server's limits, asks the tile table which config each would get, derives the compile-time arguments
 with the helpers the launches use (``shrink_meta`` / ``expand_meta``), and launches every distinct variant once,
 on a one-row batch whose output goes to scratch. With Triton's disk cache (``TRITON_CACHE_DIR``) a restart loads
-the variants instead of compiling them.
+the variants instead of compiling them. Every walk here may run inside ``kernels.launch.compile_ahead``, which
+compiles the variants in threads first (its first pass launches nothing and records nothing as launched).
 
 The grid takes every segment count, tokens one by one up to 16 and at quarter-octave steps beyond, and ranks at
 half-octave steps; a shape between grid points whose nearest table entry no grid point reaches (or whose
@@ -24,6 +25,7 @@ import torch
 
 from kernels.atmm import RowPlan, atmm_add, chains, expand_meta, segment_scan_width, shrink_meta
 from kernels.fused_linear import routed_linear
+from kernels.launch import compiling_ahead
 from kernels.lora_batch import LoRABatch, LoRAWeights
 from kernels.routed import routed_add, routed_plan
 from kernels.routing import Routing
@@ -163,9 +165,15 @@ def _launch(weights: LoRAWeights, variants: dict[tuple, tuple[LoRABatch | Routin
             routed_add(y, x, weights, probe.to(device), cfg)
         else:
             atmm_add(y, x, weights, probe.to(device), cfg, pdl=chained)
-        _done.add((layout, key))
+        _mark((layout, key))
         launched += 1
     return launched
+
+
+def _mark(variant: tuple) -> None:
+    """Record a variant as launched in this process (not in ``compile_ahead``'s first pass, which only compiles)."""
+    if not compiling_ahead():
+        _done.add(variant)
 
 
 def precompile_pools(pools: Sequence[LoRAWeights], **limits) -> tuple[int, float]:
@@ -184,10 +192,11 @@ def _prepare(pools: Sequence[LoRAWeights], plan, label: str) -> tuple[int, float
     layouts = {_layout(w): w for w in pools if w.a.device.type == "cuda"}
     plans = [(w, plan(w)) for w in layouts.values()]
     if plans:
-        logger.info("preparing %d %s kernel variants for %d projection layouts (compiled ones load from the "
-                    "Triton cache)", sum(len(v) for _, v in plans), label, len(plans))
+        logger.info("%s %d %s kernel variants for %d projection layouts (compiled ones load from the Triton cache)",
+                    "compiling (in threads)" if compiling_ahead() else "preparing", sum(len(v) for _, v in plans),
+                    label, len(plans))
     launched = sum(_launch(w, variants) for w, variants in plans)
-    if launched:
+    if launched and not compiling_ahead():
         torch.cuda.synchronize(plans[0][0].a.device)
     return launched, time.perf_counter() - started
 
@@ -217,7 +226,7 @@ def precompile_linears(linears: Sequence[tuple[torch.Tensor, torch.Tensor | None
             if (layout, None) not in _done:
                 for rows in (1, 2):  # one row (the GEMV) and several (one variant serves 2 to MAX_ROWS)
                     routed_linear(torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=device), weight, bias)
-                _done.add((layout, None))
+                _mark((layout, None))
                 launched += 2
             continue
         for case in cases:
@@ -229,8 +238,8 @@ def precompile_linears(linears: Sequence[tuple[torch.Tensor, torch.Tensor | None
                               topk_gates=torch.zeros(rows, top_k, device=device))
             routed_linear(torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=device), weight, bias,
                           pool, routing)
-            _done.add((layout, _layout(pool), case))
+            _mark((layout, _layout(pool), case))
             launched += 1
-    if launched:
+    if launched and not compiling_ahead():
         torch.cuda.synchronize(device)
     return launched, time.perf_counter() - started

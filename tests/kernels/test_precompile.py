@@ -1,8 +1,9 @@
-"""Ahead-of-serving compilation: the planned variants cover the batches a server builds, and (GPU) nothing
-compiles after precompile."""
+"""Ahead-of-serving compilation: the planned variants cover the batches a server builds, compile_ahead's two
+passes, and (GPU) nothing compiles after precompile, with its variants compiled in threads or one at a time."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from kernels.atmm import PDL_MAX_ROWS, atmm_add, shape_key
 from kernels.fused_linear import routed_linear
+from kernels.launch import compile_ahead, compiling_ahead, launch
 from kernels.lora_batch import LoRABatch, LoRAWeights
 from kernels.precompile import (
     plan_routed_variants,
@@ -127,6 +129,60 @@ def test_precompile_does_nothing_off_cuda():
     assert precompile_linears([linear], routed_cases(4, 4, 2, POOL_RANK))[0] == 0
 
 
+class _Kernel:
+    """Records how it was launched: ``kernel[grid](...)`` or ``kernel.warmup(..., grid=grid)``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append(("launch", grid, args, meta))
+
+    def warmup(self, *args, grid, **meta):
+        self.calls.append(("warmup", grid, args, meta))
+
+
+def test_compile_ahead_compiles_in_a_first_pass_then_launches(monkeypatch):
+    """The walk runs twice: first with launches turned into warmups (compiles only), then as is; the second
+    pass's result is returned."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kernel, passes = _Kernel(), []
+
+    def walk():
+        passes.append(compiling_ahead())
+        launch(kernel, (3,))(1, 2, BLOCK=16)
+        return len(passes)
+
+    assert compile_ahead(walk, workers=2) == 2
+    assert passes == [True, False]
+    assert kernel.calls == [("warmup", (3,), (1, 2), {"BLOCK": 16}), ("launch", (3,), (1, 2), {"BLOCK": 16})]
+    assert not compiling_ahead()
+
+
+@pytest.mark.parametrize("interpret, workers", [("1", 8), ("0", 1)], ids=["interpreter", "one-worker"])
+def test_compile_ahead_only_launches_where_it_cannot_compile_ahead(monkeypatch, interpret, workers):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    kernel = _Kernel()
+    assert compile_ahead(lambda: launch(kernel, (1,))() or "done", workers=workers) == "done"
+    assert [c[0] for c in kernel.calls] == ["launch"]
+
+
+def test_compile_ahead_falls_back_when_its_first_pass_fails(monkeypatch, caplog):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    passes = []
+
+    def walk():
+        passes.append(compiling_ahead())
+        if compiling_ahead():
+            raise RuntimeError("compile failed in a thread")
+        return "served"
+
+    with caplog.at_level(logging.WARNING, logger="kernels.launch"):
+        assert compile_ahead(walk, workers=2) == "served"
+    assert passes == [True, False] and not compiling_ahead()
+    assert "one variant at a time" in caplog.text
+
+
 def _variants() -> int:
     from kernels import atmm, fused_linear
 
@@ -149,6 +205,28 @@ def test_nothing_compiles_after_precompile():
     torch.cuda.synchronize()
     assert _variants() == before
     assert precompile(weights, max_tokens=BUDGET, max_segments=SEGMENTS) == 0  # launched once per process
+
+
+@pytest.mark.gpu
+def test_precompile_compiled_ahead_in_threads():
+    """compile_ahead's first pass compiles every variant precompile launches (none launched, none recorded); the
+    second launches each once and compiles nothing. A layout no other test uses, so its variants are new here."""
+    weights = pool(1000, [700, 300], device="cuda", slots=9)
+    limits = dict(max_tokens=300, max_segments=9)
+    passes = []
+
+    def walk():
+        at_start = _variants()  # the second pass starts once the first pass's compiles have finished
+        passes.append((compiling_ahead(), at_start, precompile(weights, **limits), _variants()))
+        return passes[-1][2]
+
+    before = _variants()
+    launched = compile_ahead(walk, workers=4)
+    (first, _, warmed, _), (second, compiled, _, after) = passes
+    assert first and not second
+    assert launched == warmed == len(plan_variants(weights, **limits)) > 0
+    assert compiled > before and after == compiled
+    assert precompile(weights, **limits) == 0
 
 
 @pytest.mark.gpu

@@ -196,7 +196,7 @@ def _prepare(pools: Sequence[LoRAWeights], plan, label: str) -> tuple[int, float
                     "compiling (in threads)" if compiling_ahead() else "preparing", sum(len(v) for _, v in plans),
                     label, len(plans))
     launched = sum(_launch(w, variants) for w, variants in plans)
-    if launched and not compiling_ahead():
+    if launched:
         torch.cuda.synchronize(plans[0][0].a.device)
     return launched, time.perf_counter() - started
 
@@ -240,6 +240,6 @@ def precompile_linears(linears: Sequence[tuple[torch.Tensor, torch.Tensor | None
                           pool, routing)
             _mark((layout, _layout(pool), case))
             launched += 1
-    if launched and not compiling_ahead():
+    if launched:
         torch.cuda.synchronize(device)
     return launched, time.perf_counter() - started

@@ -64,7 +64,11 @@ def parse_args() -> argparse.Namespace:
                         "(batches 1/4/8 of --prompt-tokens, with and without adapters)")
     p.add_argument("--fused-lora-rows", type=int,
                    help="rows of a plain multi-LoRA batch up to which the Triton backend fuses each projection with "
-                        "its LoRA update (kernels/fused_linear.py; default the backend's, 8; 0 = never)")
+                        "its LoRA update (kernels/fused_linear.py; default the backend's, 8, capped at 1 while the "
+                        "side stream is on; 0 = never)")
+    p.add_argument("--side-stream-rows", type=int,
+                   help="EngineConfig.lora_side_stream_rows for our runs: projections of up to this many rows that "
+                        "do not fuse run their LoRA update on a side stream (0 = never; default the config's)")
     p.add_argument("--no-linear-pdl", action="store_true",
                    help="launch each fused projection's shrink and linear one after the other, not chained by "
                         "programmatic dependent launch (kernels/fused_linear.py LINEAR_PDL off)")
@@ -141,7 +145,8 @@ def bench_ours(args, adapters: list[tuple[str, int]], texts: list[str], new_toke
     engine = create_engine(EngineConfig(
         model=args.model, adapters=str(args.workdir / "adapters"), lora_slots=max(len(adapters), 1),
         max_lora_rank=max(RANKS), max_num_seqs=max(args.batches), max_num_batched_tokens=8192,
-        max_model_len=args.prompt_tokens + new_tokens + 64, seed=0, policy=args.policy))
+        max_model_len=args.prompt_tokens + new_tokens + 64, seed=0, policy=args.policy,
+        **({} if args.side_stream_rows is None else {"lora_side_stream_rows": args.side_stream_rows})))
     names = [n for n, _ in adapters]
 
     def run(batch: int, lora: bool, tokens: int) -> tuple[float, list]:

@@ -90,6 +90,11 @@ class EngineConfig(BaseModel):
         "kernels/fused_linear.py instead of cuBLAS (faster on an H200 for the 7B's shapes: bench/RESULTS.md, Engine, "
         "seventh and thirteenth sessions)."
     )
+    lora_side_stream_rows: int = Field(
+        16, ge=0, description="On GPU, adapted projections of up to this many rows that do not take the fused "
+        "linear run their multi-LoRA update on a second CUDA stream while the base matmul streams its weight, and "
+        "add it after (bench/RESULTS.md, Engine, sixteenth session); 0 runs the two one after the other."
+    )
     attention: Literal["auto", "torch", "triton"] = Field(
         "auto", description="Paged-attention path: 'triton' (GPU kernel, graph-capturable), 'torch' (gather + "
         "SDPA, any device); 'auto' picks triton on GPU and torch on CPU."

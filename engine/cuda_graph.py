@@ -46,7 +46,7 @@ class GraphRunner:
         self.cu_query_lens = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.static_lora = {(b, k): StaticLoRABatch(b, lora.layout.max_rank, device, k,
-                                                    routed=b <= lora.op.fused_lora_rows)
+                                                    routed=b <= lora.fused_rows)
                             for b in self.sizes for k in (1, 2)}
         self.static_moe = StaticMoE(lora.moe, self.sizes, device)
         self.lora_filled: dict[tuple[int, int], tuple] = {}  # (bucket, terms) -> what its LoRA buffers hold

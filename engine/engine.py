@@ -95,8 +95,8 @@ class ValoraEngine(EngineBackend):
 
     def _precompile_linears(self) -> tuple[int, float]:
         """The fused decode linear's variants (kernels/fused_linear.py): the base linear (``row_linear``), the routed
-        MoE projections up to the backend's ``fused_rows`` rows and plain multi-LoRA batches up to its
-        ``fused_lora_rows``."""
+        MoE projections up to the backend's ``fused_rows`` rows and plain multi-LoRA batches up to the manager's
+        ``fused_rows``."""
         from engine.lora.batch import routed_segments
         from kernels.precompile import routed_cases
 
@@ -109,7 +109,7 @@ class ValoraEngine(EngineBackend):
             runs.append(([(m.weight, m.bias, experts.weights(key)) for key, m in layer0],
                          routed_cases(op.fused_rows, experts.num_slots * experts.experts, experts.top_k,
                                       experts.max_rank)))
-        rows = op.fused_lora_rows
+        rows = self.lora.fused_rows
         if rows and cfg.lora_slots:
             terms = (1, 2) if policy_class(cfg.policy).merges else (1,)
             static = [(size, size) for size in (graphs.sizes if graphs is not None else ()) if size <= rows]
@@ -127,7 +127,8 @@ class ValoraEngine(EngineBackend):
         self.checkpoint = Checkpoint(self.config.model)
         compiled = self.device.type == "cuda" and self.config.compile_ops
         self.model, self.vision = build_model(self.checkpoint, self.device, self.dtype, self.config.seed, compiled,
-                                              self.config.cuda_graphs, self.config.row_linear)
+                                              self.config.cuda_graphs, self.config.row_linear,
+                                              self.config.lora_side_stream_rows)
         self.model.layers[0].mlp.ops.check(self.device, self.dtype)
 
     def _init_lora(self) -> None:
@@ -137,6 +138,7 @@ class ValoraEngine(EngineBackend):
                                    self.config.cpu_adapter_cache, self._lora_backend(self.config.policy),
                                    self.device, self.dtype, self.config.pinned_adapters, moe=self.config.moe,
                                    hidden_size=self.checkpoint.spec.hidden_size, linears=self.model.adapted_linears())
+        self.lora.side_stream_rows = self.model.layers[0].mlp.ops.side_stream_rows
         self.merge_state = self.lora.merge_state
         # Before the KV cache is sized from free memory: the clean weight copies are part of the model's share.
         copy = self.config.exact_unmerge and policy_class(self.config.policy).merges

@@ -55,17 +55,19 @@ class Launch:
 
 def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, seed: int,
                 compiled: bool, graphs: bool = True,
-                row_linear: bool = False) -> tuple[Qwen2LM, VisionTower | None]:
+                row_linear: bool = False, side_stream_rows: int = 0) -> tuple[Qwen2LM, VisionTower | None]:
     """Our decoder (and transformers' vision tower) with the checkpoint's weights, or seeded random ones.
 
     ``graphs``: the vision tower replays CUDA graphs of its encodes (GPU only). ``row_linear``: projections of up to 16
-    rows take the Triton linear (``FusedOps.linear``; GPU only)."""
+    rows take the Triton linear (``FusedOps.linear``; GPU only). ``side_stream_rows``: projections of up to this many
+    rows run their adapter update on a side stream (``FusedOps.linear_beside``; GPU only)."""
     spec = checkpoint.spec
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            lm = Qwen2LM(spec, FusedOps(compiled, row_linear and device.type == "cuda")).eval()
+            on_gpu = device.type == "cuda"
+            lm = Qwen2LM(spec, FusedOps(compiled, row_linear and on_gpu, side_stream_rows if on_gpu else 0)).eval()
     finally:
         torch.set_default_dtype(default_dtype)
     lm.requires_grad_(False)

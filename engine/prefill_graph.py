@@ -118,7 +118,7 @@ class PrefillGraphs:
             # at most one segment per sequence, and mixture's segment of rows with no plain adapter
             self.static_lora[size, terms] = StaticLoRABatch(size, self.lora.layout.max_rank, self.device, terms,
                                                             segments=self.max_seqs + 1,
-                                                            routed=size <= self.lora.op.fused_lora_rows)
+                                                            routed=size <= self.lora.fused_rows)
         return self.static_lora[size, terms]
 
     def _load(self, inp: ModelInput, size: int) -> None:

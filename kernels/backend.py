@@ -125,7 +125,8 @@ class TritonBackend(LoRABackend):
     fused_rows = 16
     # Plain multi-LoRA through the fused linear up to 8 rows: with 64-column tiles and the shrink chained by PDL the
     # engine's batch-8 multi-LoRA / base rose from 73% to 78% (bench/engine.py --fused-lora-rows; bench/RESULTS.md,
-    # Engine, twelfth session); at 16 rows it measured the same as F.linear + ATMM, so those stay unfused.
+    # Engine, twelfth session); at 16 rows it measured the same as F.linear + ATMM, so those stay unfused. The
+    # engine caps this at one row while its side stream is on (LoRAManager.fused_rows; Engine, sixteenth session).
     fused_lora_rows = 8
 
     def add_lora(self, y, x, weights, batch):

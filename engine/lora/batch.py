@@ -1,6 +1,7 @@
 """The iteration's LoRABatch (built once, shared by every layer) and the multi-LoRA delta that applies it.
 
-Up to a backend's ``fused_lora_rows`` rows (decode batches of up to 8 on the Triton backend), the batch is also
+Up to the manager's ``fused_rows`` rows (one-row decode batches on the Triton backend; up to 8 with the side stream
+off, ``LoRAManager.fused_rows``), the batch is also
 described row by row as a ``Routing``: each row picks its segment's terms (gate 1), so the projection's matmul and
 its LoRA update run as the fused decode linear (``kernels/fused_linear.py``: the shrink, then one launch that
 streams the weight and adds every used adapter's expand before its single store) instead of the matmul, the shrink

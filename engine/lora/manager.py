@@ -32,6 +32,7 @@ class LoRAManager(HostLoader[HostAdapter]):
         super().__init__(max(host_capacity, len(pinned)), "adapter-load", pin_memory=device.type == "cuda")
         self.store, self.layout, self.device, self.dtype = store, layout, device, dtype
         self.pool = AdapterPool(layout, slots, device, dtype)
+        self.side_stream_rows = 0  # the model's FusedOps.side_stream_rows (the engine sets it)
         self.set_backend(backend)
         self.merge_state = MergeState()  # the adapter folded into the base weights (the orchestrator's)
         self._vision: dict[str, VisionLoRA | None] = {}
@@ -42,6 +43,14 @@ class LoRAManager(HostLoader[HostAdapter]):
         """Use the multi-LoRA backend ``backend`` ('auto', 'torch', 'triton', 'punica') from now on."""
         self.op: AddLoRAOp = resolve_lora_op(backend, self.device)
         self.graph_safe = graph_safe(self.op)
+
+    @property
+    def fused_rows(self) -> int:
+        """Most rows of a plain multi-LoRA batch that run each projection as the fused linear: the backend's
+        ``fused_lora_rows``, but one row at most while projections of several rows run their update on a side stream,
+        which measured faster from two rows on (bench/RESULTS.md, Engine, sixteenth session)."""
+        rows = getattr(self.op, "fused_lora_rows", 0)
+        return min(rows, 1) if self.side_stream_rows > 1 else rows
 
     def add_adapter(self, spec: AdapterSpec, host: HostAdapter, pin: bool = False) -> None:
         """Serve an adapter built in memory (benchmarks, training loops) under ``spec.name``.
@@ -83,7 +92,7 @@ class LoRAManager(HostLoader[HostAdapter]):
         """This iteration's multi-LoRA update (mixture terms while an adapter is merged); None when there is none."""
         self.pool.wait_ready()
         built = build_lora_batch(rows, self.pool, num_tokens, self.device, self.merge_state.slot,
-                                 routed_rows=getattr(self.op, "fused_lora_rows", 0))
+                                 routed_rows=self.fused_rows)
         return None if built is None else MultiLoRADelta(self.pool, self.op, *built)
 
     def stats(self) -> dict[str, Any]:

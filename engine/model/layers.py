@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,11 @@ _ROW_DTYPES = (torch.bfloat16, torch.float16)
 
 class FusedOps:
     """The element-wise ops of a layer, optionally torch.compile'd on GPU (fused kernels, fewer launches), and the
-    base matmul of the adapted linears (``linear``)."""
+    base matmul of the adapted linears (``linear``, or ``linear_beside`` with the adapter update on a side stream)."""
 
-    def __init__(self, compiled: bool, row_linear: bool = False) -> None:
-        self.compiled, self.row_linear = compiled, row_linear
+    def __init__(self, compiled: bool, row_linear: bool = False, side_stream_rows: int = 0) -> None:
+        self.compiled, self.row_linear, self.side_stream_rows = compiled, row_linear, side_stream_rows
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.rms_norm, self.add_rms_norm, self.silu_and_mul = rms_norm, add_rms_norm, silu_and_mul
         self.apply_rope = apply_rope
         if compiled:
@@ -62,6 +63,34 @@ class FusedOps:
             return routed_linear(x, weight, bias)
         return F.linear(x, weight, bias)
 
+    def beside(self, x: torch.Tensor) -> bool:
+        """Whether ``linear_beside`` runs the update of this x on a side stream: CUDA inputs of up to
+        ``side_stream_rows`` rows."""
+        return x.is_cuda and 0 < x.shape[0] <= self.side_stream_rows
+
+    def linear_beside(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      update: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """x Wᵀ + b + the update that ``update(z)`` adds into a zeroed z of the output's shape and dtype.
+
+        On CUDA the update runs on a side stream while the base matmul streams its weight (a decode batch's base
+        matmul and adapter pair each leave bandwidth idle), and the output takes z in one more add: the update is
+        rounded to the output dtype once more than when it adds into the output directly. Elsewhere the same in
+        order. The fork and join are stream waits, so CUDA graphs capture them."""
+        z = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        if not x.is_cuda:
+            update(z.zero_())
+            return self.linear(x, weight, bias).add_(z)
+        main = torch.cuda.current_stream(x.device)
+        side = self._side_streams.get(x.device)
+        if side is None:
+            side = self._side_streams[x.device] = torch.cuda.Stream(x.device)
+        side.wait_stream(main)  # x and z are ready (z was allocated on main, which outlives the join below)
+        with torch.cuda.stream(side):
+            update(z.zero_())
+        y = self.linear(x, weight, bias)
+        main.wait_stream(side)
+        return y.add_(z)
+
     @torch.inference_mode()
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """Run each compiled op once; if compilation fails on this machine, fall back to the eager ops."""
@@ -77,7 +106,7 @@ class FusedOps:
             self.apply_rope(q, q, x[:, :32], x[:, :32])
         except (RuntimeError, ImportError, OSError) as exc:  # inductor's failures are RuntimeError subclasses
             logger.warning("torch.compile of the element-wise ops failed (%s); running them eagerly", exc)
-            self.__init__(compiled=False, row_linear=self.row_linear)
+            self.__init__(compiled=False, row_linear=self.row_linear, side_stream_rows=self.side_stream_rows)
 
 
 class RMSNorm(nn.Module):
@@ -117,7 +146,12 @@ class AdaptedLinear(nn.Module):
             y = deltas[0].linear(self.key, x, self.weight, self.bias)
             if y is not None:
                 return y
+        if deltas and self.ops.beside(x):
+            return self.ops.linear_beside(x, self.weight, self.bias, lambda z: self._add_updates(deltas, x, z))
         y = self.ops.linear(x, self.weight, self.bias)
+        self._add_updates(deltas, x, y)
+        return y
+
+    def _add_updates(self, deltas: Sequence[LayerDelta], x: torch.Tensor, y: torch.Tensor) -> None:
         for delta in deltas:
             delta.apply(self.key, x, y)
-        return y

@@ -25,7 +25,8 @@ def test_bf16_prefill_logits_track_transformers(make_engine, tiny_checkpoint, ad
 
 
 @pytest.mark.parametrize(("batch", "adapters"),
-                         [(1, [None]), (1, ["ad8"]), (4, [None] * 4), (4, [None, "ad8", None, "ad4"])])
+                         [(1, [None]), (1, ["ad8"]), (4, [None] * 4), (4, [None, "ad8", None, "ad4"]),
+                          (12, [None, "ad8", "ad4"] * 4)])  # 12 rows: past the fused linear, the side stream
 def test_cuda_graph_decode_matches_eager(make_engine, batch, adapters):
     """At a bucket size the graph replays exactly the eager kernels: identical greedy tokens."""
     reqs = lambda: [EngineRequest(prompt=f"count the cars {i}", adapter=adapters[i],  # noqa: E731
@@ -81,3 +82,59 @@ def test_prefill_graphs_replay_the_pieces(make_engine, mode):
     for ours, plain in zip(*hidden, strict=True):
         rel = ((ours - plain).norm() / plain.norm()).item()
         assert rel < 2e-2, rel
+
+
+@pytest.mark.parametrize("rows", [3, 12])
+def test_side_stream_update_matches_in_place(rows):
+    """An adapted projection with its multi-LoRA update on the side stream (``FusedOps.linear_beside``) tracks the
+    in-place order within one bf16 rounding of the update, and a CUDA graph of it replays the eager result exactly."""
+    from engine.lora.batch import LoRARows, build_lora_batch
+    from engine.lora.delta import LayerDelta
+    from engine.model.layers import AdaptedLinear, FusedOps
+    from kernels.backend import get_backend
+    from kernels.lora_batch import LoRAWeights
+    from tests.engine.test_lora_ops import FakePool
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    dev, dt, in_dim, outs = "cuda", torch.bfloat16, 256, (256, 64, 64)
+    pool = FakePool([8, 16, 0, 4], [2.0, 0.5, 1.0, -1.25])
+    w = LoRAWeights((torch.randn(4, 3, 16, in_dim, generator=gen, device=dev) / 16).to(dt),
+                    (torch.randn(4, sum(outs), 16, generator=gen, device=dev) / 4).to(dt), (0, 256, 320, 384))
+    batch, _ = build_lora_batch([LoRARows(i % 4, i, 1) for i in range(rows)], pool, rows, torch.device(dev))
+    op = get_backend("triton")
+
+    class Delta(LayerDelta):
+        def apply(self, key, x, y):
+            op.add_lora(y, x, w, batch)
+
+    x = torch.randn(rows, in_dim, generator=gen, device=dev).to(dt)
+    layers = {}
+    for side in (0, 16):
+        layer = AdaptedLinear(in_dim, outs, True, (0, "qkv"), FusedOps(False, row_linear=True, side_stream_rows=side))
+        layers[side] = layer.to(dev, dt)
+        layer.weight.data = (torch.randn(sum(outs), in_dim, generator=gen, device=dev) / 16).to(dt)
+        layer.bias.data = torch.randn(sum(outs), generator=gen, device=dev).to(dt)
+    layers[16].load_state_dict(layers[0].state_dict())
+    assert layers[16].ops.beside(x) and not layers[0].ops.beside(x)
+    with torch.inference_mode():
+        in_place, beside = layers[0](x, [Delta()]), layers[16](x, [Delta()])
+        torch.cuda.synchronize()
+    want = x.double() @ layers[0].weight.double().T + layers[0].bias.double()  # fp64, then each row's update
+    bounds = w.slice_bounds
+    for t in range(rows):
+        slot = t % 4
+        r = pool.rank_in[slot]
+        for i in range(w.n_slices):
+            a, b = w.a[slot, i, :r].double(), w.b[slot, bounds[i]:bounds[i + 1], :r].double()
+            want[t, bounds[i]:bounds[i + 1]] += pool.scale_in[slot] * (b @ (a @ x[t].double()))
+    err = lambda y: ((y.double() - want).norm() / want.norm()).item()  # noqa: E731
+    assert err(beside) < 1e-2 and err(beside) <= err(in_place) + 2e-3, (err(beside), err(in_place))
+    graph, static_x = torch.cuda.CUDAGraph(), x.clone()
+    with torch.inference_mode():
+        layers[16](static_x, [Delta()])  # warm-up outside the capture (Triton compiles)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            replayed = layers[16](static_x, [Delta()])
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(replayed, beside)

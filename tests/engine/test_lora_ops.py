@@ -95,3 +95,33 @@ def test_a_static_batch_refills_its_rows():
 
 def test_no_adapter_rows_build_no_batch():
     assert build_lora_batch([LoRARows(2, 0, 0)], FakePool([1] * 4, [1.0] * 4), 3, torch.device("cpu")) is None
+
+
+def test_linear_beside_adds_the_update_to_the_base_matmul():
+    """``FusedOps.linear_beside`` (the update into a zeroed side buffer, then one add) gives x Wᵀ + b + every
+    delta's update, as the base matmul followed by the deltas in place does (CPU: the same steps in order)."""
+    from engine.model.layers import AdaptedLinear, FusedOps
+
+    w = weights()
+    pool = FakePool([3, 16, 0, 8], [2.0, 0.5, 1.0, -1.25])
+    rows = [LoRARows(1, 0, 2), LoRARows(3, 2, 1), LoRARows(0, 3, 2)]
+    batch, _ = build_lora_batch(rows, pool, 6, torch.device("cpu"))
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(2))
+    weight, bias = torch.randn(SLICES[-1], 40), torch.randn(SLICES[-1])
+    torch_op = get_backend("torch")
+
+    def update(z):  # two deltas, as a mixture step adds its second term
+        torch_op.add_lora(z, x, w, batch)
+        torch_op.add_lora(z, x, w, batch)
+
+    ops = FusedOps(compiled=False, side_stream_rows=16)
+    assert not ops.beside(x)  # CPU tensors never take the side stream
+    got = ops.linear_beside(x, weight, bias, update)
+    want = x.double() @ weight.double().T + bias.double() + 2 * loop_reference(x, w, [1, 1, 3, 0, 0, None],
+                                                                               pool.rank_in, pool.scale_in)
+    assert torch.allclose(got.double(), want, atol=1e-4)
+    in_place = ops.linear(x, weight, bias)
+    update(in_place)
+    assert torch.allclose(got, in_place, atol=1e-5)
+    layer = AdaptedLinear(40, (48, 16, 16), True, (0, "qkv"), ops).to(torch.float64)  # a module like any other
+    assert layer.weight.dtype == torch.float64

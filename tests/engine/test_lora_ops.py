@@ -125,3 +125,12 @@ def test_linear_beside_adds_the_update_to_the_base_matmul():
     assert torch.allclose(got, in_place, atol=1e-5)
     layer = AdaptedLinear(40, (48, 16, 16), True, (0, "qkv"), ops).to(torch.float64)  # a module like any other
     assert layer.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize(("backend_rows", "side_rows", "fused"), [(8, 0, 8), (8, 1, 8), (8, 16, 1), (0, 16, 0)])
+def test_fused_rows_give_way_to_the_side_stream(backend_rows, side_rows, fused):
+    """Plain multi-LoRA batches of two rows or more take the side stream where it is on, not the fused linear."""
+    from engine.lora.manager import LoRAManager
+
+    manager = SimpleNamespace(op=SimpleNamespace(fused_lora_rows=backend_rows), side_stream_rows=side_rows)
+    assert LoRAManager.fused_rows.fget(manager) == fused
